@@ -1,0 +1,483 @@
+"""The layer protocol: a layer is an immutable pair of pure functions.
+
+``init(key, in_shape) -> (out_shape, params, state)``
+    Shape inference without data. ``in_shape`` is the full input shape, batch first
+    (``(batch, ...)``); ``out_shape`` likewise. ``params`` and ``state`` are nested
+    ``dict[str, ...]`` of arrays (empty dicts for a layer without any).
+
+``apply(params, state, x, *, key=None, train=False) -> (y, new_state)``
+    The same signature for every layer. ``train`` is a keyword-only Python bool (static
+    under ``jit``); ``key`` is a typed PRNG key, needed only by layers that are random in
+    training (dropout). A stateless layer returns its (empty) state unchanged.
+
+Composite layers call their children through :func:`init_child` and :func:`apply_child`, which
+derive child keys deterministically (``fold_in`` by child index), prefix errors with the
+child's path, and feed :func:`summary`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Shape = tuple[int, ...]
+Params = dict[str, Any]
+State = dict[str, Any]
+InitFn = Callable[..., tuple[Any, Params, State]]
+ApplyFn = Callable[..., tuple[Any, State]]
+
+__all__ = [
+    "Layer",
+    "ShapeError",
+    "Shape",
+    "init_child",
+    "apply_child",
+    "child_key",
+    "serial",
+    "parallel",
+    "residual",
+    "shared",
+    "lambda_layer",
+    "identity",
+    "summary",
+    "check_rank",
+    "check_positive_int",
+    "require_key",
+]
+
+
+class ShapeError(ValueError):
+    """A shape mismatch found at ``init`` or ``apply``; names the layer path.
+
+    ``str(err)`` reads ``layer 'features/conv1' (conv2d): expected ..., got ...``.
+    """
+
+    def __init__(self, layer: str, detail: str, path: Sequence[str] = ()):
+        self.layer = layer
+        self.detail = detail
+        self.path = list(path)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = "/".join(self.path) if self.path else "<root>"
+        return f"layer '{where}' ({self.layer}): {self.detail}"
+
+    def with_prefix(self, name: str) -> ShapeError:
+        return ShapeError(self.layer, self.detail, [name, *self.path])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """An immutable layer: ``init`` and ``apply`` pure functions plus a type name.
+
+    ``children`` lists ``(name, layer)`` pairs for composite layers (used by ``summary``
+    and for introspection); ``config`` records the constructor's hyperparameters.
+    """
+
+    init: InitFn
+    apply: ApplyFn
+    name: str = "layer"
+    children: tuple[tuple[str, Layer], ...] = ()
+    config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __call__(self, params: Params, state: State, x: Any, *, key=None, train: bool = False):
+        return self.apply(params, state, x, key=key, train=train)
+
+    def init_params(self, key, in_shape: Shape) -> tuple[Params, State]:
+        """Convenience: ``init`` without the output shape."""
+        _, params, state = self.init(key, tuple(in_shape))
+        return params, state
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{self.name}({cfg})"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_summary_stack: list[list[tuple[str, str, Any, int]]] = []
+_path_stack: list[str] = []
+
+
+def child_key(key, index: int):
+    """Deterministic child key: ``fold_in(key, index)``; ``None`` stays ``None``."""
+    if key is None:
+        return None
+    return jax.random.fold_in(key, index)
+
+
+def _num_params(tree) -> int:
+    return sum(int(math.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def init_child(name: str, layer: Layer, key, in_shape: Shape):
+    """Initialise a child layer, prefixing any :class:`ShapeError` with ``name``."""
+    row = None
+    if _summary_stack:
+        row = len(_summary_stack[-1])
+        _summary_stack[-1].append(("/".join([*_path_stack, name]), layer.name, None, 0))
+    _path_stack.append(name)
+    try:
+        out_shape, params, state = layer.init(key, tuple(in_shape))
+    except ShapeError as e:
+        if name:
+            raise e.with_prefix(name) from None
+        raise
+    finally:
+        _path_stack.pop()
+    if row is not None:
+        path, lname, _, _ = _summary_stack[-1][row]
+        _summary_stack[-1][row] = (path, lname, out_shape, _num_params(params))
+    return out_shape, params, state
+
+
+def apply_child(name: str, layer: Layer, params, state, x, *, key=None, train=False):
+    """Apply a child layer, prefixing any :class:`ShapeError` with ``name``."""
+    try:
+        return layer.apply(params, state, x, key=key, train=train)
+    except ShapeError as e:
+        raise e.with_prefix(name) from None
+
+
+def check_rank(layer: str, x_shape: Sequence[int], rank: int, layout: str) -> None:
+    """Raise :class:`ShapeError` unless ``len(x_shape) == rank``."""
+    if len(x_shape) != rank:
+        raise ShapeError(
+            layer, f"expected input of rank {rank} {layout}, got shape {tuple(x_shape)}"
+        )
+
+
+def check_positive_int(layer: str, name: str, value: Any, allow_zero: bool = False) -> int:
+    """Validate a size hyperparameter; raise ``ValueError`` naming the valid range."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    lo = 0 if allow_zero else 1
+    if not ok or value < lo:
+        raise ValueError(f"{layer}: {name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def require_key(layer: str, key) -> None:
+    """Raise ``ValueError`` if a layer that is random in training got no key."""
+    if key is None:
+        raise ValueError(
+            f"{layer}: train=True needs a PRNG key; call apply(..., key=jax.random.key(seed), "
+            "train=True) or use train=False for evaluation"
+        )
+
+
+def _normalise_children(layers: Sequence[Any]) -> tuple[tuple[str, Layer], ...]:
+    out: list[tuple[str, Layer]] = []
+    for i, item in enumerate(layers):
+        if isinstance(item, Layer):
+            out.append((str(i), item))
+        elif (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], Layer)
+        ):
+            out.append(item)
+        else:
+            raise TypeError(
+                f"expected a Layer or a (name, Layer) pair at position {i}, got {item!r}"
+            )
+    names = [n for n, _ in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"duplicate child names {sorted(dup)}; names must be unique")
+    for n in names:
+        if "/" in n or not n:
+            raise ValueError(f"child name {n!r} must be non-empty and contain no '/'")
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- sharing
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharedRef:
+    target: str
+
+
+def shared(target: str) -> Layer:
+    """A child that reuses the params (and state) of an earlier sibling named ``target``.
+
+    Inside :func:`serial`, ``serial(("fc", dense(8)), ("act", relu()), ("fc_again",
+    shared("fc")))`` applies the same ``fc`` weights twice (Gluon's ``params=`` sharing).
+    The shared child owns no params; gradients from both uses add up in ``params["fc"]``.
+    """
+
+    def init(key, in_shape):  # pragma: no cover - serial handles shared children
+        raise TypeError("shared(...) must be used as a child of serial(...)")
+
+    def apply(params, state, x, *, key=None, train=False):  # pragma: no cover
+        raise TypeError("shared(...) must be used as a child of serial(...)")
+
+    return Layer(init, apply, name="shared", config={"target": target, "_ref": _SharedRef(target)})
+
+
+def _shared_target(layer: Layer) -> str | None:
+    ref = layer.config.get("_ref") if layer.name == "shared" else None
+    return ref.target if isinstance(ref, _SharedRef) else None
+
+
+# ----------------------------------------------------------------------------- combinators
+
+
+def serial(*layers: Any) -> Layer:
+    """Compose layers in sequence. Children are ``Layer``s (named ``"0"``, ``"1"``, ...)
+    or ``(name, Layer)`` pairs. Params/state: ``{child_name: child_params}`` (children
+    without params are omitted from ``params`` and ``state``)."""
+    if len(layers) == 1 and isinstance(layers[0], (list, tuple)) and not (
+        len(layers[0]) == 2 and isinstance(layers[0][0], str)
+    ):
+        layers = tuple(layers[0])
+    children = _normalise_children(layers)
+    by_name = dict(children)
+
+    def resolve(name: str, layer: Layer) -> tuple[str, Layer]:
+        target = _shared_target(layer)
+        if target is None:
+            return name, layer
+        if target not in by_name or _shared_target(by_name[target]) is not None:
+            raise ValueError(f"shared({target!r}): no earlier sibling named {target!r}")
+        return target, by_name[target]
+
+    for i, (name, layer) in enumerate(children):
+        target = _shared_target(layer)
+        if target is not None and target not in [n for n, _ in children[:i]]:
+            raise ValueError(f"shared({target!r}) in serial: no earlier sibling named {target!r}")
+
+    def init(key, in_shape):
+        params, state = {}, {}
+        shape = tuple(in_shape)
+        for i, (name, layer) in enumerate(children):
+            owner, real = resolve(name, layer)
+            k = child_key(key, i)
+            if owner != name:
+                # shape inference only; params come from the owner
+                shape, _, _ = init_child(name, real, k, shape)
+                continue
+            shape, p, s = init_child(name, real, k, shape)
+            if p:
+                params[name] = p
+            if s:
+                state[name] = s
+        return shape, params, state
+
+    def apply(params, state, x, *, key=None, train=False):
+        new_state = dict(state)
+        for i, (name, layer) in enumerate(children):
+            owner, real = resolve(name, layer)
+            x, s = apply_child(
+                name,
+                real,
+                params.get(owner, {}),
+                new_state.get(owner, {}),
+                x,
+                key=child_key(key, i),
+                train=train,
+            )
+            if s:
+                new_state[owner] = s
+        return x, new_state
+
+    return Layer(init, apply, name="serial", children=children)
+
+
+def parallel(*layers: Any, combine: str = "concat", axis: int = -1) -> Layer:
+    """Fan-out: every child sees the same input; outputs are concatenated along ``axis``
+    (``combine="concat"``), summed (``"sum"``), or returned as a tuple (``"tuple"``)."""
+    if combine not in ("concat", "sum", "tuple"):
+        raise ValueError(f"parallel: combine must be 'concat', 'sum' or 'tuple', got {combine!r}")
+    children = _normalise_children(layers)
+
+    def combine_shapes(shapes):
+        if combine == "tuple":
+            return tuple(shapes)
+        first = shapes[0]
+        if combine == "sum":
+            for s in shapes[1:]:
+                if tuple(s) != tuple(first):
+                    raise ShapeError(
+                        "parallel", f"sum needs equal branch shapes, got {[tuple(s) for s in shapes]}"
+                    )
+            return tuple(first)
+        ax = axis % len(first)
+        for s in shapes[1:]:
+            if len(s) != len(first) or any(
+                a != b for j, (a, b) in enumerate(zip(s, first)) if j != ax
+            ):
+                raise ShapeError(
+                    "parallel",
+                    f"concat along axis {axis} needs equal other dims, got "
+                    f"{[tuple(s) for s in shapes]}",
+                )
+        out = list(first)
+        out[ax] = sum(s[ax] for s in shapes)
+        return tuple(out)
+
+    def init(key, in_shape):
+        params, state, shapes = {}, {}, []
+        for i, (name, layer) in enumerate(children):
+            s_out, p, s = init_child(name, layer, child_key(key, i), in_shape)
+            shapes.append(s_out)
+            if p:
+                params[name] = p
+            if s:
+                state[name] = s
+        return combine_shapes(shapes), params, state
+
+    def apply(params, state, x, *, key=None, train=False):
+        outs, new_state = [], dict(state)
+        for i, (name, layer) in enumerate(children):
+            y, s = apply_child(
+                name, layer, params.get(name, {}), state.get(name, {}), x,
+                key=child_key(key, i), train=train,
+            )
+            outs.append(y)
+            if s:
+                new_state[name] = s
+        if combine == "tuple":
+            return tuple(outs), new_state
+        if combine == "sum":
+            return sum(outs[1:], outs[0]), new_state
+        return jnp.concatenate(outs, axis=axis), new_state
+
+    return Layer(init, apply, name=f"parallel[{combine}]", children=children,
+                 config={"combine": combine, "axis": axis})
+
+
+def residual(body: Layer, shortcut: Layer | None = None, post: Layer | None = None) -> Layer:
+    """``post(body(x) + shortcut(x))``; ``shortcut`` defaults to identity, ``post`` to none.
+
+    Params/state: ``{"body": ..., "shortcut": ..., "post": ...}`` (empty ones omitted).
+    """
+    children = [("body", body)]
+    if shortcut is not None:
+        children.append(("shortcut", shortcut))
+    if post is not None:
+        children.append(("post", post))
+    children_t = tuple(children)
+
+    def init(key, in_shape):
+        params, state = {}, {}
+        out_body, p, s = init_child("body", body, child_key(key, 0), in_shape)
+        if p:
+            params["body"] = p
+        if s:
+            state["body"] = s
+        out_short = tuple(in_shape)
+        if shortcut is not None:
+            out_short, p, s = init_child("shortcut", shortcut, child_key(key, 1), in_shape)
+            if p:
+                params["shortcut"] = p
+            if s:
+                state["shortcut"] = s
+        if tuple(out_body) != tuple(out_short):
+            raise ShapeError(
+                "residual",
+                f"body output {tuple(out_body)} and shortcut output {tuple(out_short)} differ; "
+                "give residual(...) a projection shortcut",
+            )
+        out = tuple(out_body)
+        if post is not None:
+            out, p, s = init_child("post", post, child_key(key, 2), out)
+            if p:
+                params["post"] = p
+            if s:
+                state["post"] = s
+        return out, params, state
+
+    def apply(params, state, x, *, key=None, train=False):
+        new_state = dict(state)
+        y, s = apply_child("body", body, params.get("body", {}), state.get("body", {}), x,
+                           key=child_key(key, 0), train=train)
+        if s:
+            new_state["body"] = s
+        sc = x
+        if shortcut is not None:
+            sc, s = apply_child("shortcut", shortcut, params.get("shortcut", {}),
+                                state.get("shortcut", {}), x, key=child_key(key, 1), train=train)
+            if s:
+                new_state["shortcut"] = s
+        y = y + sc
+        if post is not None:
+            y, s = apply_child("post", post, params.get("post", {}), state.get("post", {}), y,
+                               key=child_key(key, 2), train=train)
+            if s:
+                new_state["post"] = s
+        return y, new_state
+
+    return Layer(init, apply, name="residual", children=children_t)
+
+
+def lambda_layer(fn: Callable[[Any], Any], name: str = "lambda",
+                 shape_fn: Callable[[Shape], Shape] | None = None) -> Layer:
+    """A parameter-free layer computing ``fn(x)``. The output shape is ``shape_fn(in_shape)``
+    if given, else inferred with ``jax.eval_shape``."""
+
+    def init(key, in_shape):
+        if shape_fn is not None:
+            return tuple(shape_fn(tuple(in_shape))), {}, {}
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(tuple(in_shape), jnp.float32))
+        return tuple(out.shape), {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        return fn(x), state
+
+    return Layer(init, apply, name=name)
+
+
+def identity() -> Layer:
+    """The identity layer."""
+    return lambda_layer(lambda x: x, name="identity", shape_fn=lambda s: s)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+@contextlib.contextmanager
+def _recording():
+    _summary_stack.append([])
+    try:
+        yield _summary_stack[-1]
+    finally:
+        _summary_stack.pop()
+
+
+def summary(layer: Layer, in_shape: Shape, *, key=None, print_fn: Callable[[str], None] = print
+            ) -> str:
+    """Print (and return) a table of every layer's path, type, output shape and parameter
+    count, like Gluon's ``print(net)`` / Keras ``summary``. Runs ``init`` abstractly (no
+    arrays are allocated)."""
+    key = jax.random.key(0) if key is None else key
+    rows: list[tuple[str, str, Any, int]] = []
+    holder: dict[str, Any] = {}
+
+    def run(k):
+        with _recording() as rec:
+            out, p, s = init_child("", layer, k, tuple(in_shape))
+            rows.extend(rec)
+        holder["out"] = out
+        return p, s
+
+    params, state = jax.eval_shape(run, key)
+    total = _num_params(params)
+    lines = [f"{'layer':<40} {'type':<18} {'output shape':<24} {'params':>10}", "-" * 95]
+    for path, name, out, n in rows:
+        path = path.lstrip("/") or "<root>"
+        depth = path.count("/") if path != "<root>" else 0
+        label = ("  " * depth + path.split("/")[-1]) if path != "<root>" else path
+        lines.append(f"{label:<40} {name:<18} {str(out):<24} {n:>10,}")
+    lines.append("-" * 95)
+    lines.append(f"total params: {total:,}   state arrays: {len(jax.tree_util.tree_leaves(state))}")
+    text = "\n".join(lines)
+    print_fn(text)
+    return text
