@@ -1,0 +1,1 @@
+"""Benchmark suite: ``python -m scripts.bench [--quick] [--only NAME]``."""
