@@ -222,6 +222,23 @@ def shared(target: str) -> Layer:
     return Layer(init, apply, name="shared", config={"target": target, "_ref": _SharedRef(target)})
 
 
+@dataclasses.dataclass(frozen=True)
+class _SharedView:
+    """For ``summary``: the owner's layer, shown as ``shared(owner)`` with no own params."""
+
+    real: Layer
+    owner: str
+
+    def layer(self) -> Layer:
+        real = self.real
+
+        def init(key, in_shape):
+            out, _, _ = real.init(key, in_shape)
+            return out, {}, {}
+
+        return Layer(init, real.apply, name=f"shared({self.owner})")
+
+
 def _shared_target(layer: Layer) -> str | None:
     ref = layer.config.get("_ref") if layer.name == "shared" else None
     return ref.target if isinstance(ref, _SharedRef) else None
@@ -262,7 +279,7 @@ def serial(*layers: Any) -> Layer:
             k = child_key(key, i)
             if owner != name:
                 # shape inference only; params come from the owner
-                shape, _, _ = init_child(name, real, k, shape)
+                shape, _, _ = init_child(name, _SharedView(real, owner).layer(), k, shape)
                 continue
             shape, p, s = init_child(name, real, k, shape)
             if p:
