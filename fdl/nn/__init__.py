@@ -4,7 +4,7 @@ See :mod:`fdl.nn.core` for the protocol. Activations as functions live in
 :mod:`fdl.nn.functional`.
 """
 
-from fdl.nn import functional, initializers, tree
+from fdl.nn import functional, initializers, losses, tree
 from fdl.nn.activation import (
     activation,
     elu,
@@ -35,7 +35,20 @@ from fdl.nn.core import (
     shared,
     summary,
 )
+from fdl.nn.dropout import dropout
+from fdl.nn.embedding import embedding
 from fdl.nn.linear import dense, flatten
+from fdl.nn.losses import (
+    huber_loss,
+    kl_divergence,
+    l1_loss,
+    multiclass_hinge_loss,
+    sigmoid_binary_cross_entropy,
+    smooth_l1_loss,
+    softmax_cross_entropy,
+    squared_error,
+)
+from fdl.nn.norm import batch_norm, layer_norm
 from fdl.nn.tree import count_params, flatten_dict, path_mask, select, unflatten_dict
 
 __all__ = [
@@ -44,4 +57,10 @@ __all__ = [
     "identity", "init_child", "initializers", "lambda_layer", "leaky_relu", "log_softmax",
     "parallel", "path_mask", "prelu", "relu", "require_key", "residual", "select", "selu",
     "serial", "shared", "sigmoid", "softmax", "summary", "tanh", "tree", "unflatten_dict",
+]
+
+__all__ += [  # normalisation, dropout, embedding, losses
+    "batch_norm", "dropout", "embedding", "huber_loss", "kl_divergence", "l1_loss", "layer_norm",
+    "losses", "multiclass_hinge_loss", "sigmoid_binary_cross_entropy", "smooth_l1_loss",
+    "softmax_cross_entropy", "squared_error",
 ]

@@ -1,0 +1,202 @@
+"""Normalisation layers: batch norm (with running statistics as state) and layer norm.
+
+Momentum convention of :func:`batch_norm` (one number, named ``decay``)::
+
+    running_mean = decay * running_mean + (1 - decay) * batch_mean
+    running_var  = decay * running_var  + (1 - decay) * batch_var_unbiased
+
+``decay`` is the weight of the *old* value. PyTorch's ``momentum`` is the weight of the *new*
+value, so PyTorch ``momentum = 1 - decay`` (PyTorch's default 0.1 is ``decay=0.9``). Gluon's
+(MXNet's) ``momentum`` is the weight of the old value, so Gluon ``momentum = decay`` (Gluon's
+default 0.9 is ``decay=0.9``). Flax's ``momentum`` is also ``decay``. The normalisation itself
+uses the biased batch variance; the running variance accumulates the unbiased one
+(``batch_var * n / (n - 1)``, ``n`` = values per channel), exactly as PyTorch does.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fdl.nn.core import Layer, ShapeError
+
+__all__ = ["batch_norm", "layer_norm"]
+
+
+def _check_eps(layer: str, eps) -> float:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"{layer}: eps must be a real number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _stat_dtype(dtype) -> jnp.dtype:
+    """float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...], axis_name) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over ``axes`` (of ``x`` already in stat dtype).
+
+    One pass: ``mean`` and ``mean(x**2)`` are reduced together (a single fused reduction and,
+    with ``axis_name``, a single ``pmean``); ``var = mean(x**2) - mean**2`` clamped at 0.
+    With ``axis_name`` the result equals the statistics of the global (all-device) batch.
+    """
+    mean = jnp.mean(x, axis=axes)
+    mean_sq = jnp.mean(lax.square(x), axis=axes)
+    if axis_name is not None:
+        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+    var = jnp.maximum(mean_sq - lax.square(mean), 0.0)
+    return mean, var
+
+
+def batch_norm(
+    *,
+    decay: float = 0.9,
+    eps: float = 1e-5,
+    axis_name=None,
+    use_scale: bool = True,
+    use_offset: bool = True,
+) -> Layer:
+    """Batch normalisation over every axis but the last (channels last).
+
+    Input ``(N, C)`` (after dense) or ``(N, ..., C)`` (NHWC after conv); output the same shape
+    and dtype. Params ``{"scale": (C,), "offset": (C,)}`` (float32, initialised to 1 and 0;
+    either may be switched off); state ``{"mean": (C,), "var": (C,)}`` (float32, 0 and 1).
+
+    ``train=True``: normalise with the batch mean and *biased* batch variance and return the new
+    state ``running = decay * running + (1 - decay) * batch_stat`` (unbiased batch variance for
+    ``var``). PyTorch's ``momentum`` equals ``1 - decay``; Gluon's ``momentum`` equals ``decay``
+    (see the module docstring). ``train=False``: normalise with the running statistics; state
+    returned unchanged. Statistics are computed in float32 even for float16/bfloat16 inputs.
+
+    ``axis_name``: under ``shard_map``/``pmap`` with the batch split over that mapped axis, the
+    batch statistics are averaged across devices (``lax.pmean`` of the mean and of the mean of
+    squares), so every device normalises with, and stores, the statistics of the global batch.
+    Not needed under sharded ``jit`` (the batch is one logical array there).
+    """
+    eps = _check_eps("batch_norm", eps)
+    if (
+        not isinstance(decay, numbers.Real)
+        or isinstance(decay, bool)
+        or not 0.0 <= decay < 1.0
+    ):
+        raise ValueError(
+            f"batch_norm: decay must satisfy 0 <= decay < 1 (weight of the old running value; "
+            f"PyTorch momentum = 1 - decay), got {decay!r}"
+        )
+    decay = float(decay)
+
+    def init(key, in_shape):
+        if len(in_shape) < 2:
+            raise ShapeError(
+                "batch_norm", f"expected input of rank >= 2 (N, ..., C), got shape {in_shape}"
+            )
+        c = in_shape[-1]
+        params = {}
+        if use_scale:
+            params["scale"] = jnp.ones((c,), jnp.float32)
+        if use_offset:
+            params["offset"] = jnp.zeros((c,), jnp.float32)
+        state = {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+        return tuple(in_shape), params, state
+
+    def apply(params, state, x, *, key=None, train=False):
+        c = state["mean"].shape[0]
+        if x.ndim < 2 or x.shape[-1] != c:
+            raise ShapeError(
+                "batch_norm", f"expected input of rank >= 2 (N, ..., {c}), got shape {x.shape}"
+            )
+        sdt = _stat_dtype(x.dtype)
+        xs = x.astype(sdt)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            if axis_name is not None:
+                n = n * lax.psum(1, axis_name)
+            if isinstance(n, int) and n < 2:
+                raise ShapeError(
+                    "batch_norm",
+                    f"training needs more than 1 value per channel, got input shape {x.shape}",
+                )
+            mean, var = _moments(xs, axes, axis_name)
+            old_mean, old_var = state["mean"], state["var"]
+            unbiased = var * (n / (n - 1))
+            new_state = {
+                "mean": (decay * old_mean + (1.0 - decay) * mean).astype(old_mean.dtype),
+                "var": (decay * old_var + (1.0 - decay) * unbiased).astype(old_var.dtype),
+            }
+        else:
+            mean, var = state["mean"].astype(sdt), state["var"].astype(sdt)
+            new_state = state
+        # y = (x - mean) * scale / sqrt(var + eps) + offset, folded into one per-channel
+        # multiply-add so XLA fuses it with the reduction's consumers.
+        inv = lax.rsqrt(var + eps)
+        if use_scale:
+            inv = inv * params["scale"].astype(sdt)
+        shift = -mean * inv
+        if use_offset:
+            shift = shift + params["offset"].astype(sdt)
+        y = xs * inv + shift
+        return y.astype(x.dtype), new_state
+
+    return Layer(
+        init,
+        apply,
+        name="batch_norm",
+        config={"decay": decay, "eps": eps, "axis_name": axis_name, "use_scale": use_scale,
+                "use_offset": use_offset},
+    )
+
+
+def layer_norm(*, eps: float = 1e-5, use_scale: bool = True, use_offset: bool = True) -> Layer:
+    """Layer normalisation over the last axis (PyTorch ``nn.LayerNorm(C)``).
+
+    Input ``(..., C)``; output the same shape and dtype. Params ``{"scale": (C,), "offset":
+    (C,)}`` (float32, 1 and 0). Uses the biased variance, computed in float32 for
+    lower-precision inputs: ``y = (x - mean) / sqrt(var + eps) * scale + offset``. No state.
+    """
+    eps = _check_eps("layer_norm", eps)
+
+    def init(key, in_shape):
+        if len(in_shape) < 1:
+            raise ShapeError("layer_norm", f"expected input of rank >= 1 (..., C), got {in_shape}")
+        c = in_shape[-1]
+        params = {}
+        if use_scale:
+            params["scale"] = jnp.ones((c,), jnp.float32)
+        if use_offset:
+            params["offset"] = jnp.zeros((c,), jnp.float32)
+        return tuple(in_shape), params, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        c = None
+        if "scale" in params:
+            c = params["scale"].shape[0]
+        elif "offset" in params:
+            c = params["offset"].shape[0]
+        if x.ndim < 1 or (c is not None and x.shape[-1] != c):
+            raise ShapeError(
+                "layer_norm", f"expected input (..., {c}), got shape {x.shape}"
+            )
+        sdt = _stat_dtype(x.dtype)
+        xs = x.astype(sdt)
+        mean = jnp.mean(xs, axis=-1, keepdims=True)
+        centred = xs - mean
+        var = jnp.mean(lax.square(centred), axis=-1, keepdims=True)
+        y = centred * lax.rsqrt(var + eps)
+        if use_scale:
+            y = y * params["scale"].astype(sdt)
+        if use_offset:
+            y = y + params["offset"].astype(sdt)
+        return y.astype(x.dtype), state
+
+    return Layer(
+        init,
+        apply,
+        name="layer_norm",
+        config={"eps": eps, "use_scale": use_scale, "use_offset": use_offset},
+    )
