@@ -18,6 +18,7 @@ from fdl.nn.activation import (
     softmax,
     tanh,
 )
+from fdl.nn.conv import conv1d, conv2d, conv_transpose2d
 from fdl.nn.core import (
     Layer,
     ShapeError,
@@ -49,6 +50,14 @@ from fdl.nn.losses import (
     squared_error,
 )
 from fdl.nn.norm import batch_norm, layer_norm
+from fdl.nn.pool import (
+    adaptive_avg_pool2d,
+    avg_pool1d,
+    avg_pool2d,
+    global_avg_pool2d,
+    max_pool1d,
+    max_pool2d,
+)
 from fdl.nn.tree import count_params, flatten_dict, path_mask, select, unflatten_dict
 
 __all__ = [
@@ -63,4 +72,9 @@ __all__ += [  # normalisation, dropout, embedding, losses
     "batch_norm", "dropout", "embedding", "huber_loss", "kl_divergence", "l1_loss", "layer_norm",
     "losses", "multiclass_hinge_loss", "sigmoid_binary_cross_entropy", "smooth_l1_loss",
     "softmax_cross_entropy", "squared_error",
+]
+
+__all__ += [  # convolution and pooling
+    "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "conv1d", "conv2d", "conv_transpose2d",
+    "global_avg_pool2d", "max_pool1d", "max_pool2d",
 ]

@@ -1,0 +1,273 @@
+"""Pooling layers (channels-last): max / average (1-D and 2-D), global and adaptive average.
+
+Inputs are NHWC ``(N, H, W, C)`` (2-D) or ``(N, L, C)`` (1-D); the output length per spatial
+axis is PyTorch's ``floor((size + pad_lo + pad_hi - k) / stride) + 1`` (``ceil_mode=False``).
+``stride`` defaults to ``kernel_size``. Padding is ``int``, ``(ph, pw)`` or
+``((top, bottom), (left, right))`` (1-D: ``int`` or ``(left, right)``), each side at most half
+the kernel, as PyTorch requires.
+
+Speed: when ``kernel_size == stride`` and there is no padding (PyTorch's usual 2x2/2 pool), the
+pool is a reshape + ``max``/``mean`` over the window axes (trailing rows/columns that do not fill
+a window are dropped, as PyTorch does). On CPU this is much faster than ``lax.reduce_window``,
+whose max-pool gradient is a slow select-and-scatter. Other configurations use
+``lax.reduce_window``. The two paths agree in value; in gradient they differ only where a
+window holds tied maxima (reshape + max splits the gradient among the ties, reduce_window
+gives it to one of them).
+
+Max pooling pads with ``-inf`` (PyTorch's semantics). Average pooling with
+``count_include_pad=True`` divides by the full kernel area (padding counts as zeros); with
+``False`` by the number of real input elements in the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fdl.nn.conv import _explicit_padding, _tuple
+from fdl.nn.core import Layer, ShapeError
+
+__all__ = [
+    "max_pool2d",
+    "avg_pool2d",
+    "max_pool1d",
+    "avg_pool1d",
+    "global_avg_pool2d",
+    "adaptive_avg_pool2d",
+    "max_pool_nhwc",
+    "avg_pool_nhwc",
+]
+
+
+def _pool_out(layer, spatial, ks, st, pads, names):
+    outs = []
+    for size, k, s, (lo, hi), nm in zip(spatial, ks, st, pads, names, strict=True):
+        span = size + lo + hi - k
+        if span < 0:
+            raise ShapeError(
+                layer,
+                f"output {nm} size would be <= 0: input {nm} {size} with padding {(lo, hi)} is "
+                f"smaller than the kernel {k}; the input is too small for this layer",
+            )
+        outs.append(span // s + 1)
+    return tuple(outs)
+
+
+def _fast_ok(ks, st, pads) -> bool:
+    return tuple(ks) == tuple(st) and all(lo == 0 and hi == 0 for lo, hi in pads)
+
+
+def _window_reshape(x, ks, out_sp):
+    """(N, *spatial, C) -> (N, o1, k1, o2, k2, ..., C), dropping incomplete trailing windows."""
+    n, c = x.shape[0], x.shape[-1]
+    idx = tuple(slice(0, o * k) for o, k in zip(out_sp, ks, strict=True))
+    x = x[(slice(None), *idx, slice(None))]
+    shape = [n]
+    for o, k in zip(out_sp, ks, strict=True):
+        shape += [o, k]
+    return x.reshape(*shape, c)
+
+
+def _min_value(dtype):
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.array(-jnp.inf, dtype)
+    return jnp.array(jnp.iinfo(dtype).min, dtype)
+
+
+def max_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[tuple[int, int]], *, fast: bool = True):
+    """Max pool over the spatial axes of ``(N, *spatial, C)``; ``fast=False`` forces the
+    ``lax.reduce_window`` path. Padding is ``-inf``."""
+    nsp = x.ndim - 2
+    pads = tuple(tuple(p) for p in padding)
+    out_sp = tuple(
+        (s + lo + hi - k) // st + 1
+        for s, k, st, (lo, hi) in zip(x.shape[1:-1], kernel, stride, pads, strict=True)
+    )
+    if fast and _fast_ok(kernel, stride, pads):
+        xr = _window_reshape(x, kernel, out_sp)
+        return jnp.max(xr, axis=tuple(2 + 2 * i for i in range(nsp)))
+    return lax.reduce_window(
+        x, _min_value(x.dtype), lax.max, (1, *kernel, 1), (1, *stride, 1),
+        ((0, 0), *pads, (0, 0)),
+    )
+
+
+def avg_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[tuple[int, int]], *, count_include_pad: bool = True,
+                  fast: bool = True):
+    """Average pool over the spatial axes of ``(N, *spatial, C)`` (see module docstring)."""
+    nsp = x.ndim - 2
+    pads = tuple(tuple(p) for p in padding)
+    spatial = x.shape[1:-1]
+    out_sp = tuple(
+        (s + lo + hi - k) // st + 1
+        for s, k, st, (lo, hi) in zip(spatial, kernel, stride, pads, strict=True)
+    )
+    if fast and _fast_ok(kernel, stride, pads):
+        xr = _window_reshape(x, kernel, out_sp)
+        return jnp.mean(xr, axis=tuple(2 + 2 * i for i in range(nsp)))
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.float32)
+    window, strides = (1, *kernel, 1), (1, *stride, 1)
+    s = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, window, strides,
+                          ((0, 0), *pads, (0, 0)))
+    if count_include_pad or all(lo == 0 and hi == 0 for lo, hi in pads):
+        return s / math.prod(kernel)
+    # number of real elements in each window: a separable count computed statically
+    counts = np.ones((), np.float64)
+    for size, k, st, (lo, _hi), o in zip(spatial, kernel, stride, pads, out_sp, strict=True):
+        start = np.arange(o) * st - lo
+        c = np.minimum(start + k, size) - np.maximum(start, 0)
+        counts = np.multiply.outer(counts, c.astype(np.float64))
+    return s / jnp.asarray(counts, x.dtype)[None, ..., None]
+
+
+def _pool_layer(layer, nsp, kernel_size, stride, padding, reduce_fn, config) -> Layer:
+    ks = _tuple(layer, "kernel_size", kernel_size, nsp)
+    st = ks if stride is None else _tuple(layer, "stride", stride, nsp)
+    if isinstance(padding, str):
+        raise ValueError(f"{layer}: padding must be an int or pairs of ints, got {padding!r}")
+    pads = _explicit_padding(layer, padding, nsp)
+    for k, (lo, hi) in zip(ks, pads, strict=True):
+        if lo > k // 2 or hi > k // 2:
+            raise ValueError(
+                f"{layer}: padding must be at most half the kernel size (padding {padding!r}, "
+                f"kernel_size {ks})"
+            )
+    rank = nsp + 2
+    layout = "(N, L, C)" if nsp == 1 else "(N, H, W, C) (NHWC)"
+    names = ("length",) if nsp == 1 else ("height", "width")
+
+    def out_shape(shape):
+        shape = tuple(shape)
+        if len(shape) != rank:
+            raise ShapeError(layer, f"expected input of rank {rank} {layout}, got shape {shape}")
+        return (shape[0], *_pool_out(layer, shape[1:-1], ks, st, pads, names), shape[-1])
+
+    def init(key, in_shape):
+        return out_shape(in_shape), {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        out_shape(jnp.shape(x))
+        return reduce_fn(x, ks, st, pads), state
+
+    return Layer(init, apply, name=layer,
+                 config={"kernel_size": ks, "stride": st, "padding": padding, **config})
+
+
+def max_pool2d(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+               padding: Any = 0) -> Layer:
+    """2-D max pooling, NHWC ``(N, H, W, C) -> (N, H_out, W_out, C)``; padding is ``-inf``."""
+    return _pool_layer("max_pool2d", 2, kernel_size, stride, padding, max_pool_nhwc, {})
+
+
+def avg_pool2d(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+               padding: Any = 0, count_include_pad: bool = True) -> Layer:
+    """2-D average pooling, NHWC; ``count_include_pad`` as PyTorch (see module docstring)."""
+
+    def fn(x, ks, st, pads):
+        return avg_pool_nhwc(x, ks, st, pads, count_include_pad=count_include_pad)
+
+    return _pool_layer("avg_pool2d", 2, kernel_size, stride, padding, fn,
+                       {"count_include_pad": count_include_pad})
+
+
+def max_pool1d(kernel_size: int, stride: int | None = None, padding: Any = 0) -> Layer:
+    """1-D max pooling, ``(N, L, C) -> (N, L_out, C)``; padding is ``-inf``."""
+    return _pool_layer("max_pool1d", 1, kernel_size, stride, padding, max_pool_nhwc, {})
+
+
+def avg_pool1d(kernel_size: int, stride: int | None = None, padding: Any = 0,
+               count_include_pad: bool = True) -> Layer:
+    """1-D average pooling, ``(N, L, C) -> (N, L_out, C)``."""
+
+    def fn(x, ks, st, pads):
+        return avg_pool_nhwc(x, ks, st, pads, count_include_pad=count_include_pad)
+
+    return _pool_layer("avg_pool1d", 1, kernel_size, stride, padding, fn,
+                       {"count_include_pad": count_include_pad})
+
+
+def global_avg_pool2d() -> Layer:
+    """Mean over the spatial axes: ``(N, H, W, C) -> (N, C)``."""
+
+    def check(shape):
+        shape = tuple(shape)
+        if len(shape) != 4:
+            raise ShapeError("global_avg_pool2d",
+                             f"expected input of rank 4 (N, H, W, C) (NHWC), got shape {shape}")
+        if shape[1] < 1 or shape[2] < 1:
+            raise ShapeError("global_avg_pool2d", f"expected non-empty H and W, got {shape}")
+        return (shape[0], shape[3])
+
+    def init(key, in_shape):
+        return check(in_shape), {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        check(jnp.shape(x))
+        return jnp.mean(x, axis=(1, 2)), state
+
+    return Layer(init, apply, name="global_avg_pool2d")
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix, PyTorch's bins [floor(i*size/out), ceil((i+1)*size/out))."""
+    m = np.zeros((out, size), np.float64)
+    for i in range(out):
+        lo = (i * size) // out
+        hi = -(-((i + 1) * size) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool2d(output_size: int | Sequence[int | None]) -> Layer:
+    """Adaptive average pooling to ``(oh, ow)``: ``(N, H, W, C) -> (N, oh, ow, C)``.
+
+    Bin ``i`` along an axis of length ``size`` covers ``[floor(i*size/o), ceil((i+1)*size/o))``
+    (PyTorch's boundaries; bins may overlap or differ in length). ``None`` keeps that axis's
+    size. When ``size`` is a multiple of ``o`` this is a reshape + mean; otherwise two small
+    averaging matrices contract H and W.
+    """
+    layer = "adaptive_avg_pool2d"
+    if isinstance(output_size, int) and not isinstance(output_size, bool):
+        osz: tuple[int | None, ...] = (output_size, output_size)
+    elif isinstance(output_size, Sequence) and len(output_size) == 2:
+        osz = tuple(output_size)
+    else:
+        raise ValueError(f"{layer}: output_size must be an int or (oh, ow), got {output_size!r}")
+    for v in osz:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(
+                f"{layer}: output_size entries must be integers >= 1 or None, got {output_size!r}"
+            )
+
+    def out_hw(shape):
+        shape = tuple(shape)
+        if len(shape) != 4:
+            raise ShapeError(layer, f"expected input of rank 4 (N, H, W, C) (NHWC), got {shape}")
+        oh, ow = (s if o is None else o for o, s in zip(osz, shape[1:3], strict=True))
+        if shape[1] < 1 or shape[2] < 1:
+            raise ShapeError(layer, f"expected non-empty H and W, got shape {shape}")
+        return oh, ow
+
+    def init(key, in_shape):
+        oh, ow = out_hw(in_shape)
+        return (in_shape[0], oh, ow, in_shape[3]), {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        oh, ow = out_hw(jnp.shape(x))
+        n, h, w, c = x.shape
+        if h % oh == 0 and w % ow == 0:
+            return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4)), state
+        dt = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32
+        mh = jnp.asarray(_adaptive_matrix(h, oh), dt)
+        mw = jnp.asarray(_adaptive_matrix(w, ow), dt)
+        return jnp.einsum("nhwc,ih,jw->nijc", x.astype(dt), mh, mw), state
+
+    return Layer(init, apply, name=layer, config={"output_size": osz})
