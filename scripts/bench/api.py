@@ -29,3 +29,7 @@ class Workload:
     quick_steps: int = 20
     steps: int = 30
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Optional, evaluated by the harness once (not timed) when ``flops`` is None: e.g. XLA's cost
+    # analysis of a reference step. ``flops_note`` says how the count was obtained.
+    flops_fn: Callable[[], float] | None = None
+    flops_note: str = ""

@@ -1,0 +1,349 @@
+"""The benchmark harness: discover workloads, time them interleaved, write ``BENCHMARKS.md``.
+
+Timing discipline (per workload): every implementation is built (set-up, not timed); its first
+``step()`` is timed as the compile (first-call) time; one more untimed warm-up step follows; then
+the timed steps run interleaved, ``A B C A B C ...``, so drift on a shared machine hits every
+implementation alike. Steps block until their results are ready (the builders' contract, see
+:mod:`scripts.bench.api`). Reported: median, min and max step time, GFLOP/s from the workload's
+``flops`` (one count for every implementation), GB/s from ``bytes``, fractions of the machine's
+measured limits, and ``x fastest`` = median / fastest *reference* (non-``fdl``) median.
+
+A failing implementation never stops the run: its error is recorded in its table row.
+
+Importable for tests: :func:`run` takes the workloads, the output path and the settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import glob
+import importlib
+import math
+import os
+import pkgutil
+import re
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from scripts.bench import machine as _machine
+from scripts.bench.api import Workload
+
+Log = Callable[[str], None]
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class ImplResult:
+    impl: str
+    compile_s: float | None = None
+    times_ms: list[float] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def is_fdl(self) -> bool:
+        return self.impl.startswith("fdl")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.times_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+@dataclasses.dataclass
+class WorkloadResult:
+    workload: Workload
+    rows: list[ImplResult]
+    flops: float | None = None
+    flops_note: str = ""
+    steps: int = 0
+
+    def fastest_reference_ms(self) -> float | None:
+        refs = [r.median_ms for r in self.rows if r.ok and not r.is_fdl]
+        return min(refs) if refs else None
+
+
+def _err(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+    return msg[:240]
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def discover(only: str | None = None, package: str = "scripts.bench.workloads") -> list[Workload]:
+    """Import every ``<package>/*.py`` (not starting with ``_``) and collect its ``WORKLOADS``.
+
+    A module that fails to import becomes a pending workload carrying the error. ``only``
+    keeps workloads whose name or module name matches it (case-insensitive; exact match
+    first, else substring).
+    """
+    pkg = importlib.import_module(package)
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    found: list[tuple[str, Workload]] = []
+    for mod_name in names:
+        try:
+            mod = importlib.import_module(f"{package}.{mod_name}")
+            wls = list(getattr(mod, "WORKLOADS", []))
+        except Exception as e:  # noqa: BLE001 - a broken module must not kill the run
+            wls = [Workload(name=mod_name, description=f"module `{package}.{mod_name}`",
+                            impls={}, pending=f"the workload module failed to import: {_err(e)}")]
+        found += [(mod_name, w) for w in wls]
+    if only:
+        key = only.lower()
+        exact = [(m, w) for m, w in found if key in (w.name.lower(), m.lower())]
+        found = exact or [(m, w) for m, w in found if key in w.name.lower() or key in m.lower()]
+    return [w for _, w in found]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = None,
+                     log: Log = _default_log) -> WorkloadResult:
+    """Build, compile, warm up and time every implementation of ``w`` (interleaved)."""
+    n_steps = steps if steps is not None else (w.quick_steps if quick else w.steps)
+    res = WorkloadResult(w, [], steps=n_steps)
+    res.flops, res.flops_note = w.flops, w.flops_note
+    if res.flops is None and w.flops_fn is not None:
+        try:
+            t0 = time.perf_counter()
+            res.flops = float(w.flops_fn())
+            log(f"  [{w.name}] flops {res.flops / 1e9:.3f} GFLOP ({time.perf_counter() - t0:.1f}s)")
+        except Exception as e:  # noqa: BLE001
+            res.flops_note = f"FLOP count failed: {_err(e)}"
+    live: dict[str, Callable[[], object]] = {}
+    for impl, builder in w.impls.items():
+        row = ImplResult(impl)
+        res.rows.append(row)
+        try:
+            step = builder()
+            t0 = time.perf_counter()
+            step()
+            row.compile_s = time.perf_counter() - t0
+            step()  # warm-up, not timed
+            live[impl] = step
+            log(f"  [{w.name}] {impl}: first call {row.compile_s:.2f}s")
+        except Exception as e:  # noqa: BLE001
+            row.error = _err(e)
+            log(f"  [{w.name}] {impl}: FAILED {row.error}")
+            log(traceback.format_exc(limit=3))
+    rows = {r.impl: r for r in res.rows}
+    for _ in range(n_steps):
+        for impl in list(live):
+            try:
+                t0 = time.perf_counter()
+                live[impl]()
+                rows[impl].times_ms.append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001
+                rows[impl].error = f"failed during timing: {_err(e)}"
+                del live[impl]
+    for r in res.rows:
+        if r.ok:
+            log(f"  [{w.name}] {r.impl}: median {r.median_ms:.2f} ms")
+    live.clear()
+    gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _ms(x: float) -> str:
+    """Milliseconds with at least 4 significant digits (2 decimals above 10 ms)."""
+    if x <= 0 or x != x:
+        return f"{x:.2f}"
+    decimals = max(2, 3 - math.floor(math.log10(x)))
+    return f"{x:.{decimals}f}"
+
+
+def render_table(res: WorkloadResult, info: _machine.MachineInfo) -> list[str]:
+    w = res.workload
+    peak = info.peak_gflops
+    with_bytes = w.bytes is not None
+    head = ["impl", "compile s", "median ms", "min ms", "max ms", "GFLOP/s", "% peak"]
+    if with_bytes:
+        head += ["GB/s", "% bandwidth"]
+    head.append("x fastest")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    fastest = res.fastest_reference_ms()
+    for r in res.rows:
+        if not r.ok:
+            cells = [r.impl, f"error: {_cell(r.error or 'no timed steps')}"]
+            cells += ["—"] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        med = r.median_ms
+        gflops = res.flops / (med * 1e-3) / 1e9 if res.flops else None
+        cells = [r.impl, _f(r.compile_s, ".2f"), _ms(med), _ms(min(r.times_ms)),
+                 _ms(max(r.times_ms)), _f(gflops, ".1f"),
+                 _f(100 * gflops / peak if gflops and peak else None, ".1f")]
+        if with_bytes:
+            gbs = w.bytes / (med * 1e-3) / 1e9
+            cells += [f"{gbs:.1f}", _f(100 * gbs / info.copy_gbs if info.copy_gbs else None, ".1f")]
+        cells.append(_f(med / fastest if fastest else None, ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+HOW_TO_READ = """\
+# How to read this
+
+* Every number below was measured **in this one run**, on the machine described under
+  "Machine", with all implementations of a workload timed **interleaved** (A B C A B C ...), so
+  drift on a shared machine hits them alike. Read the **ratios**, not the absolute times: the
+  machine is shared (2 cores; other jobs may have been running, so numbers are noisy), and the
+  lead regenerates this file at the end of the project.
+* A row is one implementation of the same training step (same shapes, dtype, optimizer, loss;
+  the layout each library prefers, as the workload's description says). Rows starting with
+  `fdl` are this library; the others are references (Flax linen, Equinox, PyTorch eager,
+  `torch.compile`).
+* `compile s`: the first call (tracing + XLA compile, or PyTorch's first eager call /
+  `torch.compile`'s compile). `median/min/max ms`: step times after one more warm-up step.
+* `GFLOP/s` = the workload's FLOP count per step (**one count for every implementation**,
+  how it was obtained is stated per workload) / median time; `% peak` = that / the float32
+  matmul peak measured below. `GB/s` / `% bandwidth` likewise against the measured copy
+  bandwidth (memory-bound workloads only).
+* **`x fastest`** = the row's median / the fastest *reference* median in the same run.
+  1.00 is the fastest reference; below 1.0 means the row beats every reference.
+* A workload whose fdl capability does not exist yet is marked **pending** with the reason;
+  its reference rows (if any) are still measured, and no fdl row is faked. A failing
+  implementation shows its error in its row.
+* Machine-readable: every workload section starts with `## <workload>`; its table's first
+  column is `impl`, its last column `x fastest`. No other `## ` headings appear in this file.
+"""
+
+
+def _demote(text: str, levels: int = 2) -> str:
+    return re.sub(r"^(#{1,6}) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ",
+                  text, flags=re.M)
+
+
+def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, command: str,
+           date: str, quick: bool, results_dir: str | None = "docs/results",
+           elapsed_s: float | None = None) -> str:
+    out = ["# fdl benchmarks", "",
+           "Generated by `python -m scripts.bench`; do not edit by hand.", "", HOW_TO_READ]
+    out += ["# Run", "", f"* command: `{command}`", f"* date (UTC): {date}",
+            f"* mode: {'quick' if quick else 'full'}"
+            + (f"; wall time {elapsed_s / 60:.1f} min" if elapsed_s is not None else ""),
+            f"* CPU: {info.cpu_model} ({info.cores} logical CPUs visible)"]
+    out.append("* versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
+    out.append("* threads: " + "; ".join(f"{k}: {v}" for k, v in info.thread_settings.items()))
+    out += ["", "# Machine limits (measured in this run)", "",
+            "| limit | value |", "| --- | --- |"]
+    n = info.matmul_n
+    jnp_g = _f(info.jax_matmul_gflops, ".1f")
+    out.append(f"| float32 matmul {n}³, `jnp.dot` (XLA) | {jnp_g} GFLOP/s |")
+    out.append(f"| float32 matmul {n}³, numpy | {_f(info.numpy_matmul_gflops, '.1f')} GFLOP/s |")
+    out.append(f"| **peak** (better of the two) | {_f(info.peak_gflops, '.1f')} GFLOP/s |")
+    out.append(f"| memory bandwidth, {info.copy_mib} MiB float32 copy (read + write) | "
+               f"{_f(info.copy_gbs, '.1f')} GB/s |")
+    for note in info.notes:
+        out.append(f"\n_{note}_")
+    out += ["", "# Summary: fdl against the fastest reference", "",
+            "| workload | fdl row | fdl median ms | fastest reference | its median ms "
+            "| x fastest |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for res in results:
+        fastest = res.fastest_reference_ms()
+        ref = next((r for r in res.rows if r.ok and not r.is_fdl and r.median_ms == fastest), None)
+        fdl_rows = [r for r in res.rows if r.is_fdl]
+        if not fdl_rows:
+            why = "pending" if res.workload.pending else "no fdl row"
+            out.append(f"| {res.workload.name} | {why} | — | {ref.impl if ref else '—'} | "
+                       f"{_f(fastest, '.2f')} | — |")
+        for r in fdl_rows:
+            if r.ok:
+                ratio = _f(r.median_ms / fastest if fastest else None, ".2f")
+                fast_s = _ms(fastest) if fastest else "—"
+                out.append(f"| {res.workload.name} | {r.impl} | {_ms(r.median_ms)} | "
+                           f"{ref.impl if ref else '—'} | {fast_s} | {ratio} |")
+            else:
+                out.append(f"| {res.workload.name} | {r.impl} (error) | — | "
+                           f"{ref.impl if ref else '—'} | {_f(fastest, '.2f')} | — |")
+    out += ["", "# Workloads", ""]
+    for res in results:
+        w = res.workload
+        out += [f"## {w.name}", "", w.description, ""]
+        if w.pending:
+            out += [f"**Pending:** {w.pending}", ""]
+        if res.flops:
+            note = f" ({res.flops_note})" if res.flops_note else ""
+            out += [f"FLOPs per step: {res.flops / 1e9:.3f} GFLOP{note}.", ""]
+        elif res.flops_note:
+            out += [f"FLOPs per step: not available ({res.flops_note}).", ""]
+        if w.bytes:
+            out += [f"Bytes per step (memory traffic): {w.bytes / 1e6:.1f} MB.", ""]
+        if res.rows:
+            out += [f"Timed steps per implementation: {res.steps}.", ""]
+            out += render_table(res, info)
+            out.append("")
+    if results_dir:
+        files = sorted(glob.glob(os.path.join(results_dir, "*.md")))
+        out += ["# Training results", "",
+                f"Appended from `{results_dir}/*.md` (written by the engineers of each area; "
+                "headings shifted down two levels).", ""]
+        if not files:
+            out += ["_No result files yet._", ""]
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                text = f.read().strip()
+            out += [f"### {os.path.basename(path)}", "", _demote(text), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = False,
+        steps: int | None = None, measure_machine: bool = True,
+        machine_kwargs: dict | None = None, command: str | None = None,
+        results_dir: str | None = "docs/results", log: Log = _default_log) -> str:
+    """Measure the machine and every workload; write the markdown to ``out_path``; return it.
+
+    ``steps`` overrides every workload's number of timed steps (default: ``quick_steps`` with
+    ``quick`` else ``steps``). ``machine_kwargs`` go to :func:`scripts.bench.machine.measure`
+    (``n``, ``copy_mib``, ``reps``).
+    """
+    t_start = time.perf_counter()
+    threads = _machine.thread_count()
+    torch_desc = _machine.pin_torch_threads(threads)
+    if measure_machine:
+        log("measuring machine limits ...")
+        info = _machine.measure(torch_desc=torch_desc, **(machine_kwargs or {}))
+        log(f"  matmul jnp {_f(info.jax_matmul_gflops, '.1f')} / numpy "
+            f"{_f(info.numpy_matmul_gflops, '.1f')} GFLOP/s, copy {_f(info.copy_gbs, '.1f')} GB/s")
+    else:
+        info = _machine.unmeasured(torch_desc)
+    results = []
+    for w in workloads:
+        log(f"workload {w.name} ({len(w.impls)} implementations)")
+        results.append(measure_workload(w, quick=quick, steps=steps, log=log))
+    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M")
+    cmd = command or "python -m scripts.bench " + " ".join(sys.argv[1:])
+    text = render(results, info, command=cmd.strip(), date=date, quick=quick,
+                  results_dir=results_dir, elapsed_s=time.perf_counter() - t_start)
+    if out_path:
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        log(f"wrote {out_path}")
+    return text

@@ -1,0 +1,1 @@
+"""Reference implementations (Flax linen, Equinox, PyTorch) used only by the benchmarks."""

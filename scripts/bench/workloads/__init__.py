@@ -1,0 +1,1 @@
+"""Benchmark workloads: each module defines ``WORKLOADS: list[Workload]`` (see ``api.py``)."""
