@@ -18,6 +18,15 @@ from fdl.nn.activation import (
     softmax,
     tanh,
 )
+from fdl.nn.attention import (
+    additive_attention,
+    causal_mask,
+    combine_masks,
+    dot_product_attention,
+    masked_softmax,
+    multi_head_attention,
+    padding_mask,
+)
 from fdl.nn.conv import conv1d, conv2d, conv_transpose2d
 from fdl.nn.core import (
     Layer,
@@ -77,4 +86,9 @@ __all__ += [  # normalisation, dropout, embedding, losses
 __all__ += [  # convolution and pooling
     "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "conv1d", "conv2d", "conv_transpose2d",
     "global_avg_pool2d", "max_pool1d", "max_pool2d",
+]
+
+__all__ += [  # attention
+    "additive_attention", "causal_mask", "combine_masks", "dot_product_attention",
+    "masked_softmax", "multi_head_attention", "padding_mask",
 ]
