@@ -1,0 +1,81 @@
+"""GoogLeNet (d2l chapter 8.4): Inception blocks with four parallel paths."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fdl import nn
+from fdl.models.vision._common import classifier, scaled
+from fdl.nn.core import Layer
+
+__all__ = ["googlenet", "inception"]
+
+
+def inception(c1: int, c2: Sequence[int], c3: Sequence[int], c4: int) -> Layer:
+    """Inception block: four paths concatenated along channels (``c1 + c2[1] + c3[1] + c4``).
+
+    ``p1``: 1x1 conv ``c1``; ``p2``: 1x1 ``c2[0]`` -> 3x3 ``c2[1]``; ``p3``: 1x1 ``c3[0]`` ->
+    5x5 ``c3[1]``; ``p4``: 3x3 max-pool (stride 1) -> 1x1 ``c4``; every conv followed by ReLU.
+    Spatial size is preserved.
+    """
+    relu = nn.relu
+    return nn.parallel(
+        ("p1", nn.serial(("conv", nn.conv2d(c1, 1)), ("act", relu()))),
+        ("p2", nn.serial(("conv1", nn.conv2d(c2[0], 1)), ("act1", relu()),
+                         ("conv2", nn.conv2d(c2[1], 3, padding=1)), ("act2", relu()))),
+        ("p3", nn.serial(("conv1", nn.conv2d(c3[0], 1)), ("act1", relu()),
+                         ("conv2", nn.conv2d(c3[1], 5, padding=2)), ("act2", relu()))),
+        ("p4", nn.serial(("pool", nn.max_pool2d(3, stride=1, padding=1)),
+                         ("conv", nn.conv2d(c4, 1)), ("act", relu()))),
+        combine="concat",
+    )
+
+
+_B3 = ((64, (96, 128), (16, 32), 32), (128, (128, 192), (32, 96), 64))
+_B4 = ((192, (96, 208), (16, 48), 64), (160, (112, 224), (24, 64), 64),
+       (128, (128, 256), (24, 64), 64), (112, (144, 288), (32, 64), 64),
+       (256, (160, 320), (32, 128), 128))
+_B5 = ((256, (160, 320), (32, 128), 128), (384, (192, 384), (48, 128), 128))
+
+
+def googlenet(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    *,
+    width: float = 1.0,
+    small_input: bool = False,
+) -> Layer:
+    """GoogLeNet: ``(N, 96, 96, C)`` (the book; 224 works too) -> logits.
+
+    Features: ``b1`` (7x7/2 conv 64 -> relu -> 3x3/2 max-pool), ``b2`` (1x1 64 -> 3x3 192 ->
+    pool), ``b3`` (2 Inception blocks -> pool), ``b4`` (5 -> pool), ``b5`` (2 -> global
+    average pool): output ``(N, 1024 * width)``. Head: ``dense(num_classes)``. ``width``
+    scales every channel count; ``small_input=True`` makes b1 a 3x3 stride-1 conv without the
+    pool (for 28x28 / 32x32 inputs). Params ``features/b3/inc1/p2/conv2/w``, ...
+    """
+    s = lambda c: scaled(c, width)
+
+    def inc(cfg):
+        c1, c2, c3, c4 = cfg
+        return inception(s(c1), (s(c2[0]), s(c2[1])), (s(c3[0]), s(c3[1])), s(c4))
+
+    if small_input:
+        b1 = nn.serial(("conv", nn.conv2d(s(64), 3, padding=1)), ("act", nn.relu()))
+    else:
+        b1 = nn.serial(("conv", nn.conv2d(s(64), 7, stride=2, padding=3)), ("act", nn.relu()),
+                       ("pool", nn.max_pool2d(3, stride=2, padding=1)))
+    b2 = nn.serial(("conv1", nn.conv2d(s(64), 1)), ("act1", nn.relu()),
+                   ("conv2", nn.conv2d(s(192), 3, padding=1)), ("act2", nn.relu()),
+                   ("pool", nn.max_pool2d(3, stride=2, padding=1)))
+    b3 = nn.serial(*[(f"inc{i}", inc(c)) for i, c in enumerate(_B3, 1)],
+                   ("pool", nn.max_pool2d(3, stride=2, padding=1)))
+    b4 = nn.serial(*[(f"inc{i}", inc(c)) for i, c in enumerate(_B4, 1)],
+                   ("pool", nn.max_pool2d(3, stride=2, padding=1)))
+    b5 = nn.serial(*[(f"inc{i}", inc(c)) for i, c in enumerate(_B5, 1)],
+                   ("pool", nn.global_avg_pool2d()))
+    feats = nn.serial(("b1", b1), ("b2", b2), ("b3", b3), ("b4", b4), ("b5", b5))
+    return classifier(
+        "googlenet", feats, nn.dense(num_classes), in_channels=in_channels,
+        input_size=(32, 32) if small_input else (96, 96), num_classes=num_classes,
+        width=width, small_input=small_input,
+    )
