@@ -67,6 +67,17 @@ from fdl.nn.pool import (
     max_pool1d,
     max_pool2d,
 )
+from fdl.nn.recurrent import (
+    RecurrentLayer,
+    detach_state,
+    gru,
+    gru_cell,
+    lstm,
+    lstm_cell,
+    rnn,
+    rnn_cell,
+    scan_cell,
+)
 from fdl.nn.tree import count_params, flatten_dict, path_mask, select, unflatten_dict
 
 __all__ = [
@@ -91,4 +102,9 @@ __all__ += [  # convolution and pooling
 __all__ += [  # attention
     "additive_attention", "causal_mask", "combine_masks", "dot_product_attention",
     "masked_softmax", "multi_head_attention", "padding_mask",
+]
+
+__all__ += [  # recurrent
+    "RecurrentLayer", "detach_state", "gru", "gru_cell", "lstm", "lstm_cell", "rnn", "rnn_cell",
+    "scan_cell",
 ]

@@ -1,0 +1,1 @@
+"""Sequence models: character language models (rnn_lm), encoder-decoder, decoding, BLEU."""

@@ -1,0 +1,428 @@
+"""Recurrent cells, a ``lax.scan`` driver, and stacked/bidirectional RNN, GRU and LSTM layers.
+
+**Cells** operate on a *pre-projected* input: ``cell(params, carry, xp_t) -> (carry, y_t)`` where
+``xp_t = x_t @ w_ih + b_ih`` for all steps is computed outside the loop in one matmul
+(:func:`project_inputs`; for the tanh RNN and the LSTM the recurrent bias ``b_hh`` is folded in
+there too; the GRU keeps ``b_hh`` inside the reset-gate product). Inside the loop each step does
+one fused ``(hidden, G*hidden)`` matmul ``h @ w_hh``.
+
+**Parameters** of one direction of one layer (``G`` = 1 RNN, 3 GRU, 4 LSTM)::
+
+    {"w_ih": (in, G*H), "w_hh": (H, G*H), "b_ih": (G*H,), "b_hh": (G*H,)}
+
+with the gate blocks in **PyTorch's order** along the last axis -- LSTM ``[i, f, g, o]``
+(input, forget, cell candidate, output), GRU ``[r, z, n]`` (reset, update, candidate) -- so
+PyTorch's ``weight_ih_l{k}`` is ``w_ih.T`` with no reordering (see :mod:`fdl.interop.torch_rnn`).
+A layer's params are ``{"l0": {"fwd": {...}, "bwd": {...}}, "l1": {...}, ...}`` (``"bwd"`` only
+when bidirectional).
+
+**Equations** (PyTorch's): RNN ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)``;
+GRU ``r, z = σ(.)``, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = (1 - z) n + z h``;
+LSTM ``i, f, o = σ(.)``, ``g = tanh(.)``, ``c' = f c + i g``, ``h' = o tanh(c')``.
+
+**States** (recurrent hidden states, not the layer-protocol ``state``) follow PyTorch's layout:
+an array ``(num_layers * num_directions, batch, H)`` (index ``layer * num_directions +
+direction``) for RNN/GRU and a pair ``(h, c)`` of such arrays for LSTM.
+
+Layers (``rnn``, ``gru``, ``lstm``) follow the layer protocol (input ``(batch, steps, features)``,
+output ``(batch, steps, num_directions * H)``, zero initial state). Models that need initial or
+final states (language models carrying state across minibatches, encoder--decoder) call
+:meth:`RecurrentLayer.apply_with_state`::
+
+    enc = nn.gru(32, num_layers=2, dropout=0.1)
+    _, params, _ = enc.init(key, (batch, steps, embed))
+    outputs, h_n = enc.apply_with_state(params, x, h0, key=key, train=True)   # h0 may be None
+
+Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fdl.nn.core import Layer, ShapeError, check_positive_int, require_key
+
+__all__ = [
+    "CELL_GATES",
+    "RecurrentLayer",
+    "apply_with_state",
+    "detach_state",
+    "gru",
+    "gru_cell",
+    "init_direction_params",
+    "initial_state",
+    "lstm",
+    "lstm_cell",
+    "project_inputs",
+    "reverse_within_lengths",
+    "rnn",
+    "rnn_cell",
+    "run_direction",
+    "scan_cell",
+]
+
+CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def rnn_cell(params: dict, h: jax.Array, xp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """tanh RNN step. ``xp = x_t @ w_ih + b_ih + b_hh`` (batch, H); ``h`` (batch, H).
+    Returns ``(h', h')``."""
+    h = jnp.tanh(xp + h @ params["w_hh"])
+    return h, h
+
+
+def gru_cell(params: dict, h: jax.Array, xp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """GRU step (PyTorch's equations, gates ``[r, z, n]``). ``xp = x_t @ w_ih + b_ih``
+    (batch, 3H); ``h`` (batch, H). Returns ``(h', h')``."""
+    hh = h @ params["w_hh"] + params["b_hh"]
+    n_h = h.shape[-1]
+    rz = jax.nn.sigmoid(xp[..., : 2 * n_h] + hh[..., : 2 * n_h])
+    r, z = rz[..., :n_h], rz[..., n_h:]
+    n = jnp.tanh(xp[..., 2 * n_h :] + r * hh[..., 2 * n_h :])
+    h = n + z * (h - n)  # == (1 - z) * n + z * h
+    return h, h
+
+
+def lstm_cell(params: dict, carry: tuple[jax.Array, jax.Array], xp: jax.Array
+              ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """LSTM step (gates ``[i, f, g, o]``). ``xp = x_t @ w_ih + b_ih + b_hh`` (batch, 4H);
+    ``carry = (h, c)``, each (batch, H). Returns ``((h', c'), h')``."""
+    h, c = carry
+    gates = xp + h @ params["w_hh"]
+    n_h = h.shape[-1]
+    i = jax.nn.sigmoid(gates[..., :n_h])
+    f = jax.nn.sigmoid(gates[..., n_h : 2 * n_h])
+    g = jnp.tanh(gates[..., 2 * n_h : 3 * n_h])
+    o = jax.nn.sigmoid(gates[..., 3 * n_h :])
+    c = f * c + i * g
+    h = o * jnp.tanh(c)
+    return (h, c), h
+
+
+_CELLS: dict[str, Callable] = {"rnn": rnn_cell, "gru": gru_cell, "lstm": lstm_cell}
+
+
+def project_inputs(kind: str, params: dict, x: jax.Array) -> jax.Array:
+    """The input projection for all steps at once: ``x @ w_ih + b_ih`` (``+ b_hh`` for
+    ``"rnn"``/``"lstm"``). ``x`` (..., in) -> (..., G*H)."""
+    b = params["b_ih"] if kind == "gru" else params["b_ih"] + params["b_hh"]
+    return x @ params["w_ih"] + b
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def reverse_within_lengths(xs: jax.Array, seq_lengths: jax.Array) -> jax.Array:
+    """Reverse each sequence of time-major ``xs`` (T, B, ...) within its first
+    ``seq_lengths[b]`` steps; positions past the length stay in place."""
+    steps = xs.shape[0]
+    t = jnp.arange(steps)[:, None]
+    lens = seq_lengths[None, :]
+    idx = jnp.where(t < lens, lens - 1 - t, t)  # (T, B)
+    idx = idx.reshape(idx.shape + (1,) * (xs.ndim - 2))
+    return jnp.take_along_axis(xs, jnp.broadcast_to(idx, xs.shape[:2] + (1,) * (xs.ndim - 2)),
+                               axis=0)
+
+
+def scan_cell(
+    cell: Callable,
+    params: dict,
+    xs: jax.Array,
+    carry: Any,
+    *,
+    time_major: bool = True,
+    reverse: bool = False,
+    unroll: int = 1,
+    seq_lengths: jax.Array | None = None,
+) -> tuple[Any, jax.Array]:
+    """Run ``cell(params, carry, x_t) -> (carry, y_t)`` over the time axis with ``lax.scan``.
+
+    ``xs``: (T, B, F) if ``time_major`` else (B, T, F) (usually pre-projected inputs).
+    ``reverse``: process the sequence from its end (with ``seq_lengths``: from each sequence's
+    last valid step, i.e. reversed within the valid length, as PyTorch's packed sequences).
+    ``seq_lengths`` (B,) int: past ``seq_lengths[b]`` the carry of sequence ``b`` is frozen
+    (the final carry is the one at its last valid step) and its outputs are zero.
+    ``unroll``: steps per loop iteration (``lax.scan``'s ``unroll``); results do not depend on it.
+    Returns ``(final_carry, ys)`` with ``ys`` in the layout of ``xs`` and in the original
+    time order.
+    """
+    if not time_major:
+        xs = jnp.swapaxes(xs, 0, 1)
+    if seq_lengths is None:
+        def step(c, x):
+            return cell(params, c, x)
+
+        carry, ys = lax.scan(step, carry, xs, reverse=reverse, unroll=unroll)
+    else:
+        seq_lengths = jnp.asarray(seq_lengths)
+        steps = xs.shape[0]
+        if reverse:
+            xs = reverse_within_lengths(xs, seq_lengths)
+        mask = jnp.arange(steps)[:, None] < seq_lengths[None, :]  # (T, B)
+
+        def step(c, inp):
+            x, m = inp
+            c_new, y = cell(params, c, x)
+            c_new = jax.tree_util.tree_map(
+                lambda a, b: jnp.where(m[:, None], a, b), c_new, c)
+            y = jnp.where(m[:, None], y, jnp.zeros((), y.dtype))
+            return c_new, y
+
+        carry, ys = lax.scan(step, carry, (xs, mask), unroll=unroll)
+        if reverse:
+            ys = reverse_within_lengths(ys, seq_lengths)
+    if not time_major:
+        ys = jnp.swapaxes(ys, 0, 1)
+    return carry, ys
+
+
+def run_direction(
+    kind: str,
+    params: dict,
+    xs: jax.Array,
+    carry: Any,
+    *,
+    reverse: bool = False,
+    unroll: int = 1,
+    seq_lengths: jax.Array | None = None,
+) -> tuple[Any, jax.Array]:
+    """One direction of one layer on time-major ``xs`` (T, B, in): hoisted projection, then the
+    scan. Returns ``(final_carry, ys (T, B, H))``."""
+    xp = project_inputs(kind, params, xs)
+    return scan_cell(_CELLS[kind], params, xp, carry, time_major=True, reverse=reverse,
+                     unroll=unroll, seq_lengths=seq_lengths)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def init_direction_params(key, kind: str, in_features: int, hidden: int, dtype=jnp.float32
+                          ) -> dict:
+    """PyTorch's initialisation: every weight and bias ``U(-1/sqrt(H), 1/sqrt(H))``."""
+    g = CELL_GATES[kind]
+    bound = 1.0 / math.sqrt(hidden)
+    k = jax.random.split(key, 4)
+    u = lambda kk, shape: jax.random.uniform(kk, shape, dtype, -bound, bound)  # noqa: E731
+    return {
+        "w_ih": u(k[0], (in_features, g * hidden)),
+        "w_hh": u(k[1], (hidden, g * hidden)),
+        "b_ih": u(k[2], (g * hidden,)),
+        "b_hh": u(k[3], (g * hidden,)),
+    }
+
+
+# ----------------------------------------------------------------------------- states
+
+
+def initial_state(kind: str, batch_size: int, hidden_size: int, *, num_layers: int = 1,
+                  bidirectional: bool = False, dtype=jnp.float32) -> Any:
+    """Zero recurrent state: ``(L*D, B, H)`` for RNN/GRU, a pair of those for LSTM."""
+    d = 2 if bidirectional else 1
+    z = jnp.zeros((num_layers * d, batch_size, hidden_size), dtype)
+    return (z, z) if kind == "lstm" else z
+
+
+def detach_state(state: Any) -> Any:
+    """Truncated BPTT: ``stop_gradient`` on every array of a recurrent state, so a state
+    carried into the next minibatch starts a new gradient graph."""
+    return jax.tree_util.tree_map(lax.stop_gradient, state)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class RecurrentLayer(Layer):
+    """A :class:`~fdl.nn.core.Layer` (``init``/``apply``) plus the recurrent extras:
+    :meth:`apply_with_state` and :meth:`initial_state`. Built by :func:`rnn`, :func:`gru`,
+    :func:`lstm`."""
+
+    kind: str = "gru"
+    hidden_size: int = 1
+    num_layers: int = 1
+    dropout: float = 0.0
+    bidirectional: bool = False
+    time_major: bool = False
+    unroll: int = 1
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def initial_state(self, batch_size: int, dtype=jnp.float32) -> Any:
+        """Zero recurrent state for this layer (see the module docstring for the layout)."""
+        return initial_state(self.kind, batch_size, self.hidden_size, num_layers=self.num_layers,
+                             bidirectional=self.bidirectional, dtype=dtype)
+
+    def apply_with_state(
+        self,
+        params: dict,
+        x: jax.Array,
+        initial_state: Any = None,
+        *,
+        seq_lengths: jax.Array | None = None,
+        key=None,
+        train: bool = False,
+    ) -> tuple[jax.Array, Any]:
+        """Run the stack from ``initial_state`` (``None`` = zeros).
+
+        ``x``: (batch, steps, in) (``(steps, batch, in)`` if ``time_major``).
+        ``seq_lengths``: optional (batch,) int valid lengths (see :func:`scan_cell`).
+        ``key``: needed when ``train`` and ``dropout > 0`` (dropout between layers).
+        Returns ``(outputs, final_state)``: outputs ``(batch, steps, D*H)`` (time-major if
+        ``time_major``; the last layer's, both directions concatenated, zero past each length),
+        final state in the layout of :meth:`initial_state`.
+        """
+        return _apply_stack(self, params, x, initial_state, seq_lengths=seq_lengths, key=key,
+                            train=train)
+
+
+def apply_with_state(layer: RecurrentLayer, params: dict, x: jax.Array, initial_state: Any = None,
+                     *, seq_lengths=None, key=None, train: bool = False) -> tuple[jax.Array, Any]:
+    """Function form of :meth:`RecurrentLayer.apply_with_state`."""
+    return layer.apply_with_state(params, x, initial_state, seq_lengths=seq_lengths, key=key,
+                                  train=train)
+
+
+def _check_input(layer: RecurrentLayer, shape, params=None) -> None:
+    layout = "(steps, batch, features)" if layer.time_major else "(batch, steps, features)"
+    if len(shape) != 3:
+        raise ShapeError(layer.kind, f"expected input of rank 3 {layout}, got shape {tuple(shape)}")
+    if params is not None:
+        n_in = params["l0"]["fwd"]["w_ih"].shape[0]
+        if shape[-1] != n_in:
+            raise ShapeError(layer.kind, f"expected input {layout} with {n_in} features, got "
+                             f"shape {tuple(shape)}")
+
+
+def _check_state(layer: RecurrentLayer, state, batch: int, dtype) -> Any:
+    want = (layer.num_layers * layer.num_directions, batch, layer.hidden_size)
+    if state is None:
+        return layer.initial_state(batch, dtype)
+    parts = state if layer.kind == "lstm" else (state,)
+    if layer.kind == "lstm" and not (isinstance(state, (tuple, list)) and len(state) == 2):
+        raise ShapeError("lstm", "expected initial_state to be a pair (h, c)")
+    for p in parts:
+        if tuple(jnp.shape(p)) != want:
+            raise ShapeError(layer.kind, f"expected initial_state of shape {want} "
+                             f"(num_layers*num_directions, batch, hidden), got {jnp.shape(p)}")
+    return tuple(parts) if layer.kind == "lstm" else state
+
+
+def _apply_stack(layer: RecurrentLayer, params, x, state0, *, seq_lengths, key, train):
+    _check_input(layer, jnp.shape(x), params)
+    xs = x if layer.time_major else jnp.swapaxes(x, 0, 1)  # (T, B, F)
+    batch = xs.shape[1]
+    state0 = _check_state(layer, state0, batch, xs.dtype)
+    if seq_lengths is not None:
+        seq_lengths = jnp.asarray(seq_lengths)
+        if seq_lengths.shape != (batch,):
+            raise ShapeError(layer.kind, f"expected seq_lengths of shape ({batch},), got "
+                             f"{seq_lengths.shape}")
+    use_dropout = train and layer.dropout > 0.0 and layer.num_layers > 1
+    if use_dropout:
+        require_key(layer.kind, key)
+    d = layer.num_directions
+    finals_h, finals_c = [], []
+    for li in range(layer.num_layers):
+        if li > 0 and use_dropout:
+            k = jax.random.fold_in(key, li)
+            keep = jax.random.bernoulli(k, 1.0 - layer.dropout, xs.shape)
+            xs = jnp.where(keep, xs / (1.0 - layer.dropout), jnp.zeros((), xs.dtype))
+        outs = []
+        for di, dname in enumerate(("fwd", "bwd")[:d]):
+            idx = li * d + di
+            if layer.kind == "lstm":
+                c0 = (state0[0][idx], state0[1][idx])
+            else:
+                c0 = state0[idx]
+            carry, ys = run_direction(layer.kind, params[f"l{li}"][dname], xs, c0,
+                                      reverse=(di == 1), unroll=layer.unroll,
+                                      seq_lengths=seq_lengths)
+            outs.append(ys)
+            if layer.kind == "lstm":
+                finals_h.append(carry[0])
+                finals_c.append(carry[1])
+            else:
+                finals_h.append(carry)
+        xs = outs[0] if d == 1 else jnp.concatenate(outs, axis=-1)
+    out = xs if layer.time_major else jnp.swapaxes(xs, 0, 1)
+    h_n = jnp.stack(finals_h)
+    final = (h_n, jnp.stack(finals_c)) if layer.kind == "lstm" else h_n
+    return out, final
+
+
+def _make(kind: str, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool,
+          time_major: bool, unroll: int, dtype) -> RecurrentLayer:
+    check_positive_int(kind, "hidden_size", hidden_size)
+    check_positive_int(kind, "num_layers", num_layers)
+    check_positive_int(kind, "unroll", unroll)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+            0.0 <= dropout < 1.0):
+        raise ValueError(f"{kind}: dropout must satisfy 0 <= dropout < 1, got {dropout!r}")
+    d = 2 if bidirectional else 1
+    holder: dict[str, RecurrentLayer] = {}
+
+    def init(key, in_shape):
+        self = holder["self"]
+        _check_input(self, in_shape)
+        n_in = in_shape[-1]
+        params = {}
+        for li in range(num_layers):
+            lp = {}
+            for di, dname in enumerate(("fwd", "bwd")[:d]):
+                k = jax.random.fold_in(key, li * d + di)
+                lp[dname] = init_direction_params(k, kind, n_in if li == 0 else d * hidden_size,
+                                                  hidden_size, dtype)
+            params[f"l{li}"] = lp
+        out_shape = (*in_shape[:2], d * hidden_size)
+        return out_shape, params, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        y, _ = _apply_stack(holder["self"], params, x, None, seq_lengths=None, key=key,
+                            train=train)
+        return y, state
+
+    layer = RecurrentLayer(
+        init, apply, name=kind,
+        config={"hidden_size": hidden_size, "num_layers": num_layers, "dropout": float(dropout),
+                "bidirectional": bool(bidirectional), "time_major": bool(time_major),
+                "unroll": unroll},
+        kind=kind, hidden_size=hidden_size, num_layers=num_layers, dropout=float(dropout),
+        bidirectional=bool(bidirectional), time_major=bool(time_major), unroll=unroll,
+    )
+    holder["self"] = layer
+    return layer
+
+
+def rnn(hidden_size: int, *, num_layers: int = 1, dropout: float = 0.0,
+        bidirectional: bool = False, time_major: bool = False, unroll: int = 1,
+        dtype=jnp.float32) -> RecurrentLayer:
+    """Stacked (bidirectional) tanh RNN. Input ``(batch, steps, in)``, output
+    ``(batch, steps, D*hidden_size)``; ``dropout`` between layers in training (needs ``key``)."""
+    return _make("rnn", hidden_size, num_layers, dropout, bidirectional, time_major, unroll, dtype)
+
+
+def gru(hidden_size: int, *, num_layers: int = 1, dropout: float = 0.0,
+        bidirectional: bool = False, time_major: bool = False, unroll: int = 1,
+        dtype=jnp.float32) -> RecurrentLayer:
+    """Stacked (bidirectional) GRU; see :func:`rnn` and the module docstring."""
+    return _make("gru", hidden_size, num_layers, dropout, bidirectional, time_major, unroll, dtype)
+
+
+def lstm(hidden_size: int, *, num_layers: int = 1, dropout: float = 0.0,
+         bidirectional: bool = False, time_major: bool = False, unroll: int = 1,
+         dtype=jnp.float32) -> RecurrentLayer:
+    """Stacked (bidirectional) LSTM; see :func:`rnn` and the module docstring."""
+    return _make("lstm", hidden_size, num_layers, dropout, bidirectional, time_major, unroll,
+                 dtype)
