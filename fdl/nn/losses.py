@@ -214,10 +214,12 @@ def sigmoid_binary_cross_entropy(
 ) -> jax.Array:
     """Binary cross-entropy of ``sigmoid(logits)`` against targets in ``[0, 1]`` (PyTorch
     ``F.binary_cross_entropy_with_logits``), stable form
-    ``max(x, 0) - x * z + log1p(exp(-|x|))``.
+    ``log(1 + exp(x)) - x * z`` via ``logaddexp``.
 
     ``labels`` has exactly ``logits.shape`` (integer/bool labels are cast to float);
-    per-element loss of that shape; ``weights``/``reduction`` as in the module docstring.
+    per-element loss of that shape; ``weights``/``reduction`` as in the module docstring (note:
+    with ``weights``, ``"mean"`` is ``sum(w * l) / sum(w)``, whereas PyTorch's ``weight=`` with
+    ``reduction="mean"`` gives ``mean(w * l)``; ``"none"`` and ``"sum"`` agree).
     """
     name = "sigmoid_binary_cross_entropy"
     _check_reduction(name, reduction)
@@ -227,7 +229,9 @@ def sigmoid_binary_cross_entropy(
     dt = _float_dtype(logits.dtype)
     x = logits.astype(dt)
     z = labels.astype(dt)
-    loss = jnp.maximum(x, 0) - x * z + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    # softplus(x) - x * z; logaddexp is stable and, unlike the max/abs spelling, has the
+    # right derivative at x == 0 (zero-initialised heads start exactly there).
+    loss = jnp.logaddexp(x, 0.0) - x * z
     return _reduce(loss, _check_weights(name, weights, loss.shape), reduction)
 
 
