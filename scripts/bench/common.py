@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmark workloads: data, hyperparameters, fdl step builder, FLOPs.
+
+Every implementation of a workload trains on the same synthetic batch (numpy, fixed seed),
+converted to its library's preferred layout (NHWC for the JAX libraries, NCHW for PyTorch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+# hyperparameters shared by every implementation
+LENET = dict(batch=256, lr=0.1, momentum=0.9, bn_decay=0.9, eps=1e-5)
+RESNET = dict(batch=32, lr=0.05, momentum=0.9, bn_decay=0.9, eps=1e-5, classes=10)
+CHARLM = dict(batch=32, steps=35, vocab=28, hidden=256, lr=1.0, clip=1.0)
+
+
+def image_batch(batch: int, hw: int, channels: int, classes: int, seed: int = 0):
+    """``(x_nhwc float32, y int32)`` numpy arrays."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, hw, hw, channels), dtype=np.float32)
+    y = rng.integers(0, classes, size=(batch,), dtype=np.int32)
+    return x, y
+
+
+def char_batch(batch: int, steps: int, vocab: int, seed: int = 0):
+    """``(tokens (B, T) int32, targets (B, T) int32)``: targets are tokens shifted by one."""
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(0, vocab, size=(batch, steps + 1), dtype=np.int32)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def xla_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of ``jax.jit(fn)(*args)`` by XLA's cost analysis of the compiled step."""
+    import jax
+
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def rnn_flops(kind: str, batch: int, steps: int, vocab: int, hidden: int) -> float:
+    """Analytic matmul FLOPs of one char-LM training step (forward + backward = 3x forward).
+
+    Per time step the forward pass does the gate matmuls ``x @ W_x`` (vocab -> G*hidden) and
+    ``h @ W_h`` (hidden -> G*hidden) with G = 4 (LSTM) or 3 (GRU), and the output projection
+    (hidden -> vocab); 2 FLOPs per multiply-add; the backward pass costs twice the forward.
+    Elementwise gate work is not counted (a few % of the total). XLA's cost analysis counts a
+    ``scan`` body once, not per step, so it cannot be used here directly.
+    """
+    g = {"lstm": 4, "gru": 3}[kind]
+    per_step = 2 * batch * (vocab * g * hidden + hidden * g * hidden + hidden * vocab)
+    return 3.0 * steps * per_step
+
+
+def fdl_classifier_step(net, params, state, opt, x, y) -> Callable[[], Any]:
+    """A jitted (donated) fdl training step on a fixed batch: forward with ``train=True``,
+    softmax cross-entropy, ``value_and_grad``, optimizer update. Returns the blocking
+    zero-argument ``step`` the harness wants."""
+    import jax
+
+    import fdl.nn as fnn
+    from fdl import optim
+
+    @partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(params, state, opt_state, x, y):
+        def loss_fn(p):
+            logits, new_state = net.apply(p, state, x, train=True)
+            return fnn.losses.softmax_cross_entropy(logits, y), new_state
+
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), new_state, opt_state, loss
+
+    carry = [params, state, opt.init(params)]
+
+    def step():
+        p, s, o, loss = train_step(*carry, x, y)
+        carry[:] = [p, s, o]
+        return loss.block_until_ready()
+
+    return step
