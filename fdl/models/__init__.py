@@ -1,0 +1,1 @@
+from fdl.models import vision  # noqa: F401
