@@ -1,3 +1,21 @@
+"""Data: in-memory loaders, synthetic sets, image dataset readers, augmentation, text."""
+
+from fdl.data import augment  # noqa: F401
+from fdl.data.datasets import (  # noqa: F401  (image datasets)
+    DATASETS,
+    DatasetNotFoundError,
+    default_data_dir,
+    download,
+    load_cifar10,
+    load_digits,
+    load_fashion_mnist,
+    load_image_folder,
+    load_mnist,
+    read_idx,
+    train_test_split,
+)
+from fdl.data.loader import ArrayLoader, batch_indices  # noqa: F401
+from fdl.data.synthetic import high_dim_linear_data, synthetic_linear_data  # noqa: F401
 from fdl.data.text import (  # noqa: F401  (text pipeline)
     SeqDataLoader,
     Vocab,

@@ -1,0 +1,190 @@
+"""An in-memory data loader: keyed shuffling, batching, resumable position, prefetch to device.
+
+The order of examples is a pure function of ``(key, epoch)``: epoch ``e`` visits
+``jax.random.permutation(fold_in(key, e), n)``, so a run restored at ``(epoch, batch)`` sees
+exactly the batches an uninterrupted run would.
+
+The final partial batch is dropped (``last_batch="drop"``), yielded smaller (``"keep"``,
+one extra compilation), or padded to full size with a mask (``"pad"``: every batch then carries
+a float32 ``mask`` of shape ``(batch_size,)``, 1 for real examples and 0 for padding, so every
+step has the same shapes).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["ArrayLoader", "batch_indices"]
+
+_LAST = ("drop", "keep", "pad")
+
+
+def batch_indices(
+    n: int, batch_size: int, *, key=None, epoch: int = 0, last_batch: str = "keep"
+) -> list[np.ndarray]:
+    """The index arrays of every batch of epoch ``epoch`` (shuffled with ``fold_in(key, epoch)``
+    when ``key`` is given). Padding (``last_batch="pad"``) is not included here."""
+    if key is None:
+        order = np.arange(n)
+    else:
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    nb = n // batch_size if last_batch == "drop" else math.ceil(n / batch_size)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
+
+
+class ArrayLoader:
+    """Batches of a tuple of equal-length arrays.
+
+    ``ArrayLoader((x, y), batch_size=64, key=jax.random.key(0))`` yields ``(x_b, y_b)`` (or
+    ``(x_b, y_b, mask)`` with ``last_batch="pad"``) as device arrays. Iterating runs the rest of
+    the current epoch from the current position and then advances to the next epoch;
+    ``state()``/``set_state()`` save and restore the position ``{"epoch", "batch"}``.
+
+    Args:
+      arrays: a tuple (or list) of arrays with the same leading dimension.
+      batch_size: examples per batch, ``1 <= batch_size <= n`` (a larger one is refused).
+      key: PRNG key for shuffling; ``None`` keeps the stored order (use for evaluation).
+      last_batch: ``"drop"``, ``"keep"`` or ``"pad"`` (see module docstring).
+      prefetch: batches moved to the device ahead of use by a background thread (0 = none).
+      device_put: ``False`` yields NumPy arrays; ``True`` ``jax.device_put``s them, or pass a
+        ``jax.sharding.Sharding`` to place (e.g. batch-shard) each array.
+    """
+
+    def __init__(
+        self,
+        arrays: Sequence[Any],
+        batch_size: int,
+        *,
+        key=None,
+        last_batch: str = "keep",
+        prefetch: int = 2,
+        device_put: Any = True,
+    ):
+        if not isinstance(arrays, (tuple, list)) or not arrays:
+            raise TypeError("ArrayLoader: arrays must be a non-empty tuple of arrays")
+        self.arrays = tuple(np.asarray(a) for a in arrays)
+        n = len(self.arrays[0])
+        for i, a in enumerate(self.arrays):
+            if a.ndim == 0 or len(a) != n:
+                raise ValueError(
+                    f"ArrayLoader: all arrays need the same leading length; array 0 has {n}, "
+                    f"array {i} has shape {a.shape}"
+                )
+        if n == 0:
+            raise ValueError("ArrayLoader: the dataset is empty")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"ArrayLoader: batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size > n:
+            raise ValueError(
+                f"ArrayLoader: batch_size {batch_size} is larger than the dataset ({n} examples); "
+                f"use a batch size between 1 and {n}"
+            )
+        if last_batch not in _LAST:
+            raise ValueError(f"ArrayLoader: last_batch must be one of {_LAST}, got {last_batch!r}")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"ArrayLoader: prefetch must be an integer >= 0, got {prefetch!r}")
+        self.n = n
+        self.batch_size = batch_size
+        self.key = key
+        self.last_batch = last_batch
+        self.prefetch = prefetch
+        self.device_put = device_put
+        self.epoch = 0
+        self.batch = 0
+
+    # ------------------------------------------------------------------ position
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.last_batch == "drop":
+            return self.n // self.batch_size
+        return math.ceil(self.n / self.batch_size)
+
+    def state(self) -> dict[str, int]:
+        """The position: the next batch to yield is batch ``batch`` of epoch ``epoch``."""
+        return {"epoch": int(self.epoch), "batch": int(self.batch)}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"ArrayLoader.set_state: invalid position {state!r}")
+        self.epoch, self.batch = epoch, batch
+
+    # ------------------------------------------------------------------ batches
+    def _host_batch(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:
+        out = tuple(a[idx] for a in self.arrays)
+        if self.last_batch == "pad":
+            m = len(idx)
+            mask = np.zeros(self.batch_size, np.float32)
+            mask[:m] = 1.0
+            if m < self.batch_size:
+                fill = np.zeros(self.batch_size - m, dtype=idx.dtype)  # repeat example 0
+                full = np.concatenate([idx, idx[fill]])
+                out = tuple(a[full] for a in self.arrays)
+            out = (*out, mask)
+        return out
+
+    def _place(self, batch):
+        if self.device_put is False or self.device_put is None:
+            return batch
+        if self.device_put is True:
+            return tuple(jax.device_put(b) for b in batch)
+        return tuple(jax.device_put(b, self.device_put) for b in batch)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple]:
+        """Batches ``start, start+1, ...`` of ``epoch`` (does not move the position)."""
+        idxs = batch_indices(
+            self.n, self.batch_size, key=self.key, epoch=epoch, last_batch=self.last_batch
+        )
+        gen = (self._place(self._host_batch(i)) for i in idxs[start:])
+        if self.prefetch > 0:
+            return _prefetch(gen, self.prefetch)
+        return gen
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, start = self.epoch, self.batch
+        for b in self.epoch_batches(epoch, start):
+            self.batch += 1
+            yield b
+        self.epoch, self.batch = epoch + 1, 0
+
+
+def _prefetch(gen: Iterator, size: int) -> Iterator:
+    """Run ``gen`` in a background thread, ``size`` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # surface errors in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,114 @@
+"""ArrayLoader: order is a pure function of the key, batching modes, resumable position."""
+
+import jax
+import numpy as np
+import pytest
+
+from fdl.data import ArrayLoader, batch_indices, synthetic_linear_data
+
+
+def _data(n=10):
+    return np.arange(n * 2, dtype=np.float32).reshape(n, 2), np.arange(n, dtype=np.int32)
+
+
+def _epoch(loader):
+    return [tuple(np.asarray(a) for a in b) for b in loader]
+
+
+def test_order_is_pure_function_of_key():
+    x, y = _data(23)
+    a = ArrayLoader((x, y), 5, key=jax.random.key(3), prefetch=0)
+    b = ArrayLoader((x, y), 5, key=jax.random.key(3), prefetch=2)
+    c = ArrayLoader((x, y), 5, key=jax.random.key(4), prefetch=0)
+    ea, eb, ec = _epoch(a), _epoch(b), _epoch(c)
+    for (xa, ya), (xb, yb) in zip(ea, eb, strict=True):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, x[ya])
+    ya_all = np.concatenate([b[1] for b in ea])
+    assert sorted(ya_all.tolist()) == list(range(23))  # a permutation
+    assert ya_all.tolist() != np.concatenate([b[1] for b in ec]).tolist()
+    # the next epoch uses a different order
+    assert np.concatenate([b[1] for b in _epoch(a)]).tolist() != ya_all.tolist()
+
+
+def test_no_key_keeps_order_and_keep_last():
+    x, y = _data(7)
+    batches = _epoch(ArrayLoader((x, y), 3, prefetch=0))
+    assert [b[1].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_drop_last():
+    x, y = _data(7)
+    loader = ArrayLoader((x, y), 3, last_batch="drop", prefetch=0)
+    assert len(loader) == 2
+    assert [b[1].tolist() for b in _epoch(loader)] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_pad_and_mask():
+    x, y = _data(7)
+    loader = ArrayLoader((x, y), 3, last_batch="pad", prefetch=0)
+    batches = _epoch(loader)
+    assert len(batches) == 3 and all(len(b) == 3 for b in batches)
+    xb, yb, mb = batches[-1]
+    assert xb.shape == (3, 2) and mb.dtype == np.float32
+    assert mb.tolist() == [1.0, 0.0, 0.0] and yb[0] == 6
+    assert batches[0][2].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_resume_position():
+    x, y = _data(20)
+    full = ArrayLoader((x, y), 4, key=jax.random.key(1), prefetch=0)
+    ref = _epoch(full) + _epoch(full)
+    part = ArrayLoader((x, y), 4, key=jax.random.key(1), prefetch=1)
+    it = iter(part)
+    got = [tuple(np.asarray(a) for a in next(it)) for _ in range(3)]
+    state = part.state()
+    assert state == {"epoch": 0, "batch": 3}
+    resumed = ArrayLoader((x, y), 4, key=jax.random.key(1), prefetch=0)
+    resumed.set_state(state)
+    got += _epoch(resumed) + _epoch(resumed)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_batch_indices_matches_loader():
+    idx = batch_indices(10, 4, key=jax.random.key(2), epoch=1)
+    loader = ArrayLoader((np.arange(10),), 4, key=jax.random.key(2), prefetch=0)
+    loader.set_state({"epoch": 1, "batch": 0})
+    assert [b[0].tolist() for b in _epoch(loader)] == [i.tolist() for i in idx]
+
+
+def test_bad_arguments():
+    x, y = _data(5)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        ArrayLoader((x, y), 6)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        ArrayLoader((x, y), 0)
+    with pytest.raises(ValueError, match="same leading length"):
+        ArrayLoader((x, y[:3]), 2)
+    with pytest.raises(ValueError, match="last_batch"):
+        ArrayLoader((x, y), 2, last_batch="wrap")
+
+
+def test_prefetch_propagates_errors():
+    class Boom(Exception):
+        pass
+
+    x, y = _data(6)
+    loader = ArrayLoader((x, y), 2, prefetch=2)
+
+    def bad(_):
+        raise Boom()
+
+    loader._host_batch = bad
+    with pytest.raises(Boom):
+        _epoch(loader)
+
+
+def test_synthetic_linear_data():
+    w = np.array([2.0, -3.4])
+    x, y = synthetic_linear_data(jax.random.key(0), w, 4.2, 1000, noise=0.01)
+    assert x.shape == (1000, 2) and y.shape == (1000, 1) and x.dtype == np.float32
+    coef, *_ = np.linalg.lstsq(np.c_[np.asarray(x), np.ones(1000)], np.asarray(y)[:, 0], rcond=None)
+    np.testing.assert_allclose(coef, [2.0, -3.4, 4.2], atol=0.01)
