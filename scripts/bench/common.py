@@ -16,6 +16,8 @@ import numpy as np
 LENET = dict(batch=256, lr=0.1, momentum=0.9, bn_decay=0.9, eps=1e-5)
 RESNET = dict(batch=32, lr=0.05, momentum=0.9, bn_decay=0.9, eps=1e-5, classes=10)
 CHARLM = dict(batch=32, steps=35, vocab=28, hidden=256, lr=1.0, clip=1.0)
+BERT = dict(batch=32, seq=64, vocab=10_000, d=256, heads=4, ffn=512, layers=2, masked=10,
+            lr=1e-3)
 
 
 def image_batch(batch: int, hw: int, channels: int, classes: int, seed: int = 0):
@@ -33,15 +35,49 @@ def char_batch(batch: int, steps: int, vocab: int, seed: int = 0):
     return seq[:, :-1], seq[:, 1:]
 
 
+def bert_batch(batch: int, seq: int, vocab: int, masked: int, seed: int = 0):
+    """``(tokens, segments, pred_positions, mlm_labels, nsp_labels)`` int32 numpy arrays;
+    full-length sequences (no padding), ``masked`` distinct predicted positions per sequence."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, size=(batch, seq), dtype=np.int32)
+    segments = (np.arange(seq)[None, :] >= seq // 2).astype(np.int32).repeat(batch, 0)
+    positions = np.stack([np.sort(rng.choice(np.arange(1, seq), masked, replace=False))
+                          for _ in range(batch)]).astype(np.int32)
+    mlm = rng.integers(0, vocab, size=(batch, masked), dtype=np.int32)
+    nsp = rng.integers(0, 2, size=(batch,), dtype=np.int32)
+    return tokens, segments, positions, mlm, nsp
+
+
+def bert_flops(batch: int, seq: int, vocab: int, d: int, heads: int, ffn: int, layers: int,
+               masked: int, **_) -> float:
+    """Analytic matmul FLOPs of one BERT MLM+NSP training step (forward x 3): per token and
+    layer the Q/K/V/O projections (8 d^2), the FFN (4 d ffn) and attention scores and mixing
+    (4 seq d); the MLM head (dense d->d, dense d->vocab) on the gathered positions; NSP head."""
+    enc = batch * seq * layers * (8 * d * d + 4 * d * ffn + 4 * seq * d)
+    mlm = batch * masked * 2 * (d * d + d * vocab)
+    nsp = batch * 2 * (d * d + 2 * d)
+    return 3.0 * (enc + mlm + nsp)
+
+
 def nchw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def xla_flops(fn: Callable, *args: Any) -> float:
-    """FLOPs of ``jax.jit(fn)(*args)`` by XLA's cost analysis of the compiled step."""
+    """FLOPs of ``fn(*args)`` by XLA's HLO cost analysis of the lowered (not compiled) step.
+
+    The lowered module's count agrees with the compiled one's within ~1% (LeNet: 0.422 vs
+    0.426 GFLOP) and needs no XLA compilation; falls back to the compiled module's analysis.
+    """
     import jax
 
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    lowered = jax.jit(fn).lower(*args)
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001
+        cost = None
+    if not cost:
+        cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost["flops"])

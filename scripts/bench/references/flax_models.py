@@ -89,43 +89,44 @@ def _classifier(model: nn.Module, x, y, tx):
         carry[:] = [p, b, o]
         return loss.block_until_ready()
 
-    return step, (model, params, batch_stats, train_step, carry)
+    return step
 
 
 def lenet_step():
     h = common.LENET
     x, y = common.image_batch(h["batch"], 28, 1, 10)
     tx = optax.sgd(h["lr"], momentum=h["momentum"])
-    return _classifier(LeNetBN(), jnp.asarray(x), jnp.asarray(y), tx)[0]
+    return _classifier(LeNetBN(), jnp.asarray(x), jnp.asarray(y), tx)
 
 
 def resnet18_step():
     h = common.RESNET
     x, y = common.image_batch(h["batch"], 32, 3, h["classes"])
     tx = optax.sgd(h["lr"], momentum=h["momentum"])
-    return _classifier(ResNet18(h["classes"]), jnp.asarray(x), jnp.asarray(y), tx)[0]
+    return _classifier(ResNet18(h["classes"]), jnp.asarray(x), jnp.asarray(y), tx)
 
 
 def classifier_flops(which: str) -> float:
     """XLA's cost-analysis FLOP count of the Flax training step (no scan inside)."""
-    h = common.LENET if which == "lenet" else common.RESNET
-    model = LeNetBN() if which == "lenet" else ResNet18(10)
-    x, y = common.image_batch(h["batch"], 28 if which == "lenet" else 32,
-                              1 if which == "lenet" else 3, 10)
+    lenet = which == "lenet"
+    h = common.LENET if lenet else common.RESNET
+    model = LeNetBN() if lenet else ResNet18(h["classes"])
+    x, y = common.image_batch(h["batch"], 28 if lenet else 32, 1 if lenet else 3, 10)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), x)
     tx = optax.sgd(h["lr"], momentum=h["momentum"])
-    _, (model, params, bs, _, carry) = _classifier(model, jnp.asarray(x), jnp.asarray(y), tx)
 
-    def train_step(params, batch_stats, opt_state, x, y):
+    def train_step(params, batch_stats, x, y):
         def loss_fn(p):
             logits, upd = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
                                       mutable=["batch_stats"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, tx.init(params), params)
         return optax.apply_updates(params, updates), upd, opt_state, loss
 
-    return common.xla_flops(train_step, *carry, jnp.asarray(x), jnp.asarray(y))
+    return common.xla_flops(train_step, variables["params"], variables["batch_stats"], x, y)
 
 
 class CharLM(nn.Module):

@@ -124,3 +124,49 @@ def charlm_step(kind: str):
         return loss.item()
 
     return step
+
+
+class BERTSmall(nn.Module):
+    """d2l's BERT (post-LN encoder, ReLU FFN) for MLM + NSP with the MLM head on the gathered
+    masked positions only; dropout 0 so every implementation does the same arithmetic."""
+
+    def __init__(self, vocab: int, d: int, heads: int, ffn: int, layers: int, max_len: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.seg = nn.Embedding(2, d)
+        self.pos = nn.Parameter(torch.randn(1, max_len, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, activation="relu",
+                                           batch_first=True, norm_first=False)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.mlm = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.LayerNorm(d), nn.Linear(d, vocab))
+        self.nsp_hidden = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        self.nsp = nn.Linear(d, 2)
+
+    def forward(self, tokens, segments, pred_positions):
+        x = self.tok(tokens) + self.seg(segments) + self.pos[:, : tokens.shape[1]]
+        x = self.encoder(x)
+        b, p = pred_positions.shape
+        gathered = x[torch.arange(b).unsqueeze(1), pred_positions]  # (B, P, d)
+        return self.mlm(gathered), self.nsp(self.nsp_hidden(x[:, 0]))
+
+
+def bert_step(compile_model: bool = False):
+    h = common.BERT
+    data = common.bert_batch(**{k: h[k] for k in ("batch", "seq", "vocab", "masked")})
+    tokens, segments, positions, mlm_y, nsp_y = (torch.from_numpy(a).long() for a in data)
+    torch.manual_seed(0)
+    model = BERTSmall(h["vocab"], h["d"], h["heads"], h["ffn"], h["layers"], h["seq"])
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=h["lr"])
+    fwd = torch.compile(model) if compile_model else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        mlm_logits, nsp_logits = fwd(tokens, segments, positions)
+        loss = (F.cross_entropy(mlm_logits.reshape(-1, h["vocab"]), mlm_y.reshape(-1))
+                + F.cross_entropy(nsp_logits, nsp_y))
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step

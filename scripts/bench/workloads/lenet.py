@@ -94,7 +94,7 @@ WORKLOADS = [
         ),
         impls=_impls,
         flops_fn=_flops,
-        flops_note="XLA cost analysis of the Flax training step",
+        flops_note="XLA HLO cost analysis of the Flax training step",
         pending=_PENDING,
         quick_steps=20,
         steps=50,
