@@ -1,0 +1,444 @@
+"""The ``fit`` loop: epochs, evaluation, metrics, progress, history, plots, checkpoints, resume.
+
+``fit`` drives a jitted ``train_step`` (built by :func:`~fdl.train.make_train_step` unless you
+pass one) over an :class:`~fdl.data.ArrayLoader`. Metrics stay on the device and are accumulated
+by a small jitted function; they are fetched only every ``log_every`` steps and at the end of an
+epoch, so dispatch runs ahead of the computation.
+
+Resume: with ``checkpoint_dir`` set, fit saves ``{params, state, opt_state, key, step, loader
+position, epoch metric sums}`` (and the history, as JSON metadata) every ``checkpoint_every``
+epochs and/or ``checkpoint_every_steps`` steps. ``resume=True`` restores the newest checkpoint
+and continues: every step uses the key ``fold_in(key, step)`` and the loader's order is a pure
+function of ``(data key, epoch)``, so a resumed run computes exactly what an uninterrupted run
+computes (bitwise on CPU).
+
+Ctrl-C: the loop stops between steps, leaves the newest checkpoint as it was (checkpoint writes
+are atomic) and prints how to resume, then re-raises ``KeyboardInterrupt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdl.data.loader import ArrayLoader
+from fdl.nn.core import Layer
+from fdl.train import checkpoint as ckpt
+from fdl.train.metrics import summarize
+from fdl.train.step import make_eval_step, make_train_step
+
+__all__ = ["fit", "evaluate", "History", "EarlyStopping", "FitResult", "plot_history"]
+
+
+@dataclasses.dataclass
+class History:
+    """Per-epoch records: ``history.rows`` is a list of dicts (``epoch``, ``step``,
+    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, ``examples_per_sec``, ``time``,
+    ``lr`` ... whichever apply); ``history["test_acc"]`` is that column as a list."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return [r.get(name) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.rows[-1] if self.rows else {}
+
+    def to_json(self) -> str:
+        return json.dumps(self.rows)
+
+    @classmethod
+    def from_json(cls, text: str) -> History:
+        return cls(list(json.loads(text)))
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    ``mode="min"`` for losses, ``"max"`` for accuracies; ``restore_best`` returns the params and
+    state of the best epoch instead of the last."""
+
+    monitor: str = "test_loss"
+    patience: int = 5
+    mode: str = "min"
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {self.mode!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"EarlyStopping: patience must be an integer >= 1, got "
+                             f"{self.patience!r}")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained ``params``, ``state``, ``opt_state``, the
+    :class:`History`, the number of ``steps`` run in total and the last checkpoint path."""
+
+    params: Any
+    state: Any
+    opt_state: Any
+    history: History
+    steps: int
+    checkpoint: str | None = None
+    stopped_early: bool = False
+
+
+def _as_loader(data, batch_size, key, shuffle, name) -> ArrayLoader:
+    if isinstance(data, ArrayLoader):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        if batch_size is None:
+            raise ValueError(f"fit: {name} is a tuple of arrays; pass batch_size=")
+        return ArrayLoader(tuple(data), batch_size, key=key if shuffle else None,
+                           last_batch="pad")
+    raise TypeError(f"fit: {name} must be an ArrayLoader or a tuple (x, y), got "
+                    f"{type(data).__name__}")
+
+
+@jax.jit
+def _accumulate(acc, metrics):
+    return jax.tree.map(jnp.add, acc, metrics)
+
+
+def _zeros_like_metrics(metrics_shape) -> dict:
+    return {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
+
+
+def evaluate(
+    params, state, data, *, model: Layer | Callable | None = None, eval_step=None,
+    loss: str | Callable = "cross_entropy", batch_size: int = 256, top_k: Sequence[int] = (),
+) -> dict[str, float]:
+    """Mean loss / accuracy / top-k / perplexity of ``model`` over ``data`` (``ArrayLoader``
+    or ``(x, y)``), in evaluation mode."""
+    if eval_step is None:
+        if model is None:
+            raise ValueError("evaluate: pass model= or eval_step=")
+        eval_step = make_eval_step(model, loss, top_k=top_k)
+    if isinstance(data, (tuple, list)):
+        data = ArrayLoader(tuple(data), min(batch_size, len(data[0])), last_batch="pad")
+    acc = None
+    for batch in data.epoch_batches(0):
+        m = eval_step(params, state, batch)
+        acc = m if acc is None else _accumulate(acc, m)
+    return summarize(acc)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
+                        tree)
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_perplexity"):
+        if k == "test_perplexity" and "test_acc" in row:
+            continue
+        if k in row and row[k] is not None:
+            parts.append(f"{k.replace('_', ' ')} {row[k]:.4f}")
+    if "examples_per_sec" in row:
+        parts.append(f"{row['examples_per_sec']:.1f} examples/s")
+    if "time" in row:
+        parts.append(f"{row['time']:.1f} s")
+    return ", ".join(parts)
+
+
+def fit(
+    model: Layer | Callable,
+    params,
+    state,
+    optimizer,
+    train_data,
+    *,
+    epochs: int,
+    key,
+    eval_data=None,
+    loss: str | Callable = "cross_entropy",
+    batch_size: int | None = None,
+    opt_state=None,
+    top_k: Sequence[int] = (),
+    train_step: Callable | None = None,
+    eval_step: Callable | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    print_fn: Callable[[str], None] | None = print,
+    log_file: str | None = None,
+    plot: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = 1,
+    checkpoint_every_steps: int | None = None,
+    keep: int = 3,
+    resume: bool | str = False,
+    early_stopping: EarlyStopping | None = None,
+    metadata: dict[str, Any] | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+    resume_hint: str | None = None,
+) -> FitResult:
+    """Train ``model`` for ``epochs`` epochs; evaluate on ``eval_data`` after each.
+
+    Args:
+      model, params, state: the layer (or apply function) and its initial params and state
+        (copied; the originals stay valid).
+      optimizer: an ``fdl.optim`` transformation; ``opt_state`` defaults to
+        ``optimizer.init(params)``.
+      train_data, eval_data: :class:`~fdl.data.ArrayLoader` or ``(x, y)`` tuples (then
+        ``batch_size`` is required; training data are shuffled with a key derived from ``key``).
+      epochs: total epochs (a resumed run continues up to this number; 0 is refused).
+      key: PRNG key; step ``s`` uses ``fold_in(key, s)`` (dropout etc.).
+      loss, top_k: as in :func:`~fdl.train.make_train_step`.
+      train_step, eval_step: prebuilt steps (e.g. data-parallel ones from ``fdl.parallel``).
+      log_every: fetch metrics (progress bar, ``log_file``) every this many steps.
+      progress: show a tqdm progress bar (if tqdm is installed and ``print_fn`` is set).
+      print_fn: one line per epoch (``None``: silent).
+      log_file: append JSON lines (step records every ``log_every`` steps, one per epoch).
+      plot: save the d2l "Animator" figure (train loss, train acc, test acc per epoch) here.
+      checkpoint_dir, checkpoint_every, checkpoint_every_steps, keep: see module docstring.
+      resume: ``True`` continues from the newest checkpoint in ``checkpoint_dir`` (starting
+        fresh if there is none), or a checkpoint path.
+      early_stopping: an :class:`EarlyStopping`.
+      metadata: extra JSON stored in every checkpoint (e.g. the model name for ``fdl eval``).
+      callback: ``callback(step, metrics_sums)`` after every step (on-device sums); raising
+        ``StopIteration`` ends training.
+      resume_hint: the command printed after Ctrl-C (default: a Python hint).
+
+    Returns a :class:`FitResult`.
+    """
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"fit: epochs must be an integer >= 1, got {epochs!r}")
+    if not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"fit: log_every must be an integer >= 1, got {log_every!r}")
+    if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
+        raise ValueError("fit: checkpoint_every_steps must be >= 1 or None")
+    if resume and checkpoint_dir is None and not isinstance(resume, str):
+        raise ValueError("fit: resume=True needs checkpoint_dir=")
+    say = print_fn or (lambda *_: None)
+
+    data_key = jax.random.fold_in(key, 0x5EED)
+    train_loader = _as_loader(train_data, batch_size, data_key, True, "train_data")
+    eval_loader = None
+    if eval_data is not None:
+        eval_loader = _as_loader(eval_data, batch_size or train_loader.batch_size, None, False,
+                                 "eval_data")
+    if train_step is None:
+        train_step = make_train_step(model, optimizer, loss, top_k=top_k)
+    if eval_step is None and eval_loader is not None:
+        eval_step = make_eval_step(model, loss, top_k=top_k)
+
+    params, state = _copy(params), _copy(state)
+    opt_state = optimizer.init(params) if opt_state is None else _copy(opt_state)
+    step = 0
+    history = History()
+    epoch_sums = None
+    manager = ckpt.CheckpointManager(checkpoint_dir, keep=keep) if checkpoint_dir else None
+    last_ckpt = None
+
+    # ------------------------------------------------------------------ resume
+    if resume:
+        path = resume if isinstance(resume, str) else manager.latest()
+        if path is None:
+            say(f"no checkpoint in '{checkpoint_dir}'; starting from scratch")
+        else:
+            template = {"params": params, "state": state, "opt_state": opt_state, "key": key,
+                        "step": 0, "loader": {"epoch": 0, "batch": 0}}
+            meta = ckpt.load_metadata(path)
+            if "epoch_sums" in meta.get("fdl_fit", {}):
+                template["epoch_sums"] = _zeros_like_metrics(meta["fdl_fit"]["epoch_sums"])
+            restored = ckpt.load(path, template)
+            params, state, opt_state = (restored["params"], restored["state"],
+                                        restored["opt_state"])
+            key = restored["key"]
+            data_key = jax.random.fold_in(key, 0x5EED)
+            if not isinstance(train_data, ArrayLoader):
+                train_loader.key = data_key
+            step = restored["step"]
+            train_loader.set_state(restored["loader"])
+            epoch_sums = restored.get("epoch_sums")
+            history = History.from_json(meta.get("fdl_fit", {}).get("history", "[]"))
+            last_ckpt = path
+            say(f"resumed from {path} (step {step}, epoch {train_loader.epoch + 1}, "
+                f"batch {train_loader.batch})")
+
+    def save_checkpoint() -> str | None:
+        nonlocal last_ckpt
+        if manager is None:
+            return None
+        tree = {"params": params, "state": state, "opt_state": opt_state, "key": key,
+                "step": step, "loader": train_loader.state()}
+        fit_meta: dict[str, Any] = {"history": history.to_json()}
+        if epoch_sums is not None:
+            tree["epoch_sums"] = epoch_sums
+            fit_meta["epoch_sums"] = sorted(epoch_sums)
+        last_ckpt = manager.save(step, tree, {**(metadata or {}), "fdl_fit": fit_meta})
+        return last_ckpt
+
+    log_fh = open(log_file, "a") if log_file else None  # noqa: SIM115
+
+    def log(record: dict) -> None:
+        if log_fh is not None:
+            log_fh.write(json.dumps(record) + "\n")
+            log_fh.flush()
+
+    use_bar = progress and print_fn is not None
+    tqdm = None
+    if use_bar:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+
+    best_value, best_tree, bad_epochs, stopped_early = None, None, 0, False
+    nb = len(train_loader)
+    try:
+        for epoch in range(train_loader.epoch, epochs):
+            t0 = time.perf_counter()
+            first = train_loader.batch
+            if first == 0:
+                epoch_sums = None
+            bar = None
+            if tqdm is not None:
+                bar = tqdm(total=nb, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
+                           leave=False, file=sys.stderr, dynamic_ncols=True)
+            seen = 0
+            for batch in train_loader:  # resumes mid-epoch from the loader's position
+                params, state, opt_state, metrics = train_step(
+                    params, state, opt_state, batch, jax.random.fold_in(key, step)
+                )
+                step += 1
+                epoch_sums = metrics if epoch_sums is None else _accumulate(epoch_sums, metrics)
+                seen += 1
+                if callback is not None:
+                    callback(step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                if step % log_every == 0 and (bar is not None or log_fh is not None):
+                    s = summarize(epoch_sums, "train_")
+                    if bar is not None:
+                        bar.set_postfix({k[6:]: f"{v:.4f}" for k, v in s.items()
+                                         if k in ("train_loss", "train_acc")})
+                    log({"type": "step", "step": step, "epoch": epoch + 1, **s})
+                if checkpoint_every_steps and step % checkpoint_every_steps == 0:
+                    save_checkpoint()
+            if bar is not None:
+                bar.close()
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+            if epoch_sums is not None:
+                row.update(summarize(epoch_sums, "train_"))
+            elapsed = time.perf_counter() - t0
+            n_real = None
+            if epoch_sums is not None and first == 0:
+                n_real = float(np.asarray(epoch_sums["count"]))
+            if eval_loader is not None:
+                test = evaluate(params, state, eval_loader, eval_step=eval_step)
+                row.update({f"test_{k}": v for k, v in test.items()})
+            if seen and n_real is not None:
+                row["examples_per_sec"] = n_real / max(elapsed, 1e-9)
+            row["time"] = time.perf_counter() - t0
+            try:
+                from fdl.optim import current_lr
+
+                row["lr"] = float(current_lr(opt_state))
+            except (ValueError, ImportError, TypeError):
+                pass
+            history.append(row)
+            log({"type": "epoch", **row})
+            say(_fmt(row))
+            if plot:
+                plot_history(history, plot)
+            if early_stopping is not None:
+                value = row.get(early_stopping.monitor)
+                if value is None:
+                    raise ValueError(
+                        f"EarlyStopping: monitor {early_stopping.monitor!r} not in the epoch "
+                        f"record; available: {sorted(row)}"
+                    )
+                if early_stopping.improved(value, best_value):
+                    best_value, bad_epochs = value, 0
+                    if early_stopping.restore_best:
+                        best_tree = (_copy(params), _copy(state))
+                else:
+                    bad_epochs += 1
+            epoch_sums = None
+            if manager is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+                save_checkpoint()
+            if early_stopping is not None and bad_epochs >= early_stopping.patience:
+                say(f"early stopping: {early_stopping.monitor} has not improved for "
+                    f"{bad_epochs} epochs (best {best_value:.4f})")
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        hint = resume_hint or (
+            f"fit(..., checkpoint_dir={checkpoint_dir!r}, resume=True)" if checkpoint_dir else None
+        )
+        if last_ckpt:
+            say(f"\ninterrupted at step {step}; the last checkpoint is intact: {last_ckpt}\n"
+                f"resume with: {hint}")
+        else:
+            say(f"\ninterrupted at step {step}; no checkpoint was written yet"
+                + ("" if checkpoint_dir else " (pass checkpoint_dir= to enable them)"))
+        raise
+    except StopIteration:
+        pass
+    finally:
+        if log_fh is not None:
+            log_fh.close()
+    if stopped_early and best_tree is not None:
+        params, state = best_tree
+    return FitResult(params, state, opt_state, history, step, last_ckpt, stopped_early)
+
+
+def plot_history(history: History, path: str, *, title: str | None = None) -> str:
+    """Save the d2l "Animator" figure: train loss, train acc and test acc per epoch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'fdl[train]'") from None
+    epochs = history["epoch"]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    styles = {"train_loss": "-", "train_acc": "m--", "test_acc": "g-.", "test_loss": "r:"}
+    labels = {"train_loss": "train loss", "train_acc": "train acc", "test_acc": "test acc",
+              "test_loss": "test loss"}
+    for name in ("train_loss", "train_acc", "test_acc"):
+        ys = history[name]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [np.nan if y is None else y for y in ys], styles[name],
+                    label=labels[name])
+    ax.set_xlabel("epoch")
+    ax.set_xlim(1, max(max(epochs, default=1), 2))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
