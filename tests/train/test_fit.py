@@ -1,0 +1,122 @@
+"""fit: resume == uninterrupted (bitwise), Ctrl-C keeps the checkpoint, logging, plots,
+early stopping, bad input."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fdl import optim
+from fdl.data import ArrayLoader
+from fdl.train import EarlyStopping, checkpoint, fit, make_eval_step, make_train_step
+from tests.train.helpers import blobs, init, leaves_equal, tiny_mlp
+
+MODEL = tiny_mlp(dropout=0.3)
+OPT = optim.adam(0.05)
+TRAIN = blobs(20, seed=1)
+TEST = blobs(12, seed=2)
+STEP = make_train_step(MODEL, OPT)
+EVAL = make_eval_step(MODEL)
+
+
+def _run(**kw):
+    params, state = init(MODEL)
+    base = dict(epochs=3, key=jax.random.key(7), eval_data=TEST, batch_size=8, progress=False,
+                print_fn=None, train_step=STEP, eval_step=EVAL)
+    base.update(kw)
+    return fit(MODEL, params, state, OPT, TRAIN, **base)
+
+
+def _numbers(history):
+    keys = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc")
+    return [{k: r.get(k) for k in keys} for r in history.rows]
+
+
+def test_resume_equals_uninterrupted_bitwise(tmp_path):
+    ref = _run(checkpoint_dir=str(tmp_path / "a"))
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupt(step, metrics):
+        if step == 5:  # mid-epoch 2 (3 batches per epoch), after the step-4 checkpoint
+            raise Stop()
+
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        _run(checkpoint_dir=str(tmp_path / "b"), checkpoint_every_steps=2, callback=interrupt,
+             print_fn=lines.append)
+    assert any("last checkpoint is intact" in line and "ckpt_00000004" in line for line in lines)
+    assert checkpoint.latest(tmp_path / "b").endswith("ckpt_00000004.safetensors")
+    resumed = _run(checkpoint_dir=str(tmp_path / "b"), checkpoint_every_steps=2, resume=True)
+    assert resumed.steps == ref.steps == 9
+    assert leaves_equal(resumed.params, ref.params)
+    assert leaves_equal(resumed.state, ref.state)
+    assert leaves_equal(resumed.opt_state, ref.opt_state)
+    assert _numbers(resumed.history) == _numbers(ref.history)
+
+
+def test_resume_from_epoch_checkpoint_and_extend(tmp_path):
+    ref = _run(epochs=3)
+    _run(epochs=2, checkpoint_dir=str(tmp_path))
+    cont = _run(epochs=3, checkpoint_dir=str(tmp_path), resume=True)
+    assert leaves_equal(cont.params, ref.params)
+    assert _numbers(cont.history) == _numbers(ref.history)
+
+
+def test_logging_plot_history(tmp_path):
+    log = tmp_path / "log.jsonl"
+    png = tmp_path / "curve.png"
+    lines = []
+    res = _run(log_file=str(log), plot=str(png), log_every=2, print_fn=lines.append,
+               progress=True)
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert any(r["type"] == "step" for r in recs)
+    assert png.exists() and png.stat().st_size > 1000
+    assert len(lines) == 3 and "test acc" in lines[0]
+    assert res.history["test_acc"][-1] == epochs[-1]["test_acc"]
+    assert 0.0 <= res.history["test_acc"][-1] <= 1.0
+    assert res.history.last["lr"] == pytest.approx(0.05)
+
+
+def test_training_learns():
+    res = _run(epochs=8)
+    assert res.history["train_loss"][-1] < res.history["train_loss"][0]
+    assert res.history["test_acc"][-1] >= 0.75
+
+
+def test_early_stopping():
+    res = _run(epochs=30, early_stopping=EarlyStopping("train_loss", patience=1, min_delta=10.0))
+    assert res.stopped_early and len(res.history) == 2
+
+
+def test_loader_input_and_params_not_donated():
+    params, state = init(MODEL)
+    loader = ArrayLoader(TRAIN, 8, key=jax.random.key(3), last_batch="drop")
+    res = fit(MODEL, params, state, OPT, loader, epochs=1, key=jax.random.key(0),
+              progress=False, print_fn=None, train_step=STEP)
+    assert res.steps == 2
+    np.asarray(jax.tree.leaves(params)[0])  # the caller's arrays are still alive
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+        _run(epochs=0)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        _run(batch_size=100)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        _run(resume=True)
+    lines = []
+    res = _run(epochs=1, checkpoint_dir=str(tmp_path / "none"), resume=True,
+               print_fn=lines.append)
+    assert "starting from scratch" in lines[0] and res.checkpoint is not None
+    other = tiny_mlp(dropout=0.0, bn=False)
+    p2, s2 = init(other)
+    with pytest.raises(checkpoint.CheckpointError, match="bn1"):
+        fit(other, p2, s2, OPT, TRAIN, epochs=1, key=jax.random.key(7), batch_size=8,
+            progress=False, print_fn=None, checkpoint_dir=str(tmp_path / "none"), resume=True)
+    assert os.path.exists(res.checkpoint)
