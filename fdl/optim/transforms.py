@@ -234,7 +234,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
         def leaf(g, m, v, vmax=None):
             dt = g.dtype
-            m = _c(b1, dt) * m + (1 - _c(b1, dt)) * g
+            m = m + (1 - _c(b1, dt)) * (g - m)  # = b1 m + (1 - b1) g, as PyTorch's lerp
             v = _c(b2, dt) * v + (1 - _c(b2, dt)) * (g * g)
             vv = v
             if vmax is not None:
@@ -288,7 +288,7 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, *, centered: bool = Fal
             al = _c(alpha, dt)
             s = al * s + (1 - al) * (g * g)
             if a is not None:
-                a = al * a + (1 - al) * g
+                a = a + (1 - al) * (g - a)  # PyTorch's lerp: fewer roundings in s - a^2
                 return g / (jnp.sqrt(s - a * a) + _c(eps, dt)), s, a
             return g / (jnp.sqrt(s) + _c(eps, dt)), s
 
