@@ -217,7 +217,8 @@ HOW_TO_READ = """\
   `fdl` are this library; the others are references (Flax linen, Equinox, PyTorch eager,
   `torch.compile`).
 * `compile s`: the first call (tracing + XLA compile, or PyTorch's first eager call /
-  `torch.compile`'s compile). `median/min/max ms`: step times after one more warm-up step.
+  `torch.compile`'s compile, which is much shorter when its on-disk cache is warm from an
+  earlier run). `median/min/max ms`: step times after one more warm-up step.
 * `GFLOP/s` = the workload's FLOP count per step (**one count for every implementation**,
   how it was obtained is stated per workload) / median time; `% peak` = that / the float32
   matmul peak measured below. `GB/s` / `% bandwidth` likewise against the measured copy

@@ -74,7 +74,12 @@ def versions() -> dict[str, str]:
 
 
 def pin_torch_threads(n: int) -> str:
-    """Give PyTorch the same thread count as JAX; returns a description."""
+    """Give PyTorch the same thread count as JAX; returns a description.
+
+    Also keeps ``torch.compile`` from spawning a pool of compile worker processes
+    (``TORCHINDUCTOR_COMPILE_THREADS=1`` unless set), which would load the shared machine.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         import torch
     except Exception:  # noqa: BLE001
@@ -84,8 +89,9 @@ def pin_torch_threads(n: int) -> str:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set (parallel work already ran)
         pass
-    return f"torch.set_num_threads({n}); intra-op {torch.get_num_threads()}, " \
-        f"inter-op {torch.get_num_interop_threads()}"
+    return (f"torch.set_num_threads({n}); intra-op {torch.get_num_threads()}, inter-op "
+            f"{torch.get_num_interop_threads()}; TORCHINDUCTOR_COMPILE_THREADS="
+            f"{os.environ['TORCHINDUCTOR_COMPILE_THREADS']}")
 
 
 def _median_time(fn, reps: int) -> float:
