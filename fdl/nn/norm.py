@@ -44,6 +44,9 @@ def _moments(x: jax.Array, axes: tuple[int, ...], axis_name) -> tuple[jax.Array,
     One pass: ``mean`` and ``mean(x**2)`` are reduced together (a single fused reduction and,
     with ``axis_name``, a single ``pmean``); ``var = mean(x**2) - mean**2`` clamped at 0.
     With ``axis_name`` the result equals the statistics of the global (all-device) batch.
+    Chosen over "mean, then mean of squared deviations" because it measured 1.4x faster
+    (forward + backward, (256, 28, 28, 6) float32 under jit). The cost: in float32, channels
+    whose |mean| is >> their std lose precision to cancellation (Flax's default does the same).
     """
     mean = jnp.mean(x, axis=axes)
     mean_sq = jnp.mean(lax.square(x), axis=axes)
