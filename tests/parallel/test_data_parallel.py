@@ -1,0 +1,129 @@
+"""Sharded-jit and pmap data-parallel steps equal the single-device step on the global batch
+(8 simulated CPU devices), with and without BatchNorm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdl import nn, optim
+from fdl.parallel import (
+    data_mesh,
+    make_pmap_eval_step,
+    make_pmap_train_step,
+    make_sharded_eval_step,
+    make_sharded_train_step,
+    replicate,
+    shard_batch,
+    split_batch,
+    unreplicate,
+)
+from fdl.train import make_eval_step, make_train_step
+
+N_DEV = 8
+
+
+def cnn(bn_axis=None, bn=True):
+    # no conv bias before BN: its true gradient is 0 and Adam would amplify rounding noise
+    layers = [("conv", nn.conv2d(4, 3, padding=1, use_bias=not bn))]
+    if bn:
+        layers.append(("bn", nn.batch_norm(axis_name=bn_axis)))
+    layers += [("act", nn.relu()), ("pool", nn.avg_pool2d(2)), ("flat", nn.flatten()),
+               ("fc", nn.dense(3))]
+    return nn.serial(*layers)
+
+
+def _data(n=16):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def devices_ok():
+    if jax.local_device_count() < N_DEV:
+        pytest.skip("needs 8 (simulated) devices")
+
+
+def _single(model, params, state, opt, batch, steps=2):
+    step = make_train_step(model, opt, donate=False)
+    o = opt.init(params)
+    p, s = params, state
+    for i in range(steps):
+        p, s, o, m = step(p, s, o, batch, jax.random.key(i))
+    return p, s, m
+
+
+def _close(a, b, rtol=2e-5, atol=2e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("bn", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_sharded_jit_equals_single_device(devices_ok, bn):
+    model = cnn(bn=bn)
+    _, params, state = model.init(jax.random.key(0), (1, 6, 6, 2))
+    opt = optim.sgd(0.1, momentum=0.9)
+    batch = _data()
+    p1, s1, m1 = _single(model, params, state, opt, batch)
+
+    mesh = data_mesh()
+    assert mesh.devices.size == N_DEV
+    step = make_sharded_train_step(model, opt, mesh=mesh, donate=False)
+    p, s, o = params, state, opt.init(params)
+    sb = shard_batch(batch, mesh)
+    assert len(sb[0].sharding.device_set) == N_DEV
+    for i in range(2):
+        p, s, o, m = step(p, s, o, sb, jax.random.key(i))
+    _close(p, p1)
+    _close(s, s1)
+    _close(m, m1)
+    ev = make_sharded_eval_step(model, mesh=mesh)(p, s, sb)
+    _close(ev, make_eval_step(model)(p1, s1, batch), rtol=1e-4)
+
+
+@pytest.mark.parametrize("bn", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_pmap_equals_single_device(devices_ok, bn):
+    single_model = cnn(bn=bn)
+    pmap_model = cnn(bn_axis="data", bn=bn)  # BN statistics over the global batch
+    _, params, state = single_model.init(jax.random.key(0), (1, 6, 6, 2))
+    opt = optim.adam(0.01)
+    batch = _data()
+    p1, s1, m1 = _single(single_model, params, state, opt, batch)
+
+    step = make_pmap_train_step(pmap_model, opt, donate=False)
+    p, s, o = replicate(params), replicate(state), replicate(opt.init(params))
+    pb = split_batch(batch)
+    for i in range(2):
+        p, s, o, m = step(p, s, o, pb, jax.random.key(i))
+    # replicas stay identical
+    for leaf in jax.tree.leaves(p):
+        np.testing.assert_array_equal(leaf[0], leaf[-1])
+    _close(unreplicate(p), p1)
+    _close(unreplicate(s), s1)
+    _close(unreplicate(m), m1)
+    ev = make_pmap_eval_step(pmap_model)(p, s, pb)
+    _close(unreplicate(ev), make_eval_step(single_model)(p1, s1, batch), rtol=1e-4)
+
+
+def test_pmap_padding_mask_gives_global_gradient(devices_ok):
+    model = cnn(bn=False)
+    _, params, state = model.init(jax.random.key(0), (1, 6, 6, 2))
+    opt = optim.sgd(0.5)
+    x, y = _data(16)
+    mask = np.ones(16, np.float32)
+    mask[11:] = 0  # last shards partly / fully padding
+    p1, _, m1 = _single(model, params, state, opt, (x[:11], y[:11]), steps=1)
+    step = make_pmap_train_step(model, opt, donate=False)
+    p, _, _, m = step(replicate(params), replicate(state), replicate(opt.init(params)),
+                      split_batch((x, y, mask)), jax.random.key(0))
+    _close(unreplicate(p), p1)
+    assert float(unreplicate(m)["count"]) == 11
+
+
+def test_bad_device_counts():
+    with pytest.raises(ValueError, match="devices must be between 1"):
+        data_mesh(10_000)
+    with pytest.raises(ValueError, match="not divisible"):
+        split_batch(jnp.ones((6, 2)), 4)
