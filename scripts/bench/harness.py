@@ -182,6 +182,9 @@ def render_table(res: WorkloadResult, info: _machine.MachineInfo) -> list[str]:
     head = ["impl", "compile s", "median ms", "min ms", "max ms", "GFLOP/s", "% peak"]
     if with_bytes:
         head += ["GB/s", "% bandwidth"]
+    examples = w.extra.get("examples_per_step")
+    if examples:
+        head.append("examples/s")
     head.append("x fastest")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     fastest = res.fastest_reference_ms()
@@ -199,6 +202,8 @@ def render_table(res: WorkloadResult, info: _machine.MachineInfo) -> list[str]:
         if with_bytes:
             gbs = w.bytes / (med * 1e-3) / 1e9
             cells += [f"{gbs:.1f}", _f(100 * gbs / info.copy_gbs if info.copy_gbs else None, ".1f")]
+        if examples:
+            cells.append(f"{examples / (med * 1e-3):.0f}")
         cells.append(_f(med / fastest if fastest else None, ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -44,6 +44,7 @@ def _tiny_workloads():
         flops=2 * 16**3,
         bytes=3 * 16 * 16 * 4,
         quick_steps=20,
+        extra={"examples_per_step": 16},
     )
     pending = Workload(name="tiny_pending", description="not there yet", impls={},
                        pending="fdl.nowhere does not exist")
@@ -83,6 +84,7 @@ def test_harness_end_to_end(tmp_path):
     table = _table(secs["tiny_matmul"])
     head, sep, rows = table[0], table[1], table[2:]
     assert head[0] == "impl" and head[-1] == "x fastest"
+    assert {"GFLOP/s", "% peak", "GB/s", "% bandwidth", "examples/s"} <= set(head)
     assert all(c == "---" for c in sep)
     assert [r[0] for r in rows] == ["fdl", "numpy", "numpy (bigger)", "broken ref"]
     assert all(len(r) == len(head) for r in rows)
