@@ -98,7 +98,7 @@ def greedy_search(
         logp = jax.nn.log_softmax(logits, axis=-1)
         tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
         tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
-        score = score + jnp.where(done, 0.0, tok_logp)
+        score = score + jnp.where(done, 0.0, tok_logp.astype(jnp.float32))
         is_eos = tok == eos_id
         length = length + jnp.where(done | is_eos, 0, 1)
         out = jnp.where(done, pad_id, tok)
