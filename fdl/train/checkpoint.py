@@ -333,7 +333,7 @@ def _template_desc(leaf) -> tuple[tuple[int, ...], str, str]:
     return tuple(getattr(leaf, "shape", np.shape(leaf))), _dtype_name(leaf.dtype), "array"
 
 
-def load(path: str | os.PathLike, template: Any = None) -> Any:
+def load(path: str | os.PathLike, template: Any = None, *, partial: bool = False) -> Any:
     """Load a checkpoint written by :func:`save`.
 
     Without ``template``: a nested dict ``{name: ...}`` following the saved paths (NamedTuples
@@ -341,7 +341,8 @@ def load(path: str | os.PathLike, template: Any = None) -> Any:
     arrays or ``jax.ShapeDtypeStruct`` of the expected structure, e.g. freshly initialised
     params): the same pytree structure filled with the saved values, after checking that the
     set of paths, every shape and every dtype agree; on any mismatch raise
-    :class:`CheckpointError` listing each mismatching path.
+    :class:`CheckpointError` listing each mismatching path. ``partial=True`` ignores saved
+    paths the template lacks (e.g. load only ``{"params", "state"}`` of a training checkpoint).
     """
     path = os.fspath(path)
     doc, arrays = _read(path)
@@ -357,7 +358,7 @@ def load(path: str | os.PathLike, template: Any = None) -> Any:
             problems.append(f"  {p}: in the template but missing from the checkpoint")
     tset = set(tpaths)
     for p in saved:
-        if p not in tset:
+        if p not in tset and not partial:
             problems.append(f"  {p}: in the checkpoint but not in the template")
     leaves = []
     for p, (_, tleaf) in zip(tpaths, tflat, strict=True):
