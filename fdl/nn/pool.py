@@ -74,9 +74,11 @@ def _window_reshape(x, ks, out_sp):
 
 
 def _min_value(dtype):
+    # a concrete numpy scalar (not a jnp array, which is a tracer under jit): reduce_window
+    # only recognises the max monoid -- and so only differentiates -- with a concrete init
     if jnp.issubdtype(dtype, jnp.floating):
-        return jnp.array(-jnp.inf, dtype)
-    return jnp.array(jnp.iinfo(dtype).min, dtype)
+        return np.array(-np.inf, dtype)
+    return np.array(np.iinfo(dtype).min, dtype)
 
 
 def max_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
@@ -115,7 +117,7 @@ def avg_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.float32)
     window, strides = (1, *kernel, 1), (1, *stride, 1)
-    s = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, window, strides,
+    s = lax.reduce_window(x, np.array(0, x.dtype), lax.add, window, strides,
                           ((0, 0), *pads, (0, 0)))
     if count_include_pad or all(lo == 0 and hi == 0 for lo, hi in pads):
         return s / math.prod(kernel)
