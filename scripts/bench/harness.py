@@ -215,8 +215,11 @@ HOW_TO_READ = """\
 * Every number below was measured **in this one run**, on the machine described under
   "Machine", with all implementations of a workload timed **interleaved** (A B C A B C ...), so
   drift on a shared machine hits them alike. Read the **ratios**, not the absolute times: the
-  machine is shared (2 cores; other jobs may have been running, so numbers are noisy), and the
-  lead regenerates this file at the end of the project.
+  machine is shared (2 cores; other jobs may have been running, so numbers are noisy: see the
+  load averages under "Run"), and the lead regenerates this file at the end of the project. On a
+  loaded machine PyTorch suffers far more than the JAX libraries (its OpenMP threads wait for
+  each other at every one of its many small parallel regions), so quote ratios from a run with a
+  load average near or below the core count.
 * A row is one implementation of the same training step (same shapes, dtype, optimizer, loss;
   the layout each library prefers, as the workload's description says). Rows starting with
   `fdl` are this library; the others are references (Flax linen, Equinox, PyTorch eager,
@@ -253,7 +256,8 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
             + (f"; wall time {elapsed_s / 60:.1f} min" if elapsed_s is not None else ""),
             f"* CPU: {info.cpu_model} ({info.cores} logical CPUs visible)"]
     out.append("* versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
-    out.append("* threads: " + "; ".join(f"{k}: {v}" for k, v in info.thread_settings.items()))
+    out.append("* threads and load: "
+               + "; ".join(f"{k}: {v}" for k, v in info.thread_settings.items()))
     out += ["", "# Machine limits (measured in this run)", "",
             "| limit | value |", "| --- | --- |"]
     n = info.matmul_n
@@ -331,6 +335,7 @@ def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = Fa
     (``n``, ``copy_mib``, ``reps``).
     """
     t_start = time.perf_counter()
+    load_start = _machine.load_average()
     threads = _machine.thread_count()
     torch_desc = _machine.pin_torch_threads(threads)
     if measure_machine:
@@ -346,6 +351,8 @@ def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = Fa
         results.append(measure_workload(w, quick=quick, steps=steps, log=log))
     date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M")
     cmd = command or "python -m scripts.bench " + " ".join(sys.argv[1:])
+    info.thread_settings["load average 1/5/15 min, start / end of run"] = (
+        f"{load_start}; {_machine.load_average()} (on {info.cores} CPUs)")
     text = render(results, info, command=cmd.strip(), date=date, quick=quick,
                   results_dir=results_dir, elapsed_s=time.perf_counter() - t_start)
     if out_path:

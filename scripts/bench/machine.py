@@ -38,6 +38,14 @@ class MachineInfo:
         return max(vals) if vals else None
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages (how busy the shared machine was)."""
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "unknown"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
