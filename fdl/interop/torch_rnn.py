@@ -71,8 +71,8 @@ def rnn_params_to_torch(params: Mapping[str, Any], dtype=np.float32) -> dict[str
         k = int(lname[1:])
         for dname, d in layer.items():
             suffix = "_reverse" if dname == "bwd" else ""
-            out[f"weight_ih_l{k}{suffix}"] = np.ascontiguousarray(np.asarray(d["w_ih"], dtype).T)
-            out[f"weight_hh_l{k}{suffix}"] = np.ascontiguousarray(np.asarray(d["w_hh"], dtype).T)
-            out[f"bias_ih_l{k}{suffix}"] = np.asarray(d["b_ih"], dtype)
-            out[f"bias_hh_l{k}{suffix}"] = np.asarray(d["b_hh"], dtype)
+            out[f"weight_ih_l{k}{suffix}"] = np.array(np.asarray(d["w_ih"], dtype).T, order="C")
+            out[f"weight_hh_l{k}{suffix}"] = np.array(np.asarray(d["w_hh"], dtype).T, order="C")
+            out[f"bias_ih_l{k}{suffix}"] = np.array(d["b_ih"], dtype)
+            out[f"bias_hh_l{k}{suffix}"] = np.array(d["b_hh"], dtype)
     return out

@@ -1,0 +1,98 @@
+"""fdl recurrent layers equal torch.nn.RNN/GRU/LSTM (weights converted by fdl.interop)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fdl.nn as nn
+from fdl.interop.torch_rnn import rnn_params_from_torch, rnn_params_to_torch
+
+torch = pytest.importorskip("torch")
+
+TORCH = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
+MAKE = {"rnn": nn.rnn, "gru": nn.gru, "lstm": nn.lstm}
+
+
+def _torch_and_fdl(kind, n_in, hidden, num_layers, bidirectional, seed=0):
+    torch.manual_seed(seed)
+    m = getattr(torch.nn, TORCH[kind])(n_in, hidden, num_layers=num_layers,
+                                       bidirectional=bidirectional, batch_first=True)
+    layer = MAKE[kind](hidden, num_layers=num_layers, bidirectional=bidirectional)
+    params = jax.tree_util.tree_map(jnp.asarray, rnn_params_from_torch(m.state_dict()))
+    return m, layer, params
+
+
+def _leaves(s):
+    return s if isinstance(s, tuple) else (s,)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True), (3, False)])
+def test_equals_torch(kind, num_layers, bidirectional):
+    B, T, F, H = 3, 7, 5, 6
+    m, layer, params = _torch_and_fdl(kind, F, H, num_layers, bidirectional)
+    d = 2 if bidirectional else 1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, F, generator=g)
+    h0 = torch.randn(num_layers * d, B, H, generator=g)
+    h0 = (h0, torch.randn(num_layers * d, B, H, generator=g)) if kind == "lstm" else h0
+    with torch.no_grad():
+        y_t, hn_t = m(x, h0)
+    s0 = tuple(jnp.asarray(a.numpy()) for a in h0) if kind == "lstm" else jnp.asarray(h0.numpy())
+    assert params["l0"]["fwd"]["w_ih"].dtype == jnp.float32
+    y, hn = jax.jit(layer.apply_with_state)(params, jnp.asarray(x.numpy()), s0)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), y_t.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(_leaves(hn), _leaves(hn_t), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
+    # zero initial state (the layer-protocol apply)
+    with torch.no_grad():
+        y0_t, _ = m(x)
+    y0, _ = layer.apply(params, {}, jnp.asarray(x.numpy()))
+    np.testing.assert_allclose(np.asarray(y0), y0_t.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_seq_lengths_equal_packed_sequences(kind):
+    """seq_lengths == torch's packed sequences (reverse direction within the valid length)."""
+    B, T, F, H = 4, 6, 3, 5
+    m, layer, params = _torch_and_fdl(kind, F, H, 2, True, seed=3)
+    lens = [6, 2, 4, 1]
+    x = torch.randn(B, T, F, generator=torch.Generator().manual_seed(2))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True,
+                                                     enforce_sorted=False)
+    with torch.no_grad():
+        out_p, hn_t = m(packed)
+    y_t, _ = torch.nn.utils.rnn.pad_packed_sequence(out_p, batch_first=True, total_length=T)
+    y, hn = layer.apply_with_state(params, jnp.asarray(x.numpy()),
+                                   seq_lengths=jnp.asarray(lens))
+    np.testing.assert_allclose(np.asarray(y), y_t.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(_leaves(hn), _leaves(hn_t), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_round_trip_to_torch(kind, key):
+    layer = MAKE[kind](4, num_layers=2, bidirectional=True)
+    _, params, _ = layer.init(key, (1, 1, 3))
+    sd = rnn_params_to_torch(params)
+    m = getattr(torch.nn, TORCH[kind])(3, 4, num_layers=2, bidirectional=True)
+    assert set(sd) == set(m.state_dict())
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    back = rnn_params_from_torch(m.state_dict())
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(jnp.asarray, back))
+
+
+def test_converter_bad_inputs_and_no_bias():
+    with pytest.raises(ValueError, match="unexpected key"):
+        rnn_params_from_torch({"weight_hr_l0": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="empty"):
+        rnn_params_from_torch({})
+    m = torch.nn.GRU(3, 4, bias=False)
+    p = rnn_params_from_torch({f"gru.{k}": v for k, v in m.state_dict().items()})
+    assert np.all(p["l0"]["fwd"]["b_hh"] == 0) and p["l0"]["fwd"]["w_hh"].shape == (4, 12)

@@ -1,0 +1,262 @@
+"""Recurrent cells, the scan driver and the rnn/gru/lstm layers (PyTorch equality is in
+tests/interop/test_torch_rnn.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fdl.nn as nn
+from fdl.nn import recurrent as R
+from fdl.testing import check_gradients, check_layer_gradients
+
+KINDS = ["rnn", "gru", "lstm"]
+CELLS = {"rnn": R.rnn_cell, "gru": R.gru_cell, "lstm": R.lstm_cell}
+MAKE = {"rnn": nn.rnn, "gru": nn.gru, "lstm": nn.lstm}
+
+
+def _params(kind, n_in, hidden, seed=0, dtype=jnp.float64):
+    return R.init_direction_params(jax.random.key(seed), kind, n_in, hidden, dtype)
+
+
+def _carry(kind, batch, hidden, seed=1, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, dtype)
+    if kind == "lstm":
+        return (h, jnp.asarray(rng.normal(size=(batch, hidden)) * 0.5, dtype))
+    return h
+
+
+def _loop(kind, params, xs, carry, reverse=False):
+    """Reference: a Python loop over time (time-major xs, pre-projected)."""
+    cell = CELLS[kind]
+    ys = [None] * xs.shape[0]
+    order = range(xs.shape[0] - 1, -1, -1) if reverse else range(xs.shape[0])
+    for t in order:
+        carry, ys[t] = cell(params, carry, xs[t])
+    return carry, jnp.stack(ys)
+
+
+def _allclose(a, b, **kw):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_equals_python_loop_and_unroll_invariant(kind, reverse):
+    T, B, F, H = 7, 3, 4, 5
+    p = _params(kind, F, H)
+    xs = R.project_inputs(kind, p, jnp.asarray(np.random.default_rng(2).normal(size=(T, B, F))))
+    c0 = _carry(kind, B, H)
+    ref = _loop(kind, p, xs, c0, reverse)
+    for unroll in (1, 2, 3, 7):
+        got = R.scan_cell(CELLS[kind], p, xs, c0, reverse=reverse, unroll=unroll)
+        _allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_major_equals_time_major(kind):
+    T, B, F, H = 5, 2, 3, 4
+    p = _params(kind, F, H)
+    xs = jnp.asarray(np.random.default_rng(3).normal(size=(T, B, 4 * H)))[..., : R.CELL_GATES[
+        kind] * H]
+    c0 = _carry(kind, B, H)
+    c_t, y_t = R.scan_cell(CELLS[kind], p, xs, c0)
+    c_b, y_b = R.scan_cell(CELLS[kind], p, jnp.swapaxes(xs, 0, 1), c0, time_major=False)
+    _allclose(c_t, c_b, rtol=1e-12)
+    _allclose(y_t, jnp.swapaxes(y_b, 0, 1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_seq_lengths_semantics(kind, reverse):
+    """Each sequence equals running the driver on its own truncated prefix: final carry at its
+    last valid step, outputs zero past the length; reverse runs backwards from length-1."""
+    T, B, F, H = 6, 4, 3, 4
+    lens = np.array([6, 1, 3, 0])
+    p = _params(kind, F, H)
+    xs = R.project_inputs(kind, p, jnp.asarray(np.random.default_rng(4).normal(size=(T, B, F))))
+    c0 = _carry(kind, B, H)
+    carry, ys = R.scan_cell(CELLS[kind], p, xs, c0, reverse=reverse, seq_lengths=lens, unroll=2)
+    for b, n in enumerate(lens):
+        cb = jax.tree_util.tree_map(lambda a: a[b : b + 1], c0)
+        got_c = jax.tree_util.tree_map(lambda a: a[b : b + 1], carry)
+        if n == 0:
+            _allclose(got_c, cb, rtol=0, atol=0)
+        else:
+            ref_c, ref_y = _loop(kind, p, xs[:n, b : b + 1], cb, reverse)
+            _allclose(got_c, ref_c, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(ys[:n, b : b + 1], ref_y, rtol=1e-12, atol=1e-12)
+        assert np.all(np.asarray(ys[n:, b]) == 0)
+
+
+def test_reverse_within_lengths_is_an_involution():
+    xs = jnp.arange(5 * 3).reshape(5, 3)[..., None]
+    lens = jnp.array([5, 2, 0])
+    r = R.reverse_within_lengths(xs, lens)
+    np.testing.assert_array_equal(r[:, 0, 0], [12, 9, 6, 3, 0])
+    np.testing.assert_array_equal(r[:, 1, 0], [4, 1, 7, 10, 13])
+    np.testing.assert_array_equal(r[:, 2, 0], xs[:, 2, 0])
+    np.testing.assert_array_equal(R.reverse_within_lengths(r, lens), xs)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_shapes_names_and_init_apply_agree(kind, key):
+    layer = MAKE[kind](6, num_layers=2, bidirectional=True)
+    out_shape, params, state = layer.init(key, (3, 5, 4))
+    g = R.CELL_GATES[kind]
+    assert state == {}
+    assert set(params) == {"l0", "l1"} and set(params["l0"]) == {"fwd", "bwd"}
+    assert params["l0"]["fwd"]["w_ih"].shape == (4, g * 6)
+    assert params["l1"]["bwd"]["w_ih"].shape == (12, g * 6)
+    assert params["l1"]["bwd"]["w_hh"].shape == (6, g * 6)
+    assert params["l0"]["fwd"]["b_hh"].shape == (g * 6,)
+    x = jnp.ones((3, 5, 4), jnp.float32)
+    y, _ = layer.apply(params, state, x)
+    assert y.shape == out_shape == (3, 5, 12)
+    y2, final = layer.apply_with_state(params, x)
+    np.testing.assert_array_equal(y, y2)
+    for a in jax.tree_util.tree_leaves(final):
+        assert a.shape == (4, 3, 6)
+    assert jax.tree_util.tree_structure(final) == jax.tree_util.tree_structure(
+        layer.initial_state(3))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_time_major_layer(kind, key):
+    lb = MAKE[kind](4, bidirectional=True)
+    lt = MAKE[kind](4, bidirectional=True, time_major=True)
+    _, params, _ = lb.init(key, (2, 5, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)), jnp.float32)
+    yb, sb = lb.apply_with_state(params, x)
+    yt, st_ = lt.apply_with_state(params, jnp.swapaxes(x, 0, 1))
+    np.testing.assert_allclose(yb, jnp.swapaxes(yt, 0, 1), rtol=1e-6, atol=1e-6)
+    _allclose(sb, st_, rtol=1e-6, atol=1e-6)
+
+
+def test_state_carry_equals_one_long_sequence(key):
+    """Splitting a sequence in two and carrying the final state equals one pass."""
+    layer = nn.lstm(5, num_layers=2)
+    _, params, _ = layer.init(key, (2, 8, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 3)))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    y, s = layer.apply_with_state(params, x)
+    y1, s1 = layer.apply_with_state(params, x[:, :5])
+    y2, s2 = layer.apply_with_state(params, x[:, 5:], s1)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-12, atol=1e-12)
+    _allclose(s2, s, rtol=1e-12, atol=1e-12)
+
+
+def test_detach_state_stops_gradient(key):
+    layer = nn.gru(4)
+    _, params, _ = layer.init(key, (2, 3, 3))
+    x = jnp.ones((2, 3, 3))
+
+    def f(h0, detach):
+        h0 = R.detach_state(h0) if detach else h0
+        y, _ = layer.apply_with_state(params, x, h0)
+        return jnp.sum(y)
+
+    h0 = jnp.ones((1, 2, 4))
+    assert np.all(np.asarray(jax.grad(f)(h0, True)) == 0)
+    assert np.any(np.asarray(jax.grad(f)(h0, False)) != 0)
+
+
+def test_dropout_between_layers(key):
+    layer = nn.gru(8, num_layers=2, dropout=0.5)
+    _, params, _ = layer.init(key, (2, 4, 3))
+    x = jnp.ones((2, 4, 3))
+    y_eval, _ = layer.apply(params, {}, x)
+    y_eval2, _ = layer.apply(params, {}, x, train=False)
+    np.testing.assert_array_equal(y_eval, y_eval2)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    y1, _ = layer.apply(params, {}, x, key=k1, train=True)
+    y1b, _ = layer.apply(params, {}, x, key=jax.random.clone(k1), train=True)
+    y2, _ = layer.apply(params, {}, x, key=k2, train=True)
+    np.testing.assert_array_equal(y1, y1b)
+    assert not np.allclose(y1, y_eval) and not np.allclose(y1, y2)
+    with pytest.raises(ValueError, match="key"):
+        layer.apply(params, {}, x, train=True)
+    # a single layer has no between-layer dropout: train == eval without a key
+    one = nn.gru(8, dropout=0.5)
+    _, p1, _ = one.init(key, (2, 4, 3))
+    np.testing.assert_array_equal(one.apply(p1, {}, x, train=True)[0], one.apply(p1, {}, x)[0])
+
+
+def test_bad_inputs(key):
+    layer = nn.lstm(4, num_layers=2)
+    with pytest.raises(nn.ShapeError, match="rank 3"):
+        layer.init(key, (3, 4))
+    _, params, _ = layer.init(key, (2, 3, 5))
+    with pytest.raises(nn.ShapeError, match="5 features"):
+        layer.apply(params, {}, jnp.ones((2, 3, 6)))
+    with pytest.raises(nn.ShapeError, match="rank 3"):
+        layer.apply(params, {}, jnp.ones((3, 5)))
+    with pytest.raises(nn.ShapeError, match="initial_state"):
+        layer.apply_with_state(params, jnp.ones((2, 3, 5)), (jnp.zeros((1, 2, 4)),) * 2)
+    with pytest.raises(nn.ShapeError, match="pair"):
+        layer.apply_with_state(params, jnp.ones((2, 3, 5)), jnp.zeros((2, 2, 4)))
+    with pytest.raises(nn.ShapeError, match="seq_lengths"):
+        layer.apply_with_state(params, jnp.ones((2, 3, 5)), seq_lengths=jnp.array([1, 2, 3]))
+    for bad in (dict(hidden_size=0), dict(hidden_size=4, num_layers=0),
+                dict(hidden_size=4, dropout=1.0), dict(hidden_size=4, dropout=-0.1),
+                dict(hidden_size=4, unroll=0)):
+        with pytest.raises(ValueError):
+            nn.gru(**bad)
+
+
+def test_layer_under_jit_and_serial(key):
+    model = nn.serial(("rnn", nn.gru(6, bidirectional=True)), ("out", nn.dense(2)))
+    out_shape, params, state = model.init(key, (2, 5, 3))
+    y, _ = jax.jit(lambda p, x: model.apply(p, state, x))(params, jnp.ones((2, 5, 3)))
+    assert y.shape == out_shape == (2, 5, 2)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=3)
+@given(batch=st.integers(1, 2), hidden=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_cell_gradients(kind, batch, hidden, seed):
+    p = {k: v for k, v in _params(kind, 2, hidden, seed).items() if k in ("w_hh", "b_hh")}
+    g = R.CELL_GATES[kind]
+    rng = np.random.default_rng(seed)
+    xp = jnp.asarray(rng.normal(size=(batch, g * hidden)))
+    c = _carry(kind, batch, hidden, seed)
+    check_gradients(lambda p, c, x: CELLS[kind](p, c, x), (p, c, xp), order=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=2)
+@given(steps=st.integers(1, 4), reverse=st.booleans(), seed=st.integers(0, 2**16))
+def test_driver_gradients_with_lengths(kind, steps, reverse, seed):
+    B, F, H = 2, 2, 2
+    rng = np.random.default_rng(seed)
+    p = _params(kind, F, H, seed)
+    x = jnp.asarray(rng.normal(size=(steps, B, F)))
+    c0 = _carry(kind, B, H, seed)
+    lens = jnp.asarray(rng.integers(0, steps + 1, size=B))
+
+    def f(p, x, c0):
+        xp = R.project_inputs(kind, p, x)
+        return R.scan_cell(CELLS[kind], p, xp, c0, reverse=reverse, seq_lengths=lens)
+
+    check_gradients(f, (p, x, c0), order=1, dense_check_max_size=0)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("rnn", marks=pytest.mark.slow),
+                                  pytest.param("gru", marks=pytest.mark.slow), "lstm"])
+def test_layer_gradients_deep_bidirectional(kind, key):
+    layer = MAKE[kind](2, num_layers=2, bidirectional=True)
+    x = np.random.default_rng(0).normal(size=(2, 2, 2))
+    check_layer_gradients(layer, x, key=key, order=1, dense_check_max_size=0)
