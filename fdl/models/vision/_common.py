@@ -77,7 +77,7 @@ def replace_head(model: Layer, new_head: Layer) -> Layer:
             f"(children {list(children)})"
         )
     cfg = dict(model.config)
-    cfg["head"] = "replaced"
+    cfg["head_replaced"] = True
     return classifier(
         model.name,
         children["features"],

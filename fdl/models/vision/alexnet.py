@@ -49,7 +49,7 @@ def alexnet(
     ``channels`` are the five conv widths (the book's 96..256; torchvision's via
     :func:`alexnet_torchvision`), multiplied by ``width``. ``small_input=True`` makes conv1 a
     3x3 stride-1 conv (pad 1), so 28x28..64x64 inputs work. The smallest input for the
-    ImageNet form is 63x63 (``first_padding=1``): smaller inputs fail at ``init`` naming the
+    ImageNet form is 65x65 (``first_padding=1``): smaller inputs fail at ``init`` naming the
     layer whose output size reaches zero.
     """
     ch = [scaled(c, width) for c in channels]
