@@ -2,16 +2,169 @@
 
 ``conv2d_nhwc(x, w, stride, padding, dilation, groups)`` has exactly the semantics of
 ``lax.conv_general_dilated`` with NHWC inputs, HWIO kernels and explicit padding pairs.
+
+Lowerings (see ``docs/performance.md`` for the measurements behind the choice):
+
+- ``"onednn"``: oneDNN's convolution (forward, backward-data, backward-weights) called as an XLA
+  FFI custom call from the optional C++ extension :mod:`fdl._ext` (compiled lazily on first use,
+  or ahead of time with ``python -m fdl._ext.build``). Used for float32 NHWC inputs with
+  non-negative padding. Reverse-mode (``grad``, ``vjp``, any order) and ``vmap`` work (under
+  ``vmap`` an unbatched kernel folds the batch into N; a batched kernel loops per example).
+  Forward-mode (``jvp``/``jacfwd``) is not supported by this lowering: use
+  ``FDL_CONV_BACKEND=xla`` for it.
+- ``"xla"``: ``lax.conv_general_dilated`` (XLA's CPU lowering). Used for every other dtype or
+  configuration, and whenever the extension is unavailable (no compiler / no oneDNN).
+
+Selection: the environment variable ``FDL_CONV_BACKEND`` = ``auto`` (default) | ``onednn`` |
+``xla``, read when a function is traced. ``auto`` picks oneDNN when eligible and the extension
+loads, else XLA.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv2d_nhwc"]
+__all__ = ["conv2d_nhwc", "conv_backend", "onednn_available", "BACKENDS"]
+
+log = logging.getLogger("fdl.nn.conv_lowering")
+
+BACKENDS = ("auto", "onednn", "xla")
+
+# (stride, padding, dilation, groups) as nested tuples of Python ints.
+_Geom = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int], int]
+
+
+def conv_backend() -> str:
+    """The requested backend from ``FDL_CONV_BACKEND`` (``auto`` if unset)."""
+    b = os.environ.get("FDL_CONV_BACKEND", "auto").strip().lower() or "auto"
+    if b not in BACKENDS:
+        raise ValueError(f"FDL_CONV_BACKEND must be one of {BACKENDS}, got {b!r}")
+    return b
+
+
+def onednn_available() -> bool:
+    """Whether the oneDNN extension is (or can be) built and loaded in this process."""
+    from fdl._ext import build
+
+    return build.load()
+
+
+def _xla_conv(x, w, stride, padding, dilation, groups):
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=tuple(stride),
+        padding=tuple(tuple(p) for p in padding),
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+def _out_hw(ih: int, iw: int, kh: int, kw: int, geom: _Geom) -> tuple[int, int]:
+    (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), _ = geom
+    oh = (ih + pt + pb - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (iw + pl + pr - (dw * (kw - 1) + 1)) // sw + 1
+    return oh, ow
+
+
+def _attrs(geom: _Geom) -> dict:
+    (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), g = geom
+    return dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr, dh=dh, dw=dw, groups=g)
+
+
+
+def _call(target: str, a: jax.Array, b: jax.Array, out_shape, geom: _Geom) -> jax.Array:
+    return jax.ffi.ffi_call(
+        target,
+        jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+        vmap_method="expand_dims",
+    )(a, b, **_attrs(geom))
+
+
+# Three mutually-differentiating custom_vjp functions: each is bilinear, and the cotangents of
+# each are expressed with the other two, so derivatives of any order stay on oneDNN.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dnnl_fwd(x: jax.Array, w: jax.Array, geom: _Geom) -> jax.Array:
+    n, ih, iw, _ = x.shape
+    kh, kw, _, oc = w.shape
+    oh, ow = _out_hw(ih, iw, kh, kw, geom)
+    return _call("fdl_conv_fwd", x, w, (n, oh, ow, oc), geom)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dnnl_bwd_data(dy: jax.Array, w: jax.Array, geom: _Geom, x_hw: tuple[int, int]) -> jax.Array:
+    kh, kw, icg, _ = w.shape
+    return _call("fdl_conv_bwd_data", dy, w, (dy.shape[0], *x_hw, icg * geom[3]), geom)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dnnl_bwd_weights(x: jax.Array, dy: jax.Array, geom: _Geom, k_hw: tuple[int, int]) -> jax.Array:
+    ic, oc = x.shape[3], dy.shape[3]
+    return _call("fdl_conv_bwd_weights", x, dy, (*k_hw, ic // geom[3], oc), geom)
+
+
+def _fwd_fwd(x, w, geom):
+    return _dnnl_fwd(x, w, geom), (x, w)
+
+
+def _fwd_bwd(geom, res, dy):
+    x, w = res
+    return (
+        _dnnl_bwd_data(dy, w, geom, x.shape[1:3]),
+        _dnnl_bwd_weights(x, dy, geom, w.shape[:2]),
+    )
+
+
+def _bd_fwd(dy, w, geom, x_hw):
+    return _dnnl_bwd_data(dy, w, geom, x_hw), (dy, w)
+
+
+def _bd_bwd(geom, x_hw, res, ddx):
+    dy, w = res
+    return _dnnl_fwd(ddx, w, geom), _dnnl_bwd_weights(ddx, dy, geom, w.shape[:2])
+
+
+def _bw_fwd(x, dy, geom, k_hw):
+    return _dnnl_bwd_weights(x, dy, geom, k_hw), (x, dy)
+
+
+def _bw_bwd(geom, k_hw, res, ddw):
+    x, dy = res
+    return _dnnl_bwd_data(dy, ddw, geom, x.shape[1:3]), _dnnl_fwd(x, ddw, geom)
+
+
+_dnnl_fwd.defvjp(_fwd_fwd, _fwd_bwd)
+_dnnl_bwd_data.defvjp(_bd_fwd, _bd_bwd)
+_dnnl_bwd_weights.defvjp(_bw_fwd, _bw_bwd)
+
+
+def _onednn_eligible(x: jax.Array, w: jax.Array, geom: _Geom) -> str:
+    """'' if the oneDNN lowering can compute this convolution, else the reason it cannot."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return f"dtype {x.dtype}/{w.dtype} (oneDNN path is float32 only)"
+    if x.ndim != 4 or w.ndim != 4:
+        return "rank"
+    (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), g = geom
+    if min(pt, pb, pl, pr) < 0:
+        return "negative padding"
+    if min(sh, sw, dh, dw, g) < 1:
+        return "non-positive stride/dilation/groups"
+    oh, ow = _out_hw(x.shape[1], x.shape[2], w.shape[0], w.shape[1], geom)
+    if oh < 1 or ow < 1 or x.shape[0] == 0 or w.shape[3] == 0 or x.shape[3] == 0:
+        return "empty"
+    if x.shape[3] != w.shape[2] * g or w.shape[3] % g:
+        return "channel/groups mismatch"
+    return ""
 
 
 def conv2d_nhwc(
@@ -23,13 +176,21 @@ def conv2d_nhwc(
     groups: int = 1,
 ) -> jax.Array:
     """2-D convolution. ``x``: (N, H, W, C_in), ``w``: (KH, KW, C_in/groups, C_out);
-    ``padding``: ((top, bottom), (left, right)). Returns (N, H_out, W_out, C_out)."""
-    return lax.conv_general_dilated(
-        x,
-        w,
-        window_strides=tuple(stride),
-        padding=tuple(tuple(p) for p in padding),
-        rhs_dilation=tuple(dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
+    ``padding``: ((top, bottom), (left, right)). Returns (N, H_out, W_out, C_out).
+
+    Computed by oneDNN or XLA (see the module docstring and ``FDL_CONV_BACKEND``)."""
+    backend = conv_backend()
+    if backend != "xla":
+        geom: _Geom = (
+            (int(stride[0]), int(stride[1])),
+            tuple((int(p[0]), int(p[1])) for p in padding),  # type: ignore[assignment]
+            (int(dilation[0]), int(dilation[1])),
+            int(groups),
+        )
+        why = _onednn_eligible(x, w, geom)
+        if not why and not onednn_available():
+            why = "extension unavailable"
+        if not why:
+            return _dnnl_fwd(x, w, geom)
+        log.debug("conv2d_nhwc: using XLA (%s)", why)
+    return _xla_conv(x, w, stride, padding, dilation, groups)

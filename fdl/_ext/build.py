@@ -1,0 +1,161 @@
+"""Build and load fdl's optional oneDNN convolution extension (an XLA FFI custom call).
+
+The extension is compiled lazily on first use into a cache directory keyed by a hash of the
+source, the compiler command and the jaxlib version, and loaded with ``ctypes``. If no C++
+compiler or no oneDNN (``libdnnl-dev``) is found, :func:`load` returns ``False`` and
+:mod:`fdl.nn.conv_lowering` uses XLA's convolution (one debug log line says why).
+
+Ahead of time (e.g. in CI or a Docker image)::
+
+    python -m fdl._ext.build            # compile + register + a smoke test; exit 1 if unavailable
+    python -m fdl._ext.build --force    # ignore a cached failure / rebuild
+
+Environment:
+- ``FDL_EXT_CACHE``: cache directory (default ``$XDG_CACHE_HOME/fdl/ext`` or ``~/.cache/fdl/ext``).
+- ``FDL_EXT_BUILD=0``: never compile; only load an already built library.
+- ``CXX`` (default ``g++``), ``DNNL_ROOT`` (a prefix holding ``include/`` and ``lib/``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger("fdl._ext")
+
+SOURCE = Path(__file__).with_name("conv_onednn.cc")
+TARGETS = {
+    "fdl_conv_fwd": "FdlConvFwd",
+    "fdl_conv_bwd_data": "FdlConvBwdData",
+    "fdl_conv_bwd_weights": "FdlConvBwdWeights",
+}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "reason": ""}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FDL_EXT_CACHE"):
+        return Path(os.environ["FDL_EXT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fdl" / "ext"
+
+
+def _command(out: Path) -> list[str]:
+    import jax.ffi
+
+    cxx = os.environ.get("CXX", "g++")
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+    root = os.environ.get("DNNL_ROOT")
+    if root:
+        cmd += [f"-I{root}/include", f"-L{root}/lib", f"-Wl,-rpath,{root}/lib"]
+    return cmd + [str(SOURCE), "-o", str(out), "-ldnnl"]
+
+
+def library_path() -> Path:
+    """Where the library for the current source/compiler/jaxlib lives (built or not)."""
+    import jaxlib
+
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(_command(Path("x"))).encode())
+    h.update(getattr(jaxlib, "__version__", "?").encode())
+    return cache_dir() / f"conv_onednn-{h.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the extension (if not cached) and return the library path; raises on failure."""
+    lib = library_path()
+    failed = lib.with_suffix(".failed")
+    if lib.exists() and not force:
+        return lib
+    if failed.exists() and not force:
+        raise RuntimeError(f"an earlier build failed (see {failed}; retry with --force)")
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    log.info("fdl: compiling the oneDNN convolution extension into %s", lib)
+    proc = subprocess.run(_command(Path(tmp)), capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        failed.write_text(" ".join(_command(lib)) + "\n" + proc.stderr)
+        raise RuntimeError(f"compiling {SOURCE.name} failed (log: {failed})")
+    os.replace(tmp, lib)
+    failed.unlink(missing_ok=True)
+    return lib
+
+
+def load() -> bool:
+    """Build if needed, load and register the FFI targets once. ``False`` if unavailable."""
+    with _lock:
+        if _state["loaded"] is not None:
+            return bool(_state["loaded"])
+        try:
+            lib = library_path()
+            if not lib.exists() and os.environ.get("FDL_EXT_BUILD", "1") == "0":
+                raise RuntimeError("not built and FDL_EXT_BUILD=0")
+            lib = build()
+            dll = ctypes.CDLL(str(lib))
+            import jax.ffi
+
+            for name, sym in TARGETS.items():
+                jax.ffi.register_ffi_target(
+                    name, jax.ffi.pycapsule(getattr(dll, sym)), platform="cpu"
+                )
+            _state["loaded"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means "use XLA"
+            _state["loaded"] = False
+            _state["reason"] = str(e)
+            log.debug("fdl: oneDNN convolution extension unavailable (%s); using XLA", e)
+        return bool(_state["loaded"])
+
+
+def unavailable_reason() -> str:
+    return str(_state["reason"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fdl._ext.build", description=__doc__.split("\n")[0])
+    p.add_argument("--force", action="store_true", help="rebuild even if cached or failed before")
+    args = p.parse_args(argv)
+    try:
+        path = build(force=args.force)
+    except Exception as e:  # noqa: BLE001
+        print(f"fdl._ext: build failed: {e}", file=sys.stderr)
+        return 1
+    if not load():
+        print(f"fdl._ext: built {path} but loading failed: {unavailable_reason()}", file=sys.stderr)
+        return 1
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    from fdl.nn.conv_lowering import conv2d_nhwc
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 8), jnp.float32)
+    os.environ["FDL_CONV_BACKEND"] = "onednn"
+    got = conv2d_nhwc(x, w, (1, 1), ((1, 1), (1, 1)))
+    ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    print(f"fdl._ext: oneDNN convolution extension OK ({path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
