@@ -24,17 +24,9 @@ FRAS = ["va !", "j'ai perdu .", "il est calme .", "je suis chez moi ."]
 
 
 def make_optimizer(lr: float, clip: float):
-    """``chain(clip_by_global_norm(clip), adam(lr))`` from fdl.optim."""
-    from fdl.optim.base import chain
-    from fdl.optim.transforms import clip_by_global_norm
-
-    try:
-        from fdl.optim import adam
-    except ImportError:  # the alias module may not be exported yet; same transform by hand
-        from fdl.optim.transforms import scale_by_adam, scale_by_learning_rate
-
-        def adam(lr):
-            return chain(scale_by_adam(), scale_by_learning_rate(lr))
+    """``chain(clip_by_global_norm(clip), adam(lr))``: the book clips the gradient, then
+    steps with Adam."""
+    from fdl.optim import adam, chain, clip_by_global_norm
 
     return chain(clip_by_global_norm(clip), adam(lr))
 
@@ -92,10 +84,17 @@ def main(argv=None) -> dict:
     print(f"final loss {hist['loss'][-1]:.4f}, {steady:.0f} tokens/s (median epoch), "
           f"training wall time {hist['wall_s'][0]:.1f} s")
 
+    if args.beam_size > 1:  # greedy first, for comparison
+        greedy, _ = predict_seq2seq(params, cfg, ENGS, src_vocab, tgt_vocab, args.num_steps)
+        print("greedy: " + "; ".join(
+            f"{e} => {p} ({bleu(p, f, k=2):.3f})"
+            for e, p, f in zip(ENGS, greedy, FRAS, strict=True)))
     translations, weights = predict_seq2seq(params, cfg, ENGS, src_vocab, tgt_vocab,
                                             args.num_steps, beam_size=args.beam_size,
                                             alpha=args.alpha)
     scores = []
+    how = "greedy" if args.beam_size == 1 else f"beam search k={args.beam_size}"
+    print(f"translations ({how}):")
     for eng, fra, pred in zip(ENGS, FRAS, translations, strict=True):
         s = bleu(pred, fra, k=2)
         scores.append(s)

@@ -26,3 +26,12 @@ from fdl.data.text import (  # noqa: F401  (text pipeline)
     seq_data_iter_sequential,
     tokenize,
 )
+from fdl.data.translation import (  # noqa: F401  (machine translation, fra-eng)
+    NMTData,
+    build_array_nmt,
+    load_data_nmt,
+    preprocess_nmt,
+    read_data_nmt,
+    tokenize_nmt,
+    truncate_pad,
+)

@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 from fdl.models.sequence import nadaraya_watson as nw
 from fdl.models.sequence import seq2seq as s2s
 from fdl.models.sequence.decoding import beam_search
+from fdl.optim import sgd
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 REAL = os.path.join(ROOT, "..", "shared", "data", "fra-eng.zip")
@@ -148,16 +148,6 @@ def test_translate_under_jit_fixed_shapes_and_beam_one_is_greedy():
     np.testing.assert_allclose(g.aux, b1.aux, atol=1e-6)
     with pytest.raises(ValueError, match="beam_size"):
         s2s.translate(params, cfg, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7, beam_size=0)
-
-
-class _Sgd(NamedTuple):
-    init: object
-    update: object
-
-
-def sgd(lr):
-    return _Sgd(lambda p: (), lambda g, s, p=None: (jax.tree_util.tree_map(lambda x: -lr * x, g),
-                                                    s))
 
 
 class _Data:

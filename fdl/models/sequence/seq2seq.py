@@ -46,7 +46,7 @@ from fdl.nn.attention import additive_attention_apply, padding_mask
 from fdl.nn.core import require_key
 from fdl.nn.losses import softmax_cross_entropy
 from fdl.nn.recurrent import gru
-from fdl.optim.base import apply_updates
+from fdl.optim import apply_updates
 
 __all__ = [
     "Seq2SeqConfig",
