@@ -51,11 +51,14 @@ def _fit_row():
     net, params, state, opt, x, y = _setup()
     train_step = make_train_step(net, opt)
     key = jax.random.key(1)
-    loader = ArrayLoader((x, y), _BATCH, key=key, last_batch="drop")
 
     def step():
+        # a fresh loader each epoch-call (a used one is positioned at its next epoch)
+        loader = ArrayLoader((x, y), _BATCH, key=key, last_batch="drop")
         res = _fit(net, params, state, opt, loader, epochs=1, key=key, train_step=train_step,
                    progress=False, print_fn=None, checkpoint_dir=None)
+        if res.steps != _N // _BATCH:
+            raise RuntimeError(f"fit ran {res.steps} steps, expected {_N // _BATCH}")
         return jax.block_until_ready(res.params)
 
     return step
