@@ -155,7 +155,9 @@ def orthogonal(gain: float = 1.0) -> Initializer:
         if len(shape) < 2:
             raise ValueError(f"orthogonal: needs a shape of rank >= 2, got {tuple(shape)}")
         rows, cols = math.prod(shape[:-1]), shape[-1]
-        a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), jnp.float32)
+        # QR in the requested precision (at least float32), so float64 stays orthogonal
+        work = jnp.promote_types(dtype, jnp.float32)
+        a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), work)
         q, r = jnp.linalg.qr(a)
         q = q * jnp.sign(jnp.diagonal(r))
         if rows < cols:
