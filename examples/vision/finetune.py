@@ -1,0 +1,156 @@
+"""Fine-tuning (d2l chapter 14.2, "hot dog"): load a backbone checkpoint from a local
+``.safetensors`` file (torchvision ResNet-18 layout), replace the head for a new number of
+classes, train with the backbone frozen or at 1/10 of the head's learning rate, report
+accuracy on an image-folder dataset.
+
+    # the documented demo: pretrain a small ResNet-18 on digits 0-4, fine-tune on an image
+    # folder of digits 5-9 (20 images per class) and test on the rest
+    python examples/vision/finetune.py --make-demo /tmp/ft_demo
+    python examples/vision/finetune.py --weights /tmp/ft_demo/backbone.safetensors \\
+        --train-dir /tmp/ft_demo/train --test-dir /tmp/ft_demo/test --mode lr10
+
+Any ResNet-18-layout checkpoint works (``--base-channels 64 --size 224`` without
+``--small-input`` for torchvision's own ImageNet weights converted to safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import resize  # noqa: E402
+
+from fdl import nn, optim  # noqa: E402
+from fdl.data import load_digits, load_image_folder  # noqa: E402
+from fdl.interop import (  # noqa: E402
+    from_torchvision,
+    load_state_dict,
+    save_safetensors,
+    to_torchvision,  # noqa: E402
+)
+from fdl.models import vision as V  # noqa: E402
+from fdl.train import fit  # noqa: E402
+
+
+def build(num_classes: int, base_channels: int, small_input: bool):
+    return V.resnet18(num_classes, 3, base_channels=base_channels, small_input=small_input)
+
+
+def make_backbone(path: str, *, classes=range(5), epochs: int = 4, size: int = 32,
+                  base_channels: int = 16, seed: int = 0, print_fn=print) -> float:
+    """Pretrain a small ResNet-18 on digits ``classes`` (RGB, ``size``) and save it in
+    torchvision layout to ``path`` (.safetensors). Returns its test accuracy."""
+    (xtr, ytr), (xte, yte) = load_digits()
+    keep_tr, keep_te = np.isin(ytr, list(classes)), np.isin(yte, list(classes))
+    xtr = np.repeat(resize(xtr[keep_tr], size), 3, axis=-1)
+    xte = np.repeat(resize(xte[keep_te], size), 3, axis=-1)
+    ytr, yte = ytr[keep_tr], yte[keep_te]
+    model = build(10, base_channels, True)
+    key = jax.random.key(seed)
+    params, state = jax.jit(model.init_params, static_argnums=1)(key, (1, size, size, 3))
+    res = fit(model, params, state, optim.adam(1e-3), (xtr, ytr), eval_data=(xte, yte),
+              epochs=epochs, key=key, batch_size=64, progress=False, print_fn=print_fn)
+    save_safetensors(path, to_torchvision("resnet18", res.params, res.state))
+    return float(res.history.last["test_acc"])
+
+
+def write_folder(root: str, images: np.ndarray, labels: np.ndarray, names) -> None:
+    """Write ``images`` (N, H, W, C in [0, 1]) as PNGs under ``root/<class name>/``."""
+    from PIL import Image
+
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        d = os.path.join(root, names[int(lab)])
+        os.makedirs(d, exist_ok=True)
+        a = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB").save(
+            os.path.join(d, f"{i:05d}.png"))
+
+
+def make_demo(root: str, *, per_class: int = 20, size: int = 32, print_fn=print) -> None:
+    """Backbone pretrained on digits 0-4 plus train/test image folders of digits 5-9."""
+    os.makedirs(root, exist_ok=True)
+    acc = make_backbone(os.path.join(root, "backbone.safetensors"), size=size,
+                        print_fn=print_fn)
+    print_fn(f"backbone (digits 0-4) test acc {acc:.4f}")
+    (xtr, ytr), (xte, yte) = load_digits()
+    names = [f"digit{d}" for d in range(10)]
+    sel = np.concatenate([np.flatnonzero(ytr == c)[:per_class] for c in range(5, 10)])
+    write_folder(os.path.join(root, "train"), resize(xtr[sel], size), ytr[sel], names)
+    te = np.flatnonzero(yte >= 5)
+    write_folder(os.path.join(root, "test"), resize(xte[te], size), yte[te], names)
+
+
+def finetune(weights: str, train_dir: str, test_dir: str, *, mode: str = "lr10",
+             epochs: int = 10, lr: float = 0.01, size: int = 32, base_channels: int = 16,
+             small_input: bool = True, batch_size: int = 32, seed: int = 0,
+             print_fn=print) -> dict:
+    """Fine-tune; ``mode`` ``"lr10"`` (head at 10x the backbone's rate), ``"freeze"``
+    (backbone frozen) or ``"scratch"`` (no checkpoint, all from random init)."""
+    xtr, ytr, classes = load_image_folder(train_dir, size)
+    xte, yte, classes_te = load_image_folder(test_dir, size)
+    if classes != classes_te:
+        raise SystemExit(f"train classes {classes} != test classes {classes_te}")
+    key = jax.random.key(seed)
+    sd = load_state_dict(weights)
+    base = build(int(sd["fc.weight"].shape[0]), base_channels, small_input)
+    model = V.replace_head(base, nn.dense(len(classes)))
+    params, state = jax.jit(model.init_params, static_argnums=1)(key, (1, size, size, 3))
+    if mode != "scratch":
+        _, loaded_p, loaded_s = from_torchvision("resnet18", sd, model=base)
+        params = {**params, "features": loaded_p["features"]}
+        state = {**state, "features": loaded_s["features"]}
+    if mode == "lr10":
+        opt = optim.chain(optim.sgd(lr, momentum=0.9, weight_decay=1e-3),
+                          optim.scale_by_path({"head": 10.0}))
+    elif mode == "freeze":
+        opt = optim.chain(optim.sgd(10 * lr, momentum=0.9), optim.freeze("features"))
+    elif mode == "scratch":
+        opt = optim.sgd(10 * lr, momentum=0.9)
+    else:
+        raise SystemExit(f"--mode must be lr10, freeze or scratch, got {mode!r}")
+    t0 = time.time()
+    res = fit(model, params, state, opt, (xtr, ytr), eval_data=(xte, yte), epochs=epochs,
+              key=key, batch_size=batch_size, progress=False, print_fn=print_fn)
+    last = res.history.last
+    return {"mode": mode, "classes": classes, "n_train": len(xtr), "n_test": len(xte),
+            "train_loss": float(last["train_loss"]), "train_acc": float(last["train_acc"]),
+            "test_acc": float(last["test_acc"]), "seconds": time.time() - t0,
+            "params": res.params}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--make-demo", metavar="DIR", help="write the demo backbone + folders")
+    ap.add_argument("--weights", help="backbone checkpoint (.safetensors/.pt/.npz)")
+    ap.add_argument("--train-dir")
+    ap.add_argument("--test-dir")
+    ap.add_argument("--mode", default="lr10", choices=["lr10", "freeze", "scratch"])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=0.01, help="backbone learning rate")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--base-channels", type=int, default=16)
+    ap.add_argument("--no-small-input", dest="small_input", action="store_false")
+    args = ap.parse_args(argv)
+    if args.make_demo:
+        make_demo(args.make_demo, size=args.size)
+        return None
+    if not (args.weights and args.train_dir and args.test_dir):
+        ap.error("--weights, --train-dir and --test-dir are required (or --make-demo DIR)")
+    r = finetune(args.weights, args.train_dir, args.test_dir, mode=args.mode,
+                 epochs=args.epochs, lr=args.lr, size=args.size,
+                 base_channels=args.base_channels, small_input=args.small_input)
+    print(f"fine-tune ({r['mode']}, {len(r['classes'])} classes, {r['n_train']} train / "
+          f"{r['n_test']} test images): train loss {r['train_loss']:.4f}, train acc "
+          f"{r['train_acc']:.4f}, test acc {r['test_acc']:.4f}, {r['seconds']:.1f} s")
+    return r
+
+
+if __name__ == "__main__":
+    main()
