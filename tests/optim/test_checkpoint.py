@@ -33,8 +33,10 @@ def init_params():
             "head": {"w": jax.random.normal(k2, (3, 2)), "b": jnp.ones(2)}}
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
-@pytest.mark.parametrize("name", sorted(OPTS))
+CASES = [(name, ".safetensors") for name in sorted(OPTS)] + [("injected_accumulated", ".npz")]
+
+
+@pytest.mark.parametrize("name, suffix", CASES)
 def test_resume_from_checkpoint_is_identical(name, suffix, tmp_path):
     opt = OPTS[name]()
     xs = jax.random.normal(jax.random.key(1), (10, 8, 4))
