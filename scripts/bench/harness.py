@@ -345,18 +345,31 @@ def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = Fa
             f"{_f(info.numpy_matmul_gflops, '.1f')} GFLOP/s, copy {_f(info.copy_gbs, '.1f')} GB/s")
     else:
         info = _machine.unmeasured(torch_desc)
-    results = []
+    cmd = command or "python -m scripts.bench " + " ".join(sys.argv[1:])
+
+    def write(results: list[WorkloadResult], done: bool) -> str:
+        date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M")
+        info.thread_settings["load average 1/5/15 min, start / now"] = (
+            f"{load_start}; {_machine.load_average()} (on {info.cores} CPUs)")
+        text = render(results, info, command=cmd.strip(), date=date, quick=quick,
+                      results_dir=results_dir, elapsed_s=time.perf_counter() - t_start)
+        if not done:
+            text = text.replace(
+                "# How to read this",
+                f"**Run in progress: {len(results)} of {len(workloads)} workloads done.**\n\n"
+                "# How to read this", 1)
+        if out_path:
+            with open(out_path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+    results: list[WorkloadResult] = []
     for w in workloads:
         log(f"workload {w.name} ({len(w.impls)} implementations)")
         results.append(measure_workload(w, quick=quick, steps=steps, log=log))
-    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M")
-    cmd = command or "python -m scripts.bench " + " ".join(sys.argv[1:])
-    info.thread_settings["load average 1/5/15 min, start / end of run"] = (
-        f"{load_start}; {_machine.load_average()} (on {info.cores} CPUs)")
-    text = render(results, info, command=cmd.strip(), date=date, quick=quick,
-                  results_dir=results_dir, elapsed_s=time.perf_counter() - t_start)
+        if len(results) < len(workloads):
+            write(results, done=False)  # a partial file survives an interrupted run
+    text = write(results, done=True)
     if out_path:
-        with open(out_path, "w", encoding="utf-8") as f:
-            f.write(text)
         log(f"wrote {out_path}")
     return text
