@@ -19,6 +19,7 @@ are atomic) and prints how to resume, then re-raises ``KeyboardInterrupt``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -150,9 +151,33 @@ def evaluate(
     return summarize(acc)
 
 
+@jax.jit
+def _copy_arrays(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
 def _copy(tree):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
-                        tree)
+    """Fresh buffers for every array of ``tree`` (one dispatch), so donation inside ``fit``
+    never invalidates the caller's arrays."""
+    leaves, treedef = jax.tree.flatten(tree)
+    idx = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    copied = _copy_arrays([leaves[i] for i in idx])
+    for i, c in zip(idx, copied, strict=True):
+        leaves[i] = c
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(init_fn):
+    return jax.jit(init_fn)
+
+
+def _opt_init(optimizer, params):
+    """``optimizer.init(params)`` as one compiled call (cached per optimizer)."""
+    try:
+        return _jitted_init(optimizer.init)(params)
+    except TypeError:  # unhashable init or non-array params: plain call
+        return optimizer.init(params)
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -251,7 +276,7 @@ def fit(
         eval_step = make_eval_step(model, loss, top_k=top_k)
 
     params, state = _copy(params), _copy(state)
-    opt_state = optimizer.init(params) if opt_state is None else _copy(opt_state)
+    opt_state = _opt_init(optimizer, params) if opt_state is None else _copy(opt_state)
     step = 0
     history = History()
     epoch_sums = None
