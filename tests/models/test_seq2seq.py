@@ -187,7 +187,7 @@ def _load_example(name):
 def test_seq2seq_example_smoke(tmp_path, capsys):
     ex = _load_example("seq2seq")
     res = ex.main(["--data", REAL, "--attention", "--epochs", "1", "--num-examples", "80",
-                   "--embed", "8", "--hidden", "8", "--batch-size", "32", "--beam-size", "2",
+                   "--embed", "8", "--hidden", "8", "--batch-size", "32",
                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "go . =>" in out and "bleu" in out
