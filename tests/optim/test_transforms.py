@@ -187,13 +187,21 @@ def test_multi_steps_equals_full_batch_step():
     full_opt, acc_opt = fo.adam(0.1), fo.multi_steps(fo.adam(0.1), 4)
     fs, as_ = full_opt.init(params), acc_opt.init(params)
     pf = pa = params
+
+    def make_step(opt):
+        @jax.jit
+        def step(p, s, x, y):
+            u, s = opt.update(jax.grad(loss)(p, x, y), s, p)
+            return fo.apply_updates(p, u), s
+
+        return step
+
+    full_step, acc_step = make_step(full_opt), make_step(acc_opt)
     for _ in range(3):
-        u, fs = full_opt.update(jax.grad(loss)(pf, x, y), fs, pf)
-        pf = fo.apply_updates(pf, u)
+        pf, fs = full_step(pf, fs, x, y)
         for k in range(4):
             sl = slice(3 * k, 3 * k + 3)
-            u, as_ = acc_opt.update(jax.grad(loss)(pa, x[sl], y[sl]), as_, pa)
-            pa = fo.apply_updates(pa, u)
+            pa, as_ = acc_step(pa, as_, x[sl], y[sl])
     for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pf), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
