@@ -212,14 +212,14 @@ def render_table(res: WorkloadResult, info: _machine.MachineInfo) -> list[str]:
 HOW_TO_READ = """\
 # How to read this
 
-* Every number below was measured **in this one run**, on the machine described under
-  "Machine", with all implementations of a workload timed **interleaved** (A B C A B C ...), so
-  drift on a shared machine hits them alike. Read the **ratios**, not the absolute times: the
-  machine is shared (2 cores; other jobs may have been running, so numbers are noisy: see the
-  load averages under "Run"), and the lead regenerates this file at the end of the project. On a
-  loaded machine PyTorch suffers far more than the JAX libraries (its OpenMP threads wait for
-  each other at every one of its many small parallel regions), so quote ratios from a run with a
-  load average near or below the core count.
+* Every number below was measured **in this one run**, on the machine described under "Run"
+  and "Machine limits", with all implementations of a workload timed **interleaved**
+  (A B C A B C ...), so drift on a shared machine hits them alike. Read the **ratios**, not
+  the absolute times: the machine is shared (2 cores; other jobs may have been running, so
+  numbers are noisy: see the load averages under "Run"), and the lead regenerates this file
+  at the end of the project. On a loaded machine PyTorch suffers far more than the JAX
+  libraries (its OpenMP threads wait for each other at every one of its many small parallel
+  regions), so quote ratios from a run with a load average near or below the core count.
 * A row is one implementation of the same training step (same shapes, dtype, optimizer, loss;
   the layout each library prefers, as the workload's description says). Rows starting with
   `fdl` are this library; the others are references (Flax linen, Equinox, PyTorch eager,
