@@ -393,8 +393,6 @@ def fit(
             history.append(row)
             log({"type": "epoch", **row})
             say(_fmt(row))
-            if plot:
-                plot_history(history, plot)
             if early_stopping is not None:
                 value = row.get(early_stopping.monitor)
                 if value is None:
@@ -411,6 +409,8 @@ def fit(
             epoch_sums = None
             if manager is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
                 save_checkpoint()
+            if plot:
+                plot_history(history, plot)
             if early_stopping is not None and bad_epochs >= early_stopping.patience:
                 say(f"early stopping: {early_stopping.monitor} has not improved for "
                     f"{bad_epochs} epochs (best {best_value:.4f})")
