@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"perplexity {ppl:.3f}, best {min(hist['perplexity']):.3f}, "
           f"{hist['tokens_per_s']:.0f} tokens/s, wall {wall:.1f} s "
           f"(first step incl. compile {hist['compile_time']:.2f} s)")
+    for target in (1.5, 1.2):
+        first = next((i + 1 for i, v in enumerate(hist["perplexity"]) if v <= target), None)
+        print(f"first epoch with perplexity <= {target}: {first}")
     for prefix in ("time traveller", "traveller"):
         print(repr(predict(model, params, prefix, args.num_preds, vocab)))
     os.makedirs(args.out, exist_ok=True)

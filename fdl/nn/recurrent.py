@@ -39,6 +39,7 @@ Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,7 @@ __all__ = [
     "RecurrentLayer",
     "apply_with_state",
     "detach_state",
+    "fused_recurrence",
     "gru",
     "gru_cell",
     "init_direction_params",
@@ -195,12 +197,154 @@ def run_direction(
     reverse: bool = False,
     unroll: int = 1,
     seq_lengths: jax.Array | None = None,
+    impl: str = "fused",
 ) -> tuple[Any, jax.Array]:
     """One direction of one layer on time-major ``xs`` (T, B, in): hoisted projection, then the
-    scan. Returns ``(final_carry, ys (T, B, H))``."""
+    recurrence. Returns ``(final_carry, ys (T, B, H))``.
+
+    ``impl="fused"`` (used when ``seq_lengths`` is None) runs :func:`fused_recurrence`, whose
+    hand-written backward pass keeps only ``dgates @ w_hh.T`` in the reverse loop and computes
+    the recurrent weight gradient after it in one ``(H, T*B) @ (T*B, G*H)`` matmul;
+    ``impl="scan"`` differentiates :func:`scan_cell` by JAX autodiff (also supports forward
+    mode, ``jax.jvp``, which the fused custom-VJP path does not). Both give the same values.
+    """
+    if impl not in ("fused", "scan"):
+        raise ValueError(f"run_direction: impl must be 'fused' or 'scan', got {impl!r}")
     xp = project_inputs(kind, params, xs)
-    return scan_cell(_CELLS[kind], params, xp, carry, time_major=True, reverse=reverse,
-                     unroll=unroll, seq_lengths=seq_lengths)
+    if impl == "scan" or seq_lengths is not None or xs.shape[0] == 0:
+        return scan_cell(_CELLS[kind], params, xp, carry, time_major=True, reverse=reverse,
+                         unroll=unroll, seq_lengths=seq_lengths)
+    if reverse:
+        carry, ys = fused_recurrence(kind, params["w_hh"], params["b_hh"], jnp.flip(xp, 0),
+                                     carry, unroll=unroll)
+        return carry, jnp.flip(ys, 0)
+    return fused_recurrence(kind, params["w_hh"], params["b_hh"], xp, carry, unroll=unroll)
+
+
+# ----------------------------------------------------------------------------- fused VJP
+
+
+def _fused_forward(kind, unroll, w_hh, b_hh, xp, carry0):
+    """Forward scan saving what the backward needs. Returns ``(carry, ys, aux)``."""
+    n_h = w_hh.shape[0]
+
+    if kind == "lstm":
+        def step(c, x):
+            h, cc = c
+            gates = x + h @ w_hh
+            ifo = jax.nn.sigmoid(jnp.concatenate([gates[..., : 2 * n_h], gates[..., 3 * n_h :]],
+                                                 -1))
+            i, f, o = ifo[..., :n_h], ifo[..., n_h : 2 * n_h], ifo[..., 2 * n_h :]
+            g = jnp.tanh(gates[..., 2 * n_h : 3 * n_h])
+            cc = f * cc + i * g
+            h = o * jnp.tanh(cc)
+            return (h, cc), (h, (jnp.concatenate([i, f, g, o], -1), cc))
+    elif kind == "gru":
+        def step(h, x):
+            hh = h @ w_hh + b_hh
+            rz = jax.nn.sigmoid(x[..., : 2 * n_h] + hh[..., : 2 * n_h])
+            r, z = rz[..., :n_h], rz[..., n_h:]
+            hn = hh[..., 2 * n_h :]
+            n = jnp.tanh(x[..., 2 * n_h :] + r * hn)
+            h = n + z * (h - n)
+            return h, (h, (jnp.concatenate([r, z, n], -1), hn))
+    else:
+        def step(h, x):
+            h = jnp.tanh(x + h @ w_hh)
+            return h, (h, ())
+
+    carry, (ys, aux) = lax.scan(step, carry0, xp, unroll=unroll)
+    return carry, ys, aux
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(kind, unroll, w_hh, b_hh, xp, carry0):
+    carry, ys, _ = _fused_forward(kind, unroll, w_hh, b_hh, xp, carry0)
+    return carry, ys
+
+
+def _fused_fwd(kind, unroll, w_hh, b_hh, xp, carry0):
+    carry, ys, aux = _fused_forward(kind, unroll, w_hh, b_hh, xp, carry0)
+    return (carry, ys), (w_hh, b_hh, carry0, ys, aux)
+
+
+def _fused_bwd(kind, unroll, res, cts):
+    w_hh, b_hh, carry0, ys, aux = res
+    d_carry, d_ys = cts
+    n_h = w_hh.shape[0]
+    w_t = w_hh.T
+    h0 = carry0[0] if kind == "lstm" else carry0
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], 0)  # (T, B, H)
+
+    if kind == "lstm":
+        acts, cs = aux
+        c_prev = jnp.concatenate([carry0[1][None], cs[:-1]], 0)
+
+        def step(c, inp):
+            dh, dc = c
+            dy, a, ct, cp = inp
+            i, f, g, o = (a[..., :n_h], a[..., n_h : 2 * n_h], a[..., 2 * n_h : 3 * n_h],
+                          a[..., 3 * n_h :])
+            dh = dh + dy
+            tc = jnp.tanh(ct)
+            dc = dc + dh * o * (1 - tc * tc)
+            dgates = jnp.concatenate([dc * g * i * (1 - i), dc * cp * f * (1 - f),
+                                      dc * i * (1 - g * g), dh * tc * o * (1 - o)], -1)
+            return (dgates @ w_t, dc * f), dgates
+
+        d0, dgates = lax.scan(step, tuple(d_carry), (d_ys, acts, cs, c_prev), reverse=True,
+                              unroll=unroll)
+        d_xp, d_hh = dgates, dgates
+        d_b = jnp.zeros_like(b_hh)
+    elif kind == "gru":
+        acts, hns = aux
+
+        def step(dh, inp):
+            dy, a, hn, hp = inp
+            r, z, n = a[..., :n_h], a[..., n_h : 2 * n_h], a[..., 2 * n_h :]
+            dh = dh + dy
+            dan = dh * (1 - z) * (1 - n * n)
+            dar = dan * hn * r * (1 - r)
+            daz = dh * (hp - n) * z * (1 - z)
+            d_hh_t = jnp.concatenate([dar, daz, dan * r], -1)
+            d_xp_t = jnp.concatenate([dar, daz, dan], -1)
+            return dh * z + d_hh_t @ w_t, (d_xp_t, d_hh_t)
+
+        d0, (d_xp, d_hh) = lax.scan(step, d_carry, (d_ys, acts, hns, h_prev), reverse=True,
+                                    unroll=unroll)
+        d_b = jnp.sum(d_hh, axis=(0, 1))
+    else:
+        def step(dh, inp):
+            dy, h = inp
+            da = (dh + dy) * (1 - h * h)
+            return da @ w_t, da
+
+        d0, d_xp = lax.scan(step, d_carry, (d_ys, ys), reverse=True, unroll=unroll)
+        d_hh = d_xp
+        d_b = jnp.zeros_like(b_hh)
+    t_b = h_prev.shape[0] * h_prev.shape[1]
+    d_w = h_prev.reshape(t_b, n_h).T @ d_hh.reshape(t_b, -1)
+    return d_w, d_b, d_xp, d0
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_recurrence(kind: str, w_hh: jax.Array, b_hh: jax.Array, xp: jax.Array, carry: Any,
+                     *, unroll: int = 1) -> tuple[Any, jax.Array]:
+    """The recurrence of :func:`scan_cell` for a built-in cell (``kind`` in ``"rnn"``,
+    ``"gru"``, ``"lstm"``) on pre-projected time-major ``xp`` (T, B, G*H), with a custom VJP:
+    the reverse loop computes only the gate gradients and ``dgates @ w_hh.T``; the gradient of
+    ``w_hh`` (and the GRU's ``b_hh``) is one matmul over all steps after the loop.
+    ``b_hh`` is used by the GRU only (the others have it folded into ``xp``).
+    Returns ``(final_carry, ys (T, B, H))``. Reverse-mode only (no ``jax.jvp``).
+    """
+    if kind not in CELL_GATES:
+        raise ValueError(f"fused_recurrence: kind must be one of {sorted(CELL_GATES)}, got "
+                         f"{kind!r}")
+    if kind == "lstm":
+        carry = tuple(carry)
+    return _fused(kind, int(unroll), w_hh, b_hh, xp, carry)
 
 
 # ----------------------------------------------------------------------------- params
@@ -254,6 +398,7 @@ class RecurrentLayer(Layer):
     bidirectional: bool = False
     time_major: bool = False
     unroll: int = 1
+    impl: str = "fused"
 
     @property
     def num_directions(self) -> int:
@@ -348,7 +493,7 @@ def _apply_stack(layer: RecurrentLayer, params, x, state0, *, seq_lengths, key, 
                 c0 = state0[idx]
             carry, ys = run_direction(layer.kind, params[f"l{li}"][dname], xs, c0,
                                       reverse=(di == 1), unroll=layer.unroll,
-                                      seq_lengths=seq_lengths)
+                                      seq_lengths=seq_lengths, impl=layer.impl)
             outs.append(ys)
             if layer.kind == "lstm":
                 finals_h.append(carry[0])
@@ -363,8 +508,10 @@ def _apply_stack(layer: RecurrentLayer, params, x, state0, *, seq_lengths, key, 
 
 
 def _make(kind: str, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool,
-          time_major: bool, unroll: int, dtype) -> RecurrentLayer:
+          time_major: bool, unroll: int, impl: str, dtype) -> RecurrentLayer:
     check_positive_int(kind, "hidden_size", hidden_size)
+    if impl not in ("fused", "scan"):
+        raise ValueError(f"{kind}: impl must be 'fused' or 'scan', got {impl!r}")
     check_positive_int(kind, "num_layers", num_layers)
     check_positive_int(kind, "unroll", unroll)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
@@ -397,9 +544,10 @@ def _make(kind: str, hidden_size: int, num_layers: int, dropout: float, bidirect
         init, apply, name=kind,
         config={"hidden_size": hidden_size, "num_layers": num_layers, "dropout": float(dropout),
                 "bidirectional": bool(bidirectional), "time_major": bool(time_major),
-                "unroll": unroll},
+                "unroll": unroll, "impl": impl},
         kind=kind, hidden_size=hidden_size, num_layers=num_layers, dropout=float(dropout),
         bidirectional=bool(bidirectional), time_major=bool(time_major), unroll=unroll,
+        impl=impl,
     )
     holder["self"] = layer
     return layer
@@ -407,22 +555,24 @@ def _make(kind: str, hidden_size: int, num_layers: int, dropout: float, bidirect
 
 def rnn(hidden_size: int, *, num_layers: int = 1, dropout: float = 0.0,
         bidirectional: bool = False, time_major: bool = False, unroll: int = 1,
-        dtype=jnp.float32) -> RecurrentLayer:
+        impl: str = "fused", dtype=jnp.float32) -> RecurrentLayer:
     """Stacked (bidirectional) tanh RNN. Input ``(batch, steps, in)``, output
     ``(batch, steps, D*hidden_size)``; ``dropout`` between layers in training (needs ``key``)."""
-    return _make("rnn", hidden_size, num_layers, dropout, bidirectional, time_major, unroll, dtype)
+    return _make("rnn", hidden_size, num_layers, dropout, bidirectional, time_major, unroll, impl,
+                 dtype)
 
 
 def gru(hidden_size: int, *, num_layers: int = 1, dropout: float = 0.0,
         bidirectional: bool = False, time_major: bool = False, unroll: int = 1,
-        dtype=jnp.float32) -> RecurrentLayer:
+        impl: str = "fused", dtype=jnp.float32) -> RecurrentLayer:
     """Stacked (bidirectional) GRU; see :func:`rnn` and the module docstring."""
-    return _make("gru", hidden_size, num_layers, dropout, bidirectional, time_major, unroll, dtype)
+    return _make("gru", hidden_size, num_layers, dropout, bidirectional, time_major, unroll, impl,
+                 dtype)
 
 
 def lstm(hidden_size: int, *, num_layers: int = 1, dropout: float = 0.0,
          bidirectional: bool = False, time_major: bool = False, unroll: int = 1,
-         dtype=jnp.float32) -> RecurrentLayer:
+         impl: str = "fused", dtype=jnp.float32) -> RecurrentLayer:
     """Stacked (bidirectional) LSTM; see :func:`rnn` and the module docstring."""
     return _make("lstm", hidden_size, num_layers, dropout, bidirectional, time_major, unroll,
-                 dtype)
+                 impl, dtype)
