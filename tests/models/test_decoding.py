@@ -88,7 +88,7 @@ def test_beam_finds_better_sequence_than_greedy(alpha):
     np.testing.assert_array_equal(b.aux[0, :, 1], [BOS, A, C, B])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_beam_size_one_equals_greedy(seed):
     rng = np.random.default_rng(seed)
     table = rng.dirichlet(np.full(5, 0.5), size=(6, 5))

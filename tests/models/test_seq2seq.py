@@ -186,15 +186,26 @@ def _load_example(name):
 @pytest.mark.skipif(not os.path.isfile(REAL), reason="fra-eng.zip not available")
 def test_seq2seq_example_smoke(tmp_path, capsys):
     ex = _load_example("seq2seq")
-    res = ex.main(["--data", REAL, "--attention", "--epochs", "1", "--num-examples", "80",
-                   "--embed", "8", "--hidden", "8", "--batch-size", "32",
-                   "--out", str(tmp_path)])
+    res = ex.main(["--data", REAL, "--epochs", "1", "--num-examples", "40", "--embed", "4",
+                   "--hidden", "4", "--layers", "1", "--batch-size", "32", "--no-plots"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "go . =>" in out and "bleu" in out
     assert len(res["bleu"]) == 4 and all(0.0 <= s <= 1.0 for s in res["bleu"])
-    assert (tmp_path / "attention.png").is_file()
     with pytest.raises(FileNotFoundError, match="nope.zip"):
         ex.main(["--data", str(tmp_path / "nope.zip"), "--epochs", "1", "--no-plots"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(REAL), reason="fra-eng.zip not available")
+def test_seq2seq_example_attention_beam_plots(tmp_path, capsys):
+    ex = _load_example("seq2seq")
+    res = ex.main(["--data", REAL, "--attention", "--epochs", "2", "--num-examples", "80",
+                   "--embed", "8", "--hidden", "8", "--batch-size", "32", "--beam-size", "2",
+                   "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "greedy:" in out and "beam search k=2" in out
+    assert len(res["bleu"]) == 4
+    assert (tmp_path / "attention.png").is_file() and (tmp_path / "loss_attention.png").is_file()
 
 
 # ----------------------------------------------------------------------------- Nadaraya–Watson

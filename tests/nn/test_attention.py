@@ -132,7 +132,7 @@ def test_dot_product_attention_shape_errors_and_dropout():
     assert not np.allclose(out_tr, out_eval)
 
 
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(data=st.data())
 def test_dot_product_attention_gradients(data):
     q_len, k_len = 2, 3
@@ -145,7 +145,7 @@ def test_dot_product_attention_gradients(data):
     def f(q, k, v):
         return dot_product_attention(q, k, v, mask)[0]
 
-    ft.check_gradients(jax.jit(f), (q, k, v), order=2, dense_check_max_size=0)
+    ft.check_gradients(f, (q, k, v), order=2, modes=("rev",), dense_check_max_size=0)
 
 
 def test_causal_attention_has_no_gradient_to_future():
@@ -194,7 +194,7 @@ def test_additive_attention_layer_d2l_example(key):
         additive_attention(0)
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(data=st.data())
 def test_additive_attention_gradients(data):
     key = jax.random.key(0)
