@@ -122,7 +122,7 @@ def test_prelu_slope_gradient():
 def test_prelu_gradients(data):
     x = data.draw(ft.arrays((2, 3), kinks=(0.0,)))
     ft.check_layer_gradients(nn.prelu(), x, key=jax.random.key(0), order=2)
-    ft.check_layer_gradients(nn.prelu(per_channel=False), x, key=jax.random.key(1), order=2)
+    ft.check_layer_gradients(nn.prelu(per_channel=False), x, key=jax.random.key(1), order=1)
 
 
 def test_prelu_bad_rank():
