@@ -237,8 +237,8 @@ def cmd_train(args) -> int:
     )
     last = result.history.last
     wall = time.perf_counter() - t_start
-    acc = last.get("test_acc")
-    print(f"done: test accuracy {acc:.4f}, test loss {last.get('test_loss', float('nan')):.4f} "
+    acc, tloss = last.get("test_acc", float("nan")), last.get("test_loss", float("nan"))
+    print(f"done: test accuracy {acc:.4f}, test loss {tloss:.4f} "
           f"after {len(result.history)} epochs in {wall:.1f} s wall time")
     print(f"checkpoint: {result.checkpoint}\ncurve:      {curve}\n"
           f"log:        {os.path.join(run_dir, 'log.jsonl')}")

@@ -117,6 +117,8 @@ def _as_loader(data, batch_size, key, shuffle, name) -> ArrayLoader:
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):
         if batch_size is None:
             raise ValueError(f"fit: {name} is a tuple of arrays; pass batch_size=")
+        if not shuffle:  # evaluation: a smaller set than one batch is fine
+            batch_size = min(batch_size, len(data[0]))
         return ArrayLoader(tuple(data), batch_size, key=key if shuffle else None,
                            last_batch="pad")
     raise TypeError(f"fit: {name} must be an ArrayLoader or a tuple (x, y), got "
