@@ -7,7 +7,7 @@ import pytest
 
 from fdl import nn, optim
 from fdl.train import accuracy, make_eval_step, make_train_step, top_k_accuracy
-from tests.train.helpers import blobs, init, tiny_mlp
+from .helpers import blobs, init, tiny_mlp
 
 
 def test_train_step_matches_manual_sgd():
