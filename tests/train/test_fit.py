@@ -11,6 +11,7 @@ import pytest
 from fdl import optim
 from fdl.data import ArrayLoader
 from fdl.train import EarlyStopping, checkpoint, fit, make_eval_step, make_train_step
+
 from .helpers import blobs, init, leaves_equal, tiny_mlp
 
 MODEL = tiny_mlp(dropout=0.3)

@@ -7,6 +7,7 @@ import pytest
 
 from fdl import nn, optim
 from fdl.train import accuracy, make_eval_step, make_train_step, top_k_accuracy
+
 from .helpers import blobs, init, tiny_mlp
 
 
