@@ -10,9 +10,10 @@ Speed: when ``kernel_size == stride`` and there is no padding (PyTorch's usual 2
 pool is a reshape + ``max``/``mean`` over the window axes (trailing rows/columns that do not fill
 a window are dropped, as PyTorch does). On CPU this is much faster than ``lax.reduce_window``,
 whose max-pool gradient is a slow select-and-scatter. Other configurations use
-``lax.reduce_window``. The two paths agree in value; in gradient they differ only where a
-window holds tied maxima (reshape + max splits the gradient among the ties, reduce_window
-gives it to one of them).
+``lax.reduce_window``, except overlapping max pools with at most 16 taps (3x3/2), computed
+as an elementwise max of strided slices (gradient ~1.3-2x faster than reduce_window's). The
+paths agree in value; in gradient they differ only where a window holds tied maxima
+(reshape + max / maximum split the gradient among the ties, reduce_window gives it to one).
 
 Max pooling pads with ``-inf`` (PyTorch's semantics). Average pooling with
 ``count_include_pad=True`` divides by the full kernel area (padding counts as zeros); with
@@ -83,8 +84,11 @@ def _min_value(dtype):
 
 def max_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
                   padding: Sequence[tuple[int, int]], *, fast: bool = True):
-    """Max pool over the spatial axes of ``(N, *spatial, C)``; ``fast=False`` forces the
-    ``lax.reduce_window`` path. Padding is ``-inf``."""
+    """Max pool over the spatial axes of ``(N, *spatial, C)``. Padding is ``-inf``.
+
+    Paths: non-overlapping (kernel == stride, no padding) -> reshape + max; other kernels of
+    at most 16 taps -> elementwise max of strided slices; else ``lax.reduce_window``.
+    ``fast=False`` forces ``lax.reduce_window`` (the reference)."""
     nsp = x.ndim - 2
     pads = tuple(tuple(p) for p in padding)
     out_sp = tuple(
@@ -94,10 +98,30 @@ def max_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
     if fast and _fast_ok(kernel, stride, pads):
         xr = _window_reshape(x, kernel, out_sp)
         return jnp.max(xr, axis=tuple(2 + 2 * i for i in range(nsp)))
+    if fast and math.prod(kernel) <= _MAX_SLICES:
+        return _max_of_slices(x, kernel, stride, pads, out_sp)
     return lax.reduce_window(
         x, _min_value(x.dtype), lax.max, (1, *kernel, 1), (1, *stride, 1),
         ((0, 0), *pads, (0, 0)),
     )
+
+
+_MAX_SLICES = 16
+
+
+def _max_of_slices(x, kernel, stride, pads, out_sp):
+    """Overlapping max pool as an elementwise max of the ``prod(kernel)`` strided slices of the
+    ``-inf``-padded input: its gradient is selects + pads, ~1.3-2x faster on CPU than
+    reduce_window's select-and-scatter (3x3/2 pools)."""
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=_min_value(x.dtype))
+    out = None
+    for offs in np.ndindex(*kernel):
+        start = (0, *offs, 0)
+        limit = (xp.shape[0], *(o + (n - 1) * s + 1 for o, n, s in
+                                zip(offs, out_sp, stride, strict=True)), xp.shape[-1])
+        v = lax.slice(xp, start, limit, (1, *stride, 1))
+        out = v if out is None else jnp.maximum(out, v)
+    return out
 
 
 def avg_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],

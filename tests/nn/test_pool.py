@@ -178,21 +178,27 @@ def test_global_avg_pool2d():
 # ----------------------------------------------------------------------------- fast path
 
 
-@pytest.mark.parametrize("shape, k", [((2, 6, 4, 3), (2, 2)), ((1, 7, 8, 2), (3, 2))])
+@pytest.mark.parametrize(
+    "shape, k, stride, pads",
+    [
+        ((2, 6, 4, 3), (2, 2), (2, 2), ((0, 0), (0, 0))),  # reshape path
+        ((1, 7, 8, 2), (3, 2), (3, 2), ((0, 0), (0, 0))),  # reshape path, cropped rows
+        ((1, 7, 8, 2), (3, 3), (2, 2), ((1, 1), (0, 1))),  # max: strided-slices path
+    ],
+)
 @pytest.mark.parametrize("pool", [max_pool_nhwc, avg_pool_nhwc])
-def test_fast_path_equals_reduce_window(pool, shape, k):
-    """kernel == stride, no padding (also with trailing rows that do not fill a window):
-    reshape + max/mean equals lax.reduce_window in value and gradient (inputs without ties)."""
+def test_fast_path_equals_reduce_window(pool, shape, k, stride, pads):
+    """The fast paths (reshape + max/mean; max of strided slices) equal lax.reduce_window in
+    value and gradient (inputs without ties)."""
     x = jnp.asarray(_distinct(shape, 1))
-    pads = ((0, 0), (0, 0))
     r = jnp.asarray(np.random.default_rng(2).normal(
-        size=jax.eval_shape(lambda v: pool(v, k, k, pads), x).shape))
+        size=jax.eval_shape(lambda v: pool(v, k, stride, pads), x).shape))
 
     def loss(v, fast):
-        return jnp.sum(pool(v, k, k, pads, fast=fast) * r)
+        return jnp.sum(pool(v, k, stride, pads, fast=fast) * r)
 
-    np.testing.assert_allclose(np.asarray(pool(x, k, k, pads, fast=True)),
-                               np.asarray(pool(x, k, k, pads, fast=False)), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(pool(x, k, stride, pads, fast=True)),
+                               np.asarray(pool(x, k, stride, pads, fast=False)), rtol=1e-12)
     g_fast = jax.grad(loss)(x, True)
     g_slow = jax.grad(loss)(x, False)
     np.testing.assert_allclose(np.asarray(g_fast), np.asarray(g_slow), rtol=1e-12, atol=1e-12)
@@ -218,9 +224,15 @@ def test_fast_path_is_used_for_kernel_equal_stride():
     g = jax.grad(lambda v: jnp.sum(layer.apply({}, {}, v)[0]))
     prims = _primitives(g, x)
     assert not any("reduce_window" in p or "select_and_scatter" in p for p in prims), prims
-    g = jax.grad(lambda v: jnp.sum(nn.max_pool2d(3, 2).apply({}, {}, v)[0]))
+    g = jax.grad(lambda v: jnp.sum(nn.max_pool2d(3, 2, 1).apply({}, {}, v)[0]))
+    prims = _primitives(g, x)  # overlapping 3x3/2: max of strided slices
+    assert not any("reduce_window" in p or "select_and_scatter" in p for p in prims), prims
+    g = jax.grad(lambda v: jnp.sum(max_pool_nhwc(v, (3, 3), (2, 2), ((0, 0), (0, 0)),
+                                                 fast=False)))
     prims = _primitives(g, x)
     assert any("reduce_window" in p or "select_and_scatter" in p for p in prims), prims
+    g = jax.grad(lambda v: jnp.sum(nn.max_pool2d(5, 1).apply({}, {}, v)[0]))  # 25 taps
+    assert any("reduce_window" in p or "select_and_scatter" in p for p in _primitives(g, x))
 
 
 @pytest.mark.parametrize("make", [lambda: nn.max_pool2d(3, 2, 1), lambda: nn.avg_pool2d(3, 2, 1),
@@ -243,7 +255,8 @@ def test_reduce_window_pool_differentiable_under_jit_float32(make):
     "layer, shape",
     [
         (lambda: nn.max_pool2d(2), (1, 4, 5, 2)),  # fast path (with a cropped column)
-        (lambda: nn.max_pool2d(3, 2, 1), (1, 5, 5, 2)),  # reduce_window, -inf padding
+        (lambda: nn.max_pool2d(3, 2, 1), (1, 5, 5, 2)),  # strided slices, -inf padding
+        (lambda: nn.max_pool2d(5, 2, 2), (1, 6, 5, 1)),  # reduce_window (25 taps)
         (lambda: nn.avg_pool2d(2), (1, 4, 4, 2)),
         (lambda: nn.avg_pool2d((3, 2), (2, 1), (1, 1), count_include_pad=False), (1, 5, 4, 1)),
         (lambda: nn.max_pool1d(3, 2, 1), (2, 7, 2)),
