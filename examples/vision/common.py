@@ -29,6 +29,7 @@ class Recipe:
     epochs: int                          # documented epoch budget (digits)
     lr: float = 1e-3                     # Adam learning rate
     batch_size: int = 64
+    cosine: bool = False                 # cosine-decay the learning rate to 0 over the budget
 
 
 RECIPES: dict[str, Recipe] = {
@@ -44,7 +45,7 @@ RECIPES: dict[str, Recipe] = {
     "nin": Recipe(lambda k, c: V.nin(k, c, small_input=True, width=0.25), 32, 25),
     "googlenet": Recipe(lambda k, c: V.googlenet(k, c, small_input=True, width=0.25), 32, 10),
     "resnet18": Recipe(lambda k, c: V.resnet18(k, c, small_input=True, base_channels=16),
-                       32, 10),
+                       32, 6, cosine=True),
     # the book's DenseNet (4 blocks of 4 conv blocks), growth 16, 32x32
     "densenet": Recipe(lambda k, c: V.densenet_book(k, c, growth_rate=16,
                                                     num_init_features=32, small_input=True),
@@ -88,10 +89,15 @@ def train(name: str, *, epochs: int | None = None, data: str = "digits", seed: i
     key = jax.random.key(seed)
     params, state = jax.jit(model.init_params, static_argnums=1)(
         jax.random.fold_in(key, 1), (1, *xtr.shape[1:]))
+    lr = lr or r.lr
+    bs = batch_size or r.batch_size
+    if r.cosine:
+        steps = epochs * -(-len(xtr) // bs)
+        lr = optim.cosine_decay_schedule(lr, steps)
     t0 = time.time()
-    res = fit(model, params, state, optim.adam(lr or r.lr), (xtr, ytr),
+    res = fit(model, params, state, optim.adam(lr), (xtr, ytr),
               eval_data=(xte, yte), epochs=epochs, key=key,
-              batch_size=batch_size or r.batch_size, progress=False, print_fn=print_fn)
+              batch_size=bs, progress=False, print_fn=print_fn)
     last = res.history.last
     out = {"model": name, "epochs": epochs, "size": size,
            "train_loss": float(last["train_loss"]), "train_acc": float(last["train_acc"]),
