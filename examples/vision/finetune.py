@@ -88,7 +88,7 @@ def make_demo(root: str, *, per_class: int = 20, size: int = 32, print_fn=print)
 
 
 def finetune(weights: str, train_dir: str, test_dir: str, *, mode: str = "lr10",
-             epochs: int = 10, lr: float = 0.01, size: int = 32, base_channels: int = 16,
+             epochs: int = 10, lr: float = 1e-3, size: int = 32, base_channels: int = 16,
              small_input: bool = True, batch_size: int = 32, seed: int = 0,
              print_fn=print) -> dict:
     """Fine-tune; ``mode`` ``"lr10"`` (head at 10x the backbone's rate), ``"freeze"``
@@ -133,7 +133,7 @@ def main(argv=None):
     ap.add_argument("--test-dir")
     ap.add_argument("--mode", default="lr10", choices=["lr10", "freeze", "scratch"])
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=0.01, help="backbone learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="backbone learning rate")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--no-small-input", dest="small_input", action="store_false")

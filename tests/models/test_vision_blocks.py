@@ -9,28 +9,36 @@ from hypothesis import given, settings
 from fdl import testing
 from fdl.models import vision as V
 
+SLOW = pytest.mark.slow  # covered families stay in the default run; budget
+
 BLOCKS = [
-    # (id, layer factory, input shape, train)
-    ("lenet5_bn", lambda: V.lenet5(3, 1, batch_norm=True), (4, 12, 12, 1), True),
-    ("alexnet_small", lambda: V.alexnet(3, 1, small_input=True, width=1 / 32, fc_features=8,
-                                        dropout=0.0), (1, 16, 16, 1), False),
+    # (id, layer factory, input shape, train); the slow ones repeat a covered family
+    pytest.param("lenet5_bn", lambda: V.lenet5(3, 1, batch_norm=True), (4, 12, 12, 1), True,
+                 marks=SLOW),
+    pytest.param("alexnet_small", lambda: V.alexnet(3, 1, small_input=True, width=1 / 32,
+                                                    fc_features=8, dropout=0.0),
+                 (1, 16, 16, 1), False, marks=SLOW),
     ("vgg_block", lambda: V.vgg_block(2, 3), (2, 4, 4, 2), False),
     ("nin_block", lambda: V.nin_block(3, 3, 1, 1), (1, 4, 4, 2), False),
     ("inception", lambda: V.inception(2, (2, 3), (1, 2), 2), (1, 4, 4, 3), False),
     ("basic_v1_downsample", lambda: V.basic_block(4, 2), (2, 4, 4, 3), True),
-    ("basic_v2", lambda: V.basic_block(3, 1, version=2), (2, 4, 4, 3), True),
+    pytest.param("basic_v2", lambda: V.basic_block(3, 1, version=2), (2, 4, 4, 3), True,
+                 marks=SLOW),
     ("bottleneck_resnext_se", lambda: V.bottleneck_block(2, 1, groups=2, se_reduction=2),
      (2, 4, 4, 4), True),
-    ("bottleneck_v2_stride2", lambda: V.bottleneck_block(1, 2, version=2), (2, 4, 4, 3), True),
-    ("se_block", lambda: V.se_block(2), (2, 3, 3, 4), False),
+    pytest.param("bottleneck_v2_stride2", lambda: V.bottleneck_block(1, 2, version=2),
+                 (2, 4, 4, 3), True, marks=SLOW),
+    pytest.param("se_block", lambda: V.se_block(2), (2, 3, 3, 4), False, marks=SLOW),
     ("dense_layer", lambda: V.dense_layer(2, bn_size=2), (2, 4, 4, 3), True),
-    ("transition", lambda: V.transition(2), (2, 4, 4, 3), True),
-    ("depthwise_separable", lambda: V.depthwise_separable(3, 4, 2), (2, 4, 4, 3), True),
+    pytest.param("transition", lambda: V.transition(2), (2, 4, 4, 3), True, marks=SLOW),
+    pytest.param("depthwise_separable", lambda: V.depthwise_separable(3, 4, 2), (2, 4, 4, 3),
+                 True, marks=SLOW),
     ("inverted_residual", lambda: V.inverted_residual(3, 3, 1, 2), (2, 4, 4, 3), True),
 ]
 
 
-@pytest.mark.parametrize("name,build,shape,train", BLOCKS, ids=[b[0] for b in BLOCKS])
+@pytest.mark.parametrize("name,build,shape,train", BLOCKS,
+                         ids=[b.values[0] if hasattr(b, "marks") else b[0] for b in BLOCKS])
 def test_block_gradients_float64(name, build, shape, train):
     layer = build()
     params, state = jax.jit(lambda k: layer.init_params(k, shape))(jax.random.key(0))

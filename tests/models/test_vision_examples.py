@@ -43,6 +43,7 @@ def _write_bars(root, n_per_class, size, seed):
             Image.fromarray((a * 255).astype(np.uint8)).save(os.path.join(root, cls, f"{i}.png"))
 
 
+@pytest.mark.slow  # two tiny ResNet-18 fits: ~70 s CPU on the shared machine
 def test_finetune_example(tmp_path):
     import finetune
 
