@@ -214,6 +214,12 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   if (kind == kFwd) { set_x(ad); set_w(bd); set_y(od); }
   else if (kind == kBwdData) { set_y(ad); set_w(bd); set_x(od); }
   else { set_x(ad); set_y(bd); set_w(od); }
+  if (g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || g.g < 1 ||
+      (g.ih + g.pt + g.pb - (g.dh * (g.kh - 1) + 1)) != (g.oh - 1) * g.sh ||
+      (g.iw + g.pl + g.pr - (g.dw * (g.kw - 1) + 1)) != (g.ow - 1) * g.sw) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "fdl conv: geometry must be exact (crop unused input/padding first)");
+  }
   std::vector<int64_t> la = leading(ad), lb = leading(bd), lo = leading(od);
   const int64_t a_sz = tail(ad, 0) * tail(ad, 1) * tail(ad, 2) * tail(ad, 3);
   const int64_t b_sz = tail(bd, 0) * tail(bd, 1) * tail(bd, 2) * tail(bd, 3);

@@ -167,6 +167,24 @@ def _onednn_eligible(x: jax.Array, w: jax.Array, geom: _Geom) -> str:
     return ""
 
 
+def _exact_geometry(x: jax.Array, kh: int, kw: int, geom: _Geom) -> tuple[jax.Array, _Geom]:
+    """Drop the bottom/right padding (and input rows/columns) that no output reads, so the
+    geometry handed to oneDNN is exact: ``(H + pt + pb - eff_kh) % sh == 0``. Cropping ``x`` is
+    a slice, so its gradient is zero-filled by JAX."""
+    (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), g = geom
+    pads, crop = [], []
+    axes = ((x.shape[1], kh, sh, dh, pt, pb), (x.shape[2], kw, sw, dw, pl, pr))
+    for size, k, s, d, lo, hi in axes:
+        eff = d * (k - 1) + 1
+        excess = (size + lo + hi - eff) % s
+        cut_pad = min(excess, hi)
+        pads.append((lo, hi - cut_pad))
+        crop.append(size - (excess - cut_pad))
+    if crop[0] != x.shape[1] or crop[1] != x.shape[2]:
+        x = x[:, : crop[0], : crop[1], :]
+    return x, ((sh, sw), (pads[0], pads[1]), (dh, dw), g)
+
+
 def conv2d_nhwc(
     x: jax.Array,
     w: jax.Array,
@@ -191,6 +209,7 @@ def conv2d_nhwc(
         if not why and not onednn_available():
             why = "extension unavailable"
         if not why:
+            x, geom = _exact_geometry(x, w.shape[0], w.shape[1], geom)
             return _dnnl_fwd(x, w, geom)
         log.debug("conv2d_nhwc: using XLA (%s)", why)
     return _xla_conv(x, w, stride, padding, dilation, groups)

@@ -1,0 +1,195 @@
+"""conv2d lowerings equal lax.conv_general_dilated (values, gradients, jit/grad/vmap), and the
+XLA fallback when the oneDNN extension is unavailable or not eligible."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from fdl._ext import build
+from fdl.nn import conv_lowering
+from fdl.nn.conv_lowering import conv2d_nhwc
+
+TOL = dict(rtol=2e-4, atol=2e-4)
+
+
+def _ref(x, w, stride, pad, dil=(1, 1), groups=1):
+    return lax.conv_general_dilated(
+        x, w, tuple(stride), tuple(pad), rhs_dilation=tuple(dil),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+def _has_custom_call(fn, *args) -> bool:
+    return "fdl_conv_" in jax.jit(fn).lower(*args).as_text()
+
+
+def _close(a, b, scale=1.0):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=TOL["rtol"], atol=TOL["atol"] * max(scale, 1.0))
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    if not conv_lowering.onednn_available():
+        pytest.skip(f"oneDNN extension unavailable: {build.unavailable_reason()}")
+    monkeypatch.setenv("FDL_CONV_BACKEND", "onednn")
+
+
+def _data(key, xs, ws):
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = jax.random.normal(k1, xs, jnp.float32)
+    w = jax.random.normal(k2, ws, jnp.float32)
+    return x, w, k3
+
+
+conv_cfg = st.fixed_dictionaries({
+    "n": st.integers(1, 3), "h": st.integers(3, 9), "w": st.integers(3, 9),
+    "cin_g": st.integers(1, 4), "cout_g": st.integers(1, 4), "groups": st.integers(1, 3),
+    "kh": st.integers(1, 3), "kw": st.integers(1, 3),
+    "stride": st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    "dil": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    "pad": st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)),
+                     st.tuples(st.integers(0, 2), st.integers(0, 2))),
+})
+
+
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=conv_cfg)
+def test_onednn_matches_lax_values_and_grads(onednn, cfg):
+    c = cfg
+    oh = (c["h"] + sum(c["pad"][0]) - c["dil"][0] * (c["kh"] - 1) - 1) // c["stride"][0] + 1
+    ow = (c["w"] + sum(c["pad"][1]) - c["dil"][1] * (c["kw"] - 1) - 1) // c["stride"][1] + 1
+    assume(oh >= 1 and ow >= 1)
+    g = c["groups"]
+    x, w, k = _data(jax.random.key(0), (c["n"], c["h"], c["w"], c["cin_g"] * g),
+                    (c["kh"], c["kw"], c["cin_g"], c["cout_g"] * g))
+    args = (c["stride"], c["pad"], c["dil"], g)
+    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
+    r = lambda x, w: _ref(x, w, *args)  # noqa: E731
+    assert _has_custom_call(f, x, w)
+    y = jax.jit(f)(x, w)
+    _close(y, r(x, w), scale=float(jnp.abs(r(x, w)).max()))
+    ct = jax.random.normal(k, y.shape, jnp.float32)
+    loss = lambda fn: lambda x, w: jnp.vdot(fn(x, w), ct)  # noqa: E731
+    got = jax.jit(jax.grad(loss(f), (0, 1)))(x, w)
+    want = jax.grad(loss(r), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+
+
+def test_onednn_second_order(onednn):
+    x, w, _ = _data(jax.random.key(1), (2, 7, 6, 4), (3, 2, 2, 6))
+    args = ((2, 1), ((1, 0), (0, 2)), (1, 2), 2)
+
+    def h(conv):
+        inner = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args))), 0)
+        return jax.grad(lambda x, w: jnp.sum(inner(x, w) ** 2), (0, 1))
+
+    got = jax.jit(h(conv2d_nhwc))(x, w)
+    want = h(_ref)(x, w)
+    for a, b in zip(got, want):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0)])
+def test_onednn_vmap(onednn, axes):
+    x, w, k = _data(jax.random.key(2), (3, 2, 6, 5, 4), (3, 3, 3, 4, 5))
+    xs = x if axes[0] == 0 else x[0]
+    ws = w if axes[1] == 0 else w[0]
+    args = ((1, 2), ((1, 1), (0, 1)), (1, 1), 1)
+    f = jax.vmap(lambda x, w: conv2d_nhwc(x, w, *args), axes)
+    r = jax.vmap(lambda x, w: _ref(x, w, *args), axes)
+    _close(jax.jit(f)(xs, ws), r(xs, ws), scale=10.0)
+    # per-example gradients (vmap of grad) and grad of vmap
+    ct = jax.random.normal(k, r(xs, ws).shape, jnp.float32)
+    loss = lambda fn: lambda x, w: jnp.vdot(fn(x, w), ct)  # noqa: E731
+    for a, b in zip(jax.jit(jax.grad(loss(f), (0, 1)))(xs, ws), jax.grad(loss(r), (0, 1))(xs, ws)):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+    pe = lambda conv: jax.vmap(jax.grad(  # noqa: E731
+        lambda x, w: jnp.sum(conv(x, w, *args) ** 2), (0, 1)), axes)
+    for a, b in zip(jax.jit(pe(conv2d_nhwc))(xs, ws), pe(_ref)(xs, ws)):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+
+
+def test_onednn_nested_vmap(onednn):
+    x, w, _ = _data(jax.random.key(3), (2, 3, 2, 5, 5, 3), (2, 3, 3, 4))
+    args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    inner = lambda conv: jax.vmap(lambda x, w: conv(x, w, *args), (0, None))  # noqa: E731
+    outer = lambda conv: jax.vmap(jax.vmap(inner(conv), (0, None)), (0, 0))  # noqa: E731
+    # x (2, 3, 2, 5, 5, 3): outer axis with w (2, ...), middle axis unbatched w
+    got = jax.jit(outer(conv2d_nhwc))(x[:, :, :, None].reshape(2, 3, 2, 1, 5, 5, 3)[:, :, :, 0],
+                                      w[None].repeat(2, 0))
+    want = outer(_ref)(x, w[None].repeat(2, 0))
+    _close(got, want, scale=10.0)
+
+
+def test_onednn_layer_integration(onednn, key):
+    from fdl import nn as fnn
+
+    layer = fnn.conv2d(5, 3, stride=2, padding=1)
+    x = jax.random.normal(key, (2, 8, 8, 3), jnp.float32)
+    _, params, state = layer.init(jax.random.key(7), x.shape)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    y, _ = jax.jit(lambda p, x: layer.apply(p, state, x))(params, x)
+    want = _ref(x, params["w"], (2, 2), ((1, 1), (1, 1))) + params["b"]
+    _close(y, want, scale=10.0)
+
+
+def test_float64_and_xla_backend_use_lax(monkeypatch):
+    x = jnp.ones((1, 5, 5, 2), jnp.float64)
+    w = jnp.ones((3, 3, 2, 2), jnp.float64)
+    args = ((1, 1), ((1, 1), (1, 1)))
+    monkeypatch.setenv("FDL_CONV_BACKEND", "onednn")
+    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
+    assert not _has_custom_call(f, x, w)  # float64: not eligible -> XLA
+    np.testing.assert_allclose(f(x, w), _ref(x, w, *args))
+    monkeypatch.setenv("FDL_CONV_BACKEND", "xla")
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    assert not _has_custom_call(f, x32, w32)
+    np.testing.assert_allclose(f(x32, w32), _ref(x32, w32, *args), rtol=1e-6)
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("FDL_CONV_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="FDL_CONV_BACKEND"):
+        conv2d_nhwc(jnp.ones((1, 3, 3, 1), jnp.float32), jnp.ones((1, 1, 1, 1), jnp.float32),
+                    (1, 1), ((0, 0), (0, 0)))
+
+
+def test_fallback_when_extension_unavailable(monkeypatch, tmp_path, caplog):
+    """Simulate a machine without a compiler/oneDNN: load() fails quietly, conv uses XLA."""
+    monkeypatch.setattr(build, "_state", {"loaded": None, "reason": ""})
+    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
+    monkeypatch.setenv("FDL_CONV_BACKEND", "auto")
+    x = jax.random.normal(jax.random.key(4), (2, 6, 6, 3), jnp.float32)
+    w = jax.random.normal(jax.random.key(5), (3, 3, 3, 4), jnp.float32)
+    args = ((1, 1), ((1, 1), (1, 1)))
+    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
+    with caplog.at_level("DEBUG"):
+        assert not _has_custom_call(f, x, w)
+    assert build.load() is False
+    assert "compiler" in build.unavailable_reason()
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+    _close(jax.jit(f)(x, w), _ref(x, w, *args), scale=10.0)
+    g = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
+    for a, b in zip(g, jax.grad(lambda x, w: jnp.sum(_ref(x, w, *args) ** 2), (0, 1))(x, w)):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+
+
+def test_build_failure_is_cached_and_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "true")  # "compiles" but produces no library
+    with pytest.raises(Exception):
+        build.build(force=True)
+        lib = build.library_path()
+        import ctypes
+
+        ctypes.CDLL(str(lib))
