@@ -8,6 +8,13 @@ from fdl import nn
 from fdl.models.vision._common import classifier, scaled
 from fdl.nn.core import Layer
 
+
+def _conv(*args, **kw):
+    """conv2d with He-normal init (PyTorch's default init shrinks the signal by ~sqrt(6) per
+    ReLU layer; these BatchNorm-free nets then do not train)."""
+    return nn.conv2d(*args, w_init=nn.initializers.kaiming_normal(), **kw)
+
+
 __all__ = ["googlenet", "inception"]
 
 
@@ -20,13 +27,13 @@ def inception(c1: int, c2: Sequence[int], c3: Sequence[int], c4: int) -> Layer:
     """
     relu = nn.relu
     return nn.parallel(
-        ("p1", nn.serial(("conv", nn.conv2d(c1, 1)), ("act", relu()))),
-        ("p2", nn.serial(("conv1", nn.conv2d(c2[0], 1)), ("act1", relu()),
-                         ("conv2", nn.conv2d(c2[1], 3, padding=1)), ("act2", relu()))),
-        ("p3", nn.serial(("conv1", nn.conv2d(c3[0], 1)), ("act1", relu()),
-                         ("conv2", nn.conv2d(c3[1], 5, padding=2)), ("act2", relu()))),
+        ("p1", nn.serial(("conv", _conv(c1, 1)), ("act", relu()))),
+        ("p2", nn.serial(("conv1", _conv(c2[0], 1)), ("act1", relu()),
+                         ("conv2", _conv(c2[1], 3, padding=1)), ("act2", relu()))),
+        ("p3", nn.serial(("conv1", _conv(c3[0], 1)), ("act1", relu()),
+                         ("conv2", _conv(c3[1], 5, padding=2)), ("act2", relu()))),
         ("p4", nn.serial(("pool", nn.max_pool2d(3, stride=1, padding=1)),
-                         ("conv", nn.conv2d(c4, 1)), ("act", relu()))),
+                         ("conv", _conv(c4, 1)), ("act", relu()))),
         combine="concat",
     )
 
@@ -60,12 +67,12 @@ def googlenet(
         return inception(s(c1), (s(c2[0]), s(c2[1])), (s(c3[0]), s(c3[1])), s(c4))
 
     if small_input:
-        b1 = nn.serial(("conv", nn.conv2d(s(64), 3, padding=1)), ("act", nn.relu()))
+        b1 = nn.serial(("conv", _conv(s(64), 3, padding=1)), ("act", nn.relu()))
     else:
-        b1 = nn.serial(("conv", nn.conv2d(s(64), 7, stride=2, padding=3)), ("act", nn.relu()),
+        b1 = nn.serial(("conv", _conv(s(64), 7, stride=2, padding=3)), ("act", nn.relu()),
                        ("pool", nn.max_pool2d(3, stride=2, padding=1)))
-    b2 = nn.serial(("conv1", nn.conv2d(s(64), 1)), ("act1", nn.relu()),
-                   ("conv2", nn.conv2d(s(192), 3, padding=1)), ("act2", nn.relu()),
+    b2 = nn.serial(("conv1", _conv(s(64), 1)), ("act1", nn.relu()),
+                   ("conv2", _conv(s(192), 3, padding=1)), ("act2", nn.relu()),
                    ("pool", nn.max_pool2d(3, stride=2, padding=1)))
     b3 = nn.serial(*[(f"inc{i}", inc(c)) for i, c in enumerate(_B3, 1)],
                    ("pool", nn.max_pool2d(3, stride=2, padding=1)))

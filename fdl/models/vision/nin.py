@@ -6,6 +6,13 @@ from fdl import nn
 from fdl.models.vision._common import classifier, scaled
 from fdl.nn.core import Layer
 
+
+def _conv(*args, **kw):
+    """conv2d with He-normal init (PyTorch's default init shrinks the signal by ~sqrt(6) per
+    ReLU layer; these BatchNorm-free nets then do not train)."""
+    return nn.conv2d(*args, w_init=nn.initializers.kaiming_normal(), **kw)
+
+
 __all__ = ["nin", "nin_block"]
 
 
@@ -13,10 +20,10 @@ def nin_block(out_channels: int, kernel_size: int, stride: int, padding: int) ->
     """``conv kxk -> relu -> conv 1x1 -> relu -> conv 1x1 -> relu``; params
     ``{conv1, conv2, conv3}``."""
     return nn.serial(
-        ("conv1", nn.conv2d(out_channels, kernel_size, stride=stride, padding=padding)),
+        ("conv1", _conv(out_channels, kernel_size, stride=stride, padding=padding)),
         ("act1", nn.relu()),
-        ("conv2", nn.conv2d(out_channels, 1)), ("act2", nn.relu()),
-        ("conv3", nn.conv2d(out_channels, 1)), ("act3", nn.relu()),
+        ("conv2", _conv(out_channels, 1)), ("act2", nn.relu()),
+        ("conv3", _conv(out_channels, 1)), ("act3", nn.relu()),
     )
 
 
