@@ -87,3 +87,16 @@ def test_char_lm_example_smoke(tmp_path, capsys):
     assert "perplexity" in out and "tokens/s" in out and "time traveller" in out
     assert os.path.isfile(tmp_path / "char_lm_lstm.png")
     assert np.isfinite(res["perplexity"]) and res["perplexity"] < 40
+
+
+def test_optimizer_equals_local_clipped_sgd():
+    from fdl.models.sequence.rnn_lm import _local_sgd_with_clipping, sgd_with_clipping
+
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
+    p = jax.tree_util.tree_map(jnp.zeros_like, g)
+    outs = []
+    for init, update in (sgd_with_clipping(0.5, 1.0), _local_sgd_with_clipping(0.5, 1.0)):
+        outs.append(update(g, init(p), p)[0])
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(outs[0]["b"], [-0.5 * 12 / 13], rtol=1e-6)

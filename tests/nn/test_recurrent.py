@@ -226,14 +226,14 @@ def test_layer_under_jit_and_serial(key):
 
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=3)
-@given(batch=st.integers(1, 2), hidden=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(batch=st.sampled_from([1, 2]), hidden=st.sampled_from([2]), seed=st.integers(0, 2**16))
 def test_cell_gradients(kind, batch, hidden, seed):
     p = {k: v for k, v in _params(kind, 2, hidden, seed).items() if k in ("w_hh", "b_hh")}
     g = R.CELL_GATES[kind]
     rng = np.random.default_rng(seed)
     xp = jnp.asarray(rng.normal(size=(batch, g * hidden)))
     c = _carry(kind, batch, hidden, seed)
-    check_gradients(lambda p, c, x: CELLS[kind](p, c, x), (p, c, xp), order=2)
+    check_gradients(jax.jit(CELLS[kind]), (p, c, xp), order=2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -247,6 +247,7 @@ def test_driver_gradients_with_lengths(kind, steps, reverse, seed):
     c0 = _carry(kind, B, H, seed)
     lens = jnp.asarray(rng.integers(0, steps + 1, size=B))
 
+    @jax.jit
     def f(p, x, c0):
         xp = R.project_inputs(kind, p, x)
         return R.scan_cell(CELLS[kind], p, xp, c0, reverse=reverse, seq_lengths=lens)
