@@ -58,7 +58,8 @@ def test_block_gradients_float64(name, build, shape, train):
         # hypothesis' draws plus fixed noise: never a constant input (a zero batch variance
         # makes train-mode BatchNorm's derivatives ~1/sqrt(eps), beyond finite differences)
         x = x + base
-        testing.check_gradients(f, (params, jnp.asarray(x)), order=1, atol=1e-4, rtol=1e-4)
+        testing.check_gradients(f, (params, jnp.asarray(x)), order=1, eps=1e-6, atol=1e-4,
+                                rtol=1e-4)
 
     check()
 

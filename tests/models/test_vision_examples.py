@@ -2,6 +2,7 @@
 fine-tuning example loads a safetensors backbone, keeps it frozen in "freeze" mode and learns
 a generated two-class image folder."""
 
+import importlib.util
 import os
 import sys
 
@@ -9,15 +10,26 @@ import jax
 import numpy as np
 import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "vision")
-sys.path.insert(0, os.path.abspath(EXAMPLES))
+EXAMPLES = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "examples", "vision"))
+sys.path.insert(0, EXAMPLES)
+
+
+def _load(name):
+    """Import examples/vision/<name>.py under a unique module name (``train`` would clash
+    with the tests/train package)."""
+    spec = importlib.util.spec_from_file_location(f"vision_example_{name}",
+                                                  os.path.join(EXAMPLES, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 pytest.importorskip("sklearn")
 PIL = pytest.importorskip("PIL")
 
 
 def test_train_script_smoke(capsys):
-    import train
+    train = _load("train")
 
     r = train.main(["--model", "lenet_bn", "--epochs", "2", "--max-train", "256"])
     out = capsys.readouterr().out
@@ -45,7 +57,7 @@ def _write_bars(root, n_per_class, size, seed):
 
 @pytest.mark.slow  # two tiny ResNet-18 fits: ~70 s CPU on the shared machine
 def test_finetune_example(tmp_path):
-    import finetune
+    finetune = _load("finetune")
 
     from fdl.interop import save_safetensors, to_torchvision
 
