@@ -100,7 +100,7 @@ def check_gradients(
         y = fn(*unravel(v))
         return sum(
             jnp.sum(a * b) for a, b in zip(jax.tree_util.tree_leaves(y),
-                                           jax.tree_util.tree_leaves(cot))
+                                           jax.tree_util.tree_leaves(cot), strict=True)
         )
 
     g_ad = np.asarray(jax.grad(scalar)(flat))

@@ -266,7 +266,7 @@ def serial(*layers: Any) -> Layer:
             raise ValueError(f"shared({target!r}): no earlier sibling named {target!r}")
         return target, by_name[target]
 
-    for i, (name, layer) in enumerate(children):
+    for i, (_name, layer) in enumerate(children):
         target = _shared_target(layer)
         if target is not None and target not in [n for n, _ in children[:i]]:
             raise ValueError(f"shared({target!r}) in serial: no earlier sibling named {target!r}")
@@ -322,14 +322,13 @@ def parallel(*layers: Any, combine: str = "concat", axis: int = -1) -> Layer:
         if combine == "sum":
             for s in shapes[1:]:
                 if tuple(s) != tuple(first):
-                    raise ShapeError(
-                        "parallel", f"sum needs equal branch shapes, got {[tuple(s) for s in shapes]}"
-                    )
+                    got = [tuple(s) for s in shapes]
+                    raise ShapeError("parallel", f"sum needs equal branch shapes, got {got}")
             return tuple(first)
         ax = axis % len(first)
         for s in shapes[1:]:
             if len(s) != len(first) or any(
-                a != b for j, (a, b) in enumerate(zip(s, first)) if j != ax
+                a != b for j, (a, b) in enumerate(zip(s, first, strict=True)) if j != ax
             ):
                 raise ShapeError(
                     "parallel",
