@@ -52,6 +52,11 @@ class ImplResult:
         return self.impl.startswith("fdl")
 
     @property
+    def is_bound(self) -> bool:
+        """A physical-floor row (e.g. ``bound: x + y copy``): shown, never a reference."""
+        return self.impl.startswith("bound:")
+
+    @property
     def ok(self) -> bool:
         return self.error is None and bool(self.times_ms)
 
@@ -69,7 +74,7 @@ class WorkloadResult:
     steps: int = 0
 
     def fastest_reference_ms(self) -> float | None:
-        refs = [r.median_ms for r in self.rows if r.ok and not r.is_fdl]
+        refs = [r.median_ms for r in self.rows if r.ok and not r.is_fdl and not r.is_bound]
         return min(refs) if refs else None
 
 
@@ -232,7 +237,9 @@ HOW_TO_READ = """\
   matmul peak measured below. `GB/s` / `% bandwidth` likewise against the measured copy
   bandwidth (memory-bound workloads only).
 * **`x fastest`** = the row's median / the fastest *reference* median in the same run.
-  1.00 is the fastest reference; below 1.0 means the row beats every reference.
+  1.00 is the fastest reference; below 1.0 means the row beats every reference. Rows named
+  `bound: ...` are physical floors (e.g. a plain copy moving the same bytes), shown for scale
+  and never counted as a reference.
 * A workload whose fdl capability does not exist yet is marked **pending** with the reason;
   its reference rows (if any) are still measured, and no fdl row is faked. A failing
   implementation shows its error in its row.
@@ -275,7 +282,8 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
             "| --- | --- | --- | --- | --- | --- |"]
     for res in results:
         fastest = res.fastest_reference_ms()
-        ref = next((r for r in res.rows if r.ok and not r.is_fdl and r.median_ms == fastest), None)
+        ref = next((r for r in res.rows
+                    if r.ok and not r.is_fdl and not r.is_bound and r.median_ms == fastest), None)
         fdl_rows = [r for r in res.rows if r.is_fdl]
         if not fdl_rows:
             why = "pending" if res.workload.pending else "no fdl row"
@@ -308,17 +316,43 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
             out += render_table(res, info)
             out.append("")
     if results_dir:
-        files = sorted(glob.glob(os.path.join(results_dir, "*.md")))
-        out += ["# Training results", "",
-                f"Appended from `{results_dir}/*.md` (written by the engineers of each area; "
-                "headings shifted down two levels).", ""]
-        if not files:
-            out += ["_No result files yet._", ""]
-        for path in files:
-            with open(path, encoding="utf-8") as f:
-                text = f.read().strip()
-            out += [f"### {os.path.basename(path)}", "", _demote(text), ""]
+        out += render_results(results_dir)
     return "\n".join(out).rstrip() + "\n"
+
+
+RESULTS_HEADING = "# Training results"
+
+
+def render_results(results_dir: str) -> list[str]:
+    """The ``# Training results`` section: every ``results_dir/*.md``, headings demoted."""
+    files = sorted(glob.glob(os.path.join(results_dir, "*.md")))
+    out = [RESULTS_HEADING, "",
+           f"Appended from `{results_dir}/*.md` (written by the engineers of each area; "
+           "headings shifted down two levels).", ""]
+    if not files:
+        out += ["_No result files yet._", ""]
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+        out += [f"### {os.path.basename(path)}", "", _demote(text), ""]
+    return out
+
+
+def refresh_results(out_path: str, results_dir: str = "docs/results") -> None:
+    """Replace the ``# Training results`` section of an existing file, keeping the measurements.
+
+    Training-result notes change more often than a quiet machine is available for timing.
+    """
+    with open(out_path, encoding="utf-8") as f:
+        text = f.read()
+    head, sep, _ = text.partition("\n" + RESULTS_HEADING + "\n")
+    if not sep:
+        raise ValueError(f"{out_path} has no {RESULTS_HEADING!r} section to refresh")
+    new = head.rstrip() + "\n\n" + "\n".join(render_results(results_dir)).rstrip() + "\n"
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+    os.replace(tmp, out_path)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -24,7 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the timed steps per impl")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--no-machine", action="store_true", help="skip measuring the machine limits")
+    p.add_argument("--refresh-results", action="store_true",
+                   help="only re-append docs/results/*.md to --out, keeping its measurements")
     args = p.parse_args(argv)
+    if args.refresh_results:
+        harness.refresh_results(args.out)
+        print(f"refreshed the training results in {args.out}")
+        return 0
     workloads = harness.discover(args.only)
     if args.list:
         for w in workloads:

@@ -123,11 +123,11 @@ def _workload(title: str, fdl_opt, optax_opt, n_state: int, desc: str) -> Worklo
             "state donated. Memory traffic per step: "
             f"{traffic} x params x 4 bytes (read params, grads, {n_state} state tree(s); "
             "write params and state). `x + y copy` moves the same bytes with plain additions "
-            "(the floor); fdl/optax is the ratio of their `x fastest` cells."),
+            "(the floor, not a reference); `x fastest` of the fdl row is fdl/optax."),
         impls={
             "fdl": _opt_builder(fdl_opt, "fdl"),
             "optax": _opt_builder(optax_opt, "optax"),
-            "x + y copy": _copy_builder(n_state),
+            "bound: x + y copy": _copy_builder(n_state),
         },
         bytes=float(traffic * N_PARAMS * 4),
         quick_steps=20,
