@@ -22,10 +22,12 @@ loads, else XLA.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,30 @@ BACKENDS = ("auto", "onednn", "xla")
 _Geom = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int], int]
 
 
+_BACKEND_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fdl_conv_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_conv_backend(backend: str) -> Iterator[None]:
+    """Trace the convolutions inside the ``with`` block with ``backend`` (``auto`` | ``onednn``
+    | ``xla``), overriding ``FDL_CONV_BACKEND``. The choice is made at trace time, so wrap
+    the code that *traces* (e.g. the body of a jitted function)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"conv backend must be one of {BACKENDS}, got {backend!r}")
+    token = _BACKEND_OVERRIDE.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND_OVERRIDE.reset(token)
+
+
 def conv_backend() -> str:
-    """The requested backend from ``FDL_CONV_BACKEND`` (``auto`` if unset)."""
+    """The requested backend: :func:`use_conv_backend`'s, else ``FDL_CONV_BACKEND`` (``auto``
+    if unset)."""
+    override = _BACKEND_OVERRIDE.get()
+    if override is not None:
+        return override
     b = os.environ.get("FDL_CONV_BACKEND", "auto").strip().lower() or "auto"
     if b not in BACKENDS:
         raise ValueError(f"FDL_CONV_BACKEND must be one of {BACKENDS}, got {b!r}")
