@@ -6,6 +6,12 @@ The step computes exactly the single-device step on the global batch (BatchNorm 
 batch: no ``axis_name`` needed). The mesh is built with ``AxisType.Auto`` (``jax.make_mesh``
 defaults to Explicit axes since JAX 0.7; with Auto, sharding is a layout decision made by
 ``in_shardings``/``out_shardings`` and model code needs no sharding annotations).
+On more than one device the sharded steps trace their convolutions with XLA's lowering
+(:func:`fdl.nn.conv_lowering.use_conv_backend`): the oneDNN custom call has no partitioning
+rule, so inside a partitioned ``jit`` XLA would all-gather its inputs and every device would
+convolve the *global* batch. (A plain ``jax.jit`` over sharded inputs written by hand has the
+same problem: wrap its body in ``use_conv_backend("xla")``. ``pmap`` and single-device steps
+keep oneDNN.)
 
 **pmap**: every device runs the step on its shard; gradients are averaged with ``lax.pmean``
 over ``axis_name`` (weighted so that padded shards still give the global-batch gradient),
@@ -26,6 +32,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fdl.nn.conv_lowering import use_conv_backend
 from fdl.nn.core import Layer
 from fdl.train.step import make_eval_step, make_train_step
 
@@ -105,7 +112,7 @@ def make_sharded_train_step(
     (default :func:`data_mesh`): batch sharded on ``data``, everything else replicated."""
     mesh = mesh if mesh is not None else data_mesh()
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
-    step = make_train_step(model, optimizer, loss, top_k=top_k, jit=False)
+    step = _partitionable(make_train_step(model, optimizer, loss, top_k=top_k, jit=False), mesh)
     jitted = jax.jit(
         step,
         in_shardings=(rep, rep, rep, bat, rep),
@@ -121,8 +128,21 @@ def make_sharded_eval_step(model: Layer | Callable, loss: str | Callable = "cros
     """``eval_step(params, state, batch) -> metrics`` sharded like the train step."""
     mesh = mesh if mesh is not None else data_mesh()
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
-    step = make_eval_step(model, loss, top_k=top_k, jit=False)
+    step = _partitionable(make_eval_step(model, loss, top_k=top_k, jit=False), mesh)
     return jax.jit(step, in_shardings=(rep, rep, bat), out_shardings=rep)
+
+
+def _partitionable(step: Callable, mesh) -> Callable:
+    """``step`` traced with XLA convolutions when the mesh has more than one device (see the
+    module docstring: the oneDNN custom call would be replicated, not partitioned)."""
+    if mesh.devices.size <= 1:
+        return step
+
+    def traced_with_xla_convs(*args):
+        with use_conv_backend("xla"):
+            return step(*args)
+
+    return traced_with_xla_convs
 
 
 # ----------------------------------------------------------------------------- pmap

@@ -127,3 +127,23 @@ def test_bad_device_counts():
         data_mesh(10_000)
     with pytest.raises(ValueError, match="not divisible"):
         split_batch(jnp.ones((6, 2)), 4)
+
+
+def test_sharded_step_partitions_convolutions(devices_ok):
+    """The oneDNN custom call has no partitioning rule: inside a partitioned jit XLA would
+    all-gather its inputs and convolve the global batch on every device. The sharded steps
+    trace with XLA convolutions, so nothing is gathered and each device convolves its shard."""
+    model = cnn()
+    _, params, state = model.init(jax.random.key(0), (1, 6, 6, 2))
+    params, state = jax.tree.map(lambda a: a.astype(jnp.float32), (params, state))
+    opt = optim.sgd(0.1, momentum=0.9)
+    mesh = data_mesh()
+    sb = shard_batch(_data(), mesh)
+    step = make_sharded_train_step(model, opt, mesh=mesh, donate=False)
+    hlo = step.lower(params, state, opt.init(params), sb, jax.random.key(0)).compile().as_text()
+    assert "fdl_conv" not in hlo
+    assert "all-gather" not in hlo
+    conv_shapes = [line for line in hlo.splitlines() if " convolution(" in line]
+    assert conv_shapes and all(f"f32[{16 // N_DEV}," in c for c in conv_shapes[:1])
+    ev = make_sharded_eval_step(model, mesh=mesh)
+    assert "all-gather" not in ev.lower(params, state, sb).compile().as_text()
