@@ -25,6 +25,15 @@ __all__ = ["ArrayLoader", "batch_indices"]
 
 _LAST = ("drop", "keep", "pad")
 
+# ``device_resident=None`` keeps a dataset of at most this many bytes on the device.
+DEVICE_RESIDENT_MAX_BYTES = 1 << 30
+
+
+@jax.jit
+def _epoch_key_data(key, epoch):
+    # one compiled dispatch instead of eager fold_in + key_data (same bits)
+    return jax.random.key_data(jax.random.fold_in(key, epoch))
+
 
 def batch_indices(
     n: int, batch_size: int, *, key=None, epoch: int = 0, last_batch: str = "keep"
@@ -36,7 +45,7 @@ def batch_indices(
     else:
         # NumPy's permutation seeded by the key data of fold_in(key, epoch): a pure function of
         # (key, epoch), and much cheaper per epoch than an eager jax.random.permutation.
-        seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))).astype(np.uint64)
+        seed = np.asarray(_epoch_key_data(key, epoch)).astype(np.uint64)
         order = np.random.default_rng(seed.tolist()).permutation(n)
     nb = n // batch_size if last_batch == "drop" else math.ceil(n / batch_size)
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
@@ -61,6 +70,12 @@ class ArrayLoader:
         would only compete for the cores.
       device_put: ``False`` yields NumPy arrays; ``True`` ``jax.device_put``s them, or pass a
         ``jax.sharding.Sharding`` to place (e.g. batch-shard) each array.
+      device_resident: let :func:`~fdl.train.fit` keep the whole dataset on the default device
+        (copied once, on first use, and kept by the loader) and gather each batch inside its
+        compiled step, instead of gathering on the host and transferring every batch. ``None``
+        (default): when ``device_put`` is ``True``, the batch shapes are all equal (not
+        ``last_batch="keep"`` with a partial batch) and the arrays total at most
+        ``DEVICE_RESIDENT_MAX_BYTES``. The batches are the same either way.
     """
 
     def __init__(
@@ -72,6 +87,7 @@ class ArrayLoader:
         last_batch: str = "keep",
         prefetch: int | None = None,
         device_put: Any = True,
+        device_resident: bool | None = None,
     ):
         if not isinstance(arrays, (tuple, list)) or not arrays:
             raise TypeError("ArrayLoader: arrays must be a non-empty tuple of arrays")
@@ -104,6 +120,8 @@ class ArrayLoader:
         self.last_batch = last_batch
         self.prefetch = prefetch
         self.device_put = device_put
+        self.device_resident = device_resident
+        self._device_arrays = None
         self.epoch = 0
         self.batch = 0
 
@@ -123,6 +141,47 @@ class ArrayLoader:
         if epoch < 0 or not 0 <= batch <= len(self):
             raise ValueError(f"ArrayLoader.set_state: invalid position {state!r}")
         self.epoch, self.batch = epoch, batch
+
+    # ------------------------------------------------------------------ device-resident data
+    @property
+    def indexable_on_device(self) -> bool:
+        """Whether batches can be gathered on the device from :meth:`device_arrays` with the
+        index tables of :meth:`index_table` (see ``device_resident``)."""
+        if self.device_put is not True or self.device_resident is False:
+            return False
+        if self.last_batch == "keep" and self.n % self.batch_size:
+            return False
+        if self.device_resident is None:
+            return sum(a.nbytes for a in self.arrays) <= DEVICE_RESIDENT_MAX_BYTES
+        return True
+
+    def device_arrays(self) -> tuple[jax.Array, ...]:
+        """The whole dataset on the default device (transferred once, then kept)."""
+        if self._device_arrays is None:
+            self._device_arrays = tuple(jax.device_put(self.arrays))
+        return self._device_arrays
+
+    def index_table(self, epoch: int, start: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Batches ``start, start+1, ...`` of ``epoch`` as a table: ``(idx, mask)``, ``idx`` of
+        shape ``(batches, batch_size)`` int32 (row ``i`` selects the examples of batch
+        ``start + i``, padding included) and ``mask`` float32 of the same shape with
+        ``last_batch="pad"`` (else ``None``). Gathering row ``i`` of every array gives exactly
+        the batch iteration yields. Only when all batches have ``batch_size`` examples."""
+        bs = self.batch_size
+        rows = batch_indices(self.n, bs, key=self.key, epoch=epoch, last_batch=self.last_batch)
+        rows = rows[start:]
+        mask = None
+        if self.last_batch == "pad":
+            mask = np.ones((len(rows), bs), np.float32)
+            if rows and len(rows[-1]) < bs:
+                last = rows[-1]
+                mask[-1, len(last):] = 0.0
+                rows[-1] = np.concatenate([last, np.full(bs - len(last), last[0], last.dtype)])
+        elif rows and len(rows[-1]) < bs:
+            raise ValueError("ArrayLoader.index_table: the last batch is partial "
+                             "(last_batch='keep'); use 'drop' or 'pad'")
+        idx = np.stack(rows).astype(np.int32) if rows else np.zeros((0, bs), np.int32)
+        return idx, mask
 
     # ------------------------------------------------------------------ batches
     def _host_batch(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -1,9 +1,17 @@
 """The ``fit`` loop: epochs, evaluation, metrics, progress, history, plots, checkpoints, resume.
 
 ``fit`` drives a jitted ``train_step`` (built by :func:`~fdl.train.make_train_step` unless you
-pass one) over an :class:`~fdl.data.ArrayLoader`. Metrics stay on the device and are accumulated
-by a small jitted function; they are fetched only every ``log_every`` steps and at the end of an
-epoch, so dispatch runs ahead of the computation.
+pass one) over an :class:`~fdl.data.ArrayLoader`. Metrics stay on the device and are summed on
+the device; they are fetched only every ``log_every`` steps and at the end of an epoch, so
+dispatch runs ahead of the computation.
+
+No host work per batch: when the step comes from ``make_train_step`` (single device) and the
+loader can keep its data on the device (``ArrayLoader.indexable_on_device``: the default for
+datasets up to 1 GiB), the dataset is transferred once, each epoch sends one table of indices,
+and each step is two compiled calls: a gather of the batch from the device-resident data, and
+the step compiled together with its key ``fold_in(key, step)`` and the sum of the epoch's
+metrics. Other steps (data-parallel ones, your own functions) get host batches from the loader,
+a ``fold_in`` and a jitted metric sum per step, as a Python loop would.
 
 Resume: with ``checkpoint_dir`` set, fit saves ``{params, state, opt_state, key, step, loader
 position, epoch metric sums}`` (and the history, as JSON metadata) every ``checkpoint_every``
@@ -134,6 +142,63 @@ def _zeros_like_metrics(metrics_shape) -> dict:
     return {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
 
 
+@jax.jit
+def _gather_batch(data, idx, mask, pos):
+    """Batch ``pos`` of the epoch's index table from the device-resident data, and ``pos + 1``."""
+    rows = idx[pos]
+    batch = tuple(a[rows] for a in data)
+    if mask is not None:
+        batch = (*batch, mask[pos])
+    return batch, pos + 1
+
+
+def _indexed_step(train_step):
+    """``(step, zeros_cache)``: ``train_step`` compiled together with its key
+    ``fold_in(key, step)`` and the sum of the epoch's metrics, cached on ``train_step``; ``None``
+    for a step that does not expose its pure function (``make_train_step(..., jit=True)`` does).
+
+    The batch gather stays a separate (tiny) compiled call, :func:`_gather_batch`: compiled into
+    the step, it made the LeNet/digits step itself slower (oneDNN convolutions; medians 102 vs
+    91 ms per 7 steps on the 2-core machine), more than the second dispatch costs."""
+    fn = getattr(train_step, "fdl_step_fn", None)
+    if fn is None:
+        return None
+    cached = getattr(train_step, "_fdl_indexed", None)
+    if cached is not None:
+        return cached
+
+    def indexed(params, state, opt_state, sums, step, batch, key):
+        params, state, opt_state, metrics = fn(params, state, opt_state, batch,
+                                               jax.random.fold_in(key, step))
+        sums = jax.tree.map(jnp.add, sums, metrics)
+        return params, state, opt_state, sums, metrics, step + 1
+
+    donate = (0, 1, 2) if getattr(train_step, "fdl_donate", True) else ()
+    cached = (jax.jit(indexed, donate_argnums=donate), {})
+    try:
+        train_step._fdl_indexed = cached
+    except AttributeError:
+        pass
+    return cached
+
+
+def _metric_zeros(train_step, zeros_cache, params, state, opt_state, key, loader):
+    """Zero sums with the structure of ``train_step``'s metrics (device arrays, cached per
+    batch signature; never donated, so they can be reused)."""
+    sig = (loader.batch_size, loader.last_batch == "pad",
+           tuple((a.shape[1:], a.dtype.str) for a in loader.arrays))
+    zeros = zeros_cache.get(sig)
+    if zeros is None:
+        bs = loader.batch_size
+        batch = tuple(jax.ShapeDtypeStruct((bs, *a.shape[1:]), a.dtype) for a in loader.arrays)
+        if sig[1]:
+            batch = (*batch, jax.ShapeDtypeStruct((bs,), jnp.float32))
+        shapes = jax.eval_shape(train_step.fdl_step_fn, params, state, opt_state, batch, key)[3]
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        zeros_cache[sig] = zeros
+    return zeros
+
+
 def evaluate(
     params, state, data, *, model: Layer | Callable | None = None, eval_step=None,
     loss: str | Callable = "cross_entropy", batch_size: int = 256, top_k: Sequence[int] = (),
@@ -172,6 +237,28 @@ def _copy(tree):
 @functools.lru_cache(maxsize=64)
 def _jitted_init(init_fn):
     return jax.jit(init_fn)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_prepare(init_fn):
+    def prepare(params, state):
+        return (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), init_fn(params))
+
+    return jax.jit(prepare)
+
+
+def _prepare(optimizer, params, state, opt_state):
+    """Fresh copies of ``params``, ``state`` (and ``opt_state``, or ``optimizer.init(params)``)
+    in one compiled call where possible."""
+    if opt_state is not None:
+        return _copy((params, state, opt_state))
+    if all(isinstance(x, jax.Array) for x in jax.tree.leaves((params, state))):
+        try:
+            return _jitted_prepare(optimizer.init)(params, state)
+        except TypeError:  # unhashable init: below
+            pass
+    params, state = _copy((params, state))
+    return params, state, _opt_init(optimizer, params)
 
 
 def _opt_init(optimizer, params):
@@ -266,7 +353,8 @@ def fit(
         raise ValueError("fit: resume=True needs checkpoint_dir=")
     say = print_fn or (lambda *_: None)
 
-    data_key = jax.random.fold_in(key, 0x5EED)
+    own_loader = not isinstance(train_data, ArrayLoader)
+    data_key = jax.random.fold_in(key, 0x5EED) if own_loader else None
     train_loader = _as_loader(train_data, batch_size, data_key, True, "train_data")
     eval_loader = None
     if eval_data is not None:
@@ -277,8 +365,7 @@ def fit(
     if eval_step is None and eval_loader is not None:
         eval_step = make_eval_step(model, loss, top_k=top_k)
 
-    params, state = _copy(params), _copy(state)
-    opt_state = _opt_init(optimizer, params) if opt_state is None else _copy(opt_state)
+    params, state, opt_state = _prepare(optimizer, params, state, opt_state)
     step = 0
     history = History()
     epoch_sums = None
@@ -300,9 +387,8 @@ def fit(
             params, state, opt_state = (restored["params"], restored["state"],
                                         restored["opt_state"])
             key = restored["key"]
-            data_key = jax.random.fold_in(key, 0x5EED)
-            if not isinstance(train_data, ArrayLoader):
-                train_loader.key = data_key
+            if own_loader:
+                train_loader.key = jax.random.fold_in(key, 0x5EED)
             step = restored["step"]
             train_loader.set_state(restored["loader"])
             epoch_sums = restored.get("epoch_sums")
@@ -339,6 +425,23 @@ def fit(
         except ImportError:
             tqdm = None
 
+    indexed = _indexed_step(train_step) if train_loader.indexable_on_device else None
+    counter = jax.device_put(np.uint32(step)) if indexed is not None else None
+
+    def after_step(epoch, bar, metrics) -> None:
+        if callback is not None:
+            callback(step, metrics)
+        if bar is not None:
+            bar.update(1)
+        if step % log_every == 0 and (bar is not None or log_fh is not None):
+            s = summarize(epoch_sums, "train_")
+            if bar is not None:
+                bar.set_postfix({k[6:]: f"{v:.4f}" for k, v in s.items()
+                                 if k in ("train_loss", "train_acc")})
+            log({"type": "step", "step": step, "epoch": epoch + 1, **s})
+        if checkpoint_every_steps and step % checkpoint_every_steps == 0:
+            save_checkpoint()
+
     best_value, best_tree, bad_epochs, stopped_early = None, None, 0, False
     nb = len(train_loader)
     try:
@@ -352,25 +455,39 @@ def fit(
                 bar = tqdm(total=nb, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
                            leave=False, file=sys.stderr, dynamic_ncols=True)
             seen = 0
-            for batch in train_loader:  # resumes mid-epoch from the loader's position
-                params, state, opt_state, metrics = train_step(
-                    params, state, opt_state, batch, jax.random.fold_in(key, step)
-                )
-                step += 1
-                epoch_sums = metrics if epoch_sums is None else _accumulate(epoch_sums, metrics)
-                seen += 1
-                if callback is not None:
-                    callback(step, metrics)
-                if bar is not None:
-                    bar.update(1)
-                if step % log_every == 0 and (bar is not None or log_fh is not None):
-                    s = summarize(epoch_sums, "train_")
-                    if bar is not None:
-                        bar.set_postfix({k[6:]: f"{v:.4f}" for k, v in s.items()
-                                         if k in ("train_loss", "train_acc")})
-                    log({"type": "step", "step": step, "epoch": epoch + 1, **s})
-                if checkpoint_every_steps and step % checkpoint_every_steps == 0:
-                    save_checkpoint()
+            if indexed is not None:
+                # per step: gather the batch on the device, then one compiled call for the key,
+                # the step and the metric sums (the table starts at the loader's position, so
+                # this resumes mid-epoch)
+                fused, zeros_cache = indexed
+                data = train_loader.device_arrays()
+                idx, mask, pos = jax.device_put(train_loader.index_table(epoch, first)
+                                                + (np.int32(0),))
+                sums = epoch_sums
+                for _ in range(idx.shape[0]):
+                    if sums is None:
+                        sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
+                                             key, train_loader)
+                    batch, pos = _gather_batch(data, idx, mask, pos)
+                    params, state, opt_state, sums, metrics, counter = fused(
+                        params, state, opt_state, sums, counter, batch, key
+                    )
+                    train_loader.batch += 1
+                    step += 1
+                    epoch_sums = sums
+                    seen += 1
+                    after_step(epoch, bar, metrics)
+                train_loader.epoch, train_loader.batch = epoch + 1, 0
+            else:
+                for batch in train_loader:  # resumes mid-epoch from the loader's position
+                    params, state, opt_state, metrics = train_step(
+                        params, state, opt_state, batch, jax.random.fold_in(key, step)
+                    )
+                    step += 1
+                    epoch_sums = (metrics if epoch_sums is None
+                                  else _accumulate(epoch_sums, metrics))
+                    seen += 1
+                    after_step(epoch, bar, metrics)
             if bar is not None:
                 bar.close()
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step}

@@ -121,7 +121,13 @@ def make_train_step(
 
     if not jit:
         return train_step
-    return jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else ())
+    jitted = jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else ())
+    if axis_name is None:
+        # lets ``fit`` compile the step together with the batch gather, the per-step key and
+        # the metric accumulation (one dispatch per step); see ``fdl.train.loop``
+        jitted.fdl_step_fn = train_step  # type: ignore[attr-defined]
+        jitted.fdl_donate = donate  # type: ignore[attr-defined]
+    return jitted
 
 
 def make_eval_step(

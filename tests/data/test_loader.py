@@ -112,3 +112,30 @@ def test_synthetic_linear_data():
     assert x.shape == (1000, 2) and y.shape == (1000, 1) and x.dtype == np.float32
     coef, *_ = np.linalg.lstsq(np.c_[np.asarray(x), np.ones(1000)], np.asarray(y)[:, 0], rcond=None)
     np.testing.assert_allclose(coef, [2.0, -3.4, 4.2], atol=0.01)
+
+
+@pytest.mark.parametrize("last_batch,n", [("pad", 23), ("drop", 23), ("keep", 20)])
+def test_index_table_gathers_the_iterated_batches(last_batch, n):
+    x, y = _data(n)
+    loader = ArrayLoader((x, y), 5, key=jax.random.key(2), last_batch=last_batch, prefetch=0)
+    assert loader.indexable_on_device
+    batches = _epoch(loader)
+    for start in (0, 2):
+        idx, mask = loader.index_table(0, start)
+        assert idx.dtype == np.int32 and idx.shape == (len(batches) - start, 5)
+        assert (mask is None) == (last_batch != "pad")
+        for i, b in enumerate(batches[start:]):
+            np.testing.assert_array_equal(x[idx[i]], b[0])
+            np.testing.assert_array_equal(y[idx[i]], b[1])
+            if mask is not None:
+                np.testing.assert_array_equal(mask[i], b[2])
+    dev = loader.device_arrays()
+    assert dev is loader.device_arrays()  # transferred once
+    np.testing.assert_array_equal(np.asarray(dev[0]), x)
+
+
+def test_indexable_on_device_conditions():
+    x, y = _data(23)
+    assert not ArrayLoader((x, y), 5, last_batch="keep").indexable_on_device  # partial batch
+    assert not ArrayLoader((x, y), 5, last_batch="pad", device_put=False).indexable_on_device
+    assert not ArrayLoader((x, y), 5, last_batch="pad", device_resident=False).indexable_on_device

@@ -35,7 +35,10 @@ def _numbers(history):
     return [{k: r.get(k) for k in keys} for r in history.rows]
 
 
-def test_resume_equals_uninterrupted_bitwise(tmp_path):
+@pytest.mark.parametrize("device_loop", [True, False], ids=["indexed-step", "host-batches"])
+def test_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, device_loop):
+    if not device_loop:  # the per-batch host path (data-parallel steps, own step functions)
+        monkeypatch.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
     ref = _run(checkpoint_dir=str(tmp_path / "a"))
 
     class Stop(KeyboardInterrupt):
@@ -121,3 +124,21 @@ def test_bad_input(tmp_path):
         fit(other, p2, s2, OPT, TRAIN, epochs=1, key=jax.random.key(7), batch_size=8,
             progress=False, print_fn=None, checkpoint_dir=str(tmp_path / "none"), resume=True)
     assert os.path.exists(res.checkpoint)
+
+
+def test_indexed_step_matches_host_batches_one_compile(monkeypatch):
+    """The one-dispatch path (batch gather, key and metric sums compiled into the step) gives
+    the numbers of the per-batch host path, and later calls (and epochs) do not recompile."""
+    step = make_train_step(MODEL, OPT)
+    fast = _run(train_step=step, eval_data=None)
+    fused = step._fdl_indexed[0]
+    _run(train_step=step, eval_data=None, epochs=2)
+    assert fused._cache_size() == 1
+    with monkeypatch.context() as m:
+        m.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
+        slow = _run(train_step=step, eval_data=None)
+    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(slow.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(fast.history.rows, slow.history.rows, strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+        assert ra["train_acc"] == rb["train_acc"]
