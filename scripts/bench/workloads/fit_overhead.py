@@ -51,10 +51,13 @@ def _fit_row():
     net, params, state, opt, x, y = _setup()
     train_step = make_train_step(net, opt)
     key = jax.random.key(1)
+    # One loader for all calls, as the bare loop's batches are put on the device once: the
+    # loader keeps its device copy of the data, so only the first call transfers the dataset.
+    # Rewinding it to epoch 0 makes every call one fresh epoch (the same shuffled order).
+    loader = ArrayLoader((x, y), _BATCH, key=key, last_batch="drop")
 
     def step():
-        # a fresh loader each epoch-call (a used one is positioned at its next epoch)
-        loader = ArrayLoader((x, y), _BATCH, key=key, last_batch="drop")
+        loader.set_state({"epoch": 0, "batch": 0})
         res = _fit(net, params, state, opt, loader, epochs=1, key=key, train_step=train_step,
                    progress=False, print_fn=None, checkpoint_dir=None)
         if res.steps != _N // _BATCH:
