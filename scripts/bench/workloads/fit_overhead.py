@@ -106,8 +106,10 @@ WORKLOADS = [
         ),
         impls={} if _PENDING else {"fdl fit": _fit_row, "bare jitted step loop": _bare_row},
         pending=_PENDING,
-        quick_steps=20,
-        steps=30,
+        # a 5% difference between two ~40 ms medians on a shared 2-core machine needs more
+        # samples than the default 20; one call is cheap (~0.1 s per pair)
+        quick_steps=40,
+        steps=60,
         extra={"examples_per_step": _N},
     )
 ]
