@@ -1,9 +1,12 @@
-"""Build and load fdl's optional oneDNN convolution extension (an XLA FFI custom call).
+"""Build and load fdl's optional native extensions (XLA FFI custom calls, linked to oneDNN).
 
-The extension is compiled lazily on first use into a cache directory keyed by a hash of the
-source, the compiler command and the jaxlib version, and loaded with ``ctypes``. If no C++
-compiler or no oneDNN (``libdnnl-dev``) is found, :func:`load` returns ``False`` and
-:mod:`fdl.nn.conv_lowering` uses XLA's convolution (one debug log line says why).
+Two extensions, each its own library: the oneDNN convolution (``conv_onednn.cc``; :func:`load`)
+and the LSTM/GRU time loop (``rnn_cpu.cc``, oneDNN's ``dnnl_sgemm``; :func:`load_rnn`, used by
+:mod:`fdl.nn.recurrent`). Each is compiled lazily on first use into a cache directory keyed by
+a hash of the source, the compiler command and the jaxlib version, and loaded with ``ctypes``.
+If no C++ compiler or no oneDNN (``libdnnl-dev``) is found, :func:`load` (:func:`load_rnn`) returns
+``False`` and :mod:`fdl.nn.conv_lowering` (:mod:`fdl.nn.recurrent`) uses XLA (one debug log line
+says why).
 
 Ahead of time (e.g. in CI or a Docker image)::
 
@@ -37,9 +40,17 @@ TARGETS = {
     "fdl_conv_bwd_data": "FdlConvBwdData",
     "fdl_conv_bwd_weights": "FdlConvBwdWeights",
 }
+RNN_SOURCE = Path(__file__).with_name("rnn_cpu.cc")
+RNN_TARGETS = {
+    "fdl_lstm_fwd": "FdlLstmFwd",
+    "fdl_lstm_bwd": "FdlLstmBwd",
+    "fdl_gru_fwd": "FdlGruFwd",
+    "fdl_gru_bwd": "FdlGruBwd",
+}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": ""}
+_rnn_state: dict[str, object] = {"loaded": None, "reason": ""}
 
 
 def cache_dir() -> Path:
@@ -49,7 +60,7 @@ def cache_dir() -> Path:
     return Path(base) / "fdl" / "ext"
 
 
-def _command(out: Path) -> list[str]:
+def _command(out: Path, source: Path = SOURCE) -> list[str]:
     import jax.ffi
 
     cxx = os.environ.get("CXX", "g++")
@@ -57,22 +68,22 @@ def _command(out: Path) -> list[str]:
     root = os.environ.get("DNNL_ROOT")
     if root:
         cmd += [f"-I{root}/include", f"-L{root}/lib", f"-Wl,-rpath,{root}/lib"]
-    return cmd + [str(SOURCE), "-o", str(out), "-ldnnl"]
+    return cmd + [str(source), "-o", str(out), "-ldnnl"]
 
 
-def library_path() -> Path:
+def library_path(source: Path = SOURCE) -> Path:
     """Where the library for the current source/compiler/jaxlib lives (built or not)."""
     import jaxlib
 
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join(_command(Path("x"))).encode())
+    h = hashlib.sha256(source.read_bytes())
+    h.update(" ".join(_command(Path("x"), source)).encode())
     h.update(getattr(jaxlib, "__version__", "?").encode())
-    return cache_dir() / f"conv_onednn-{h.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{h.hexdigest()[:16]}.so"
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, source: Path = SOURCE) -> Path:
     """Compile the extension (if not cached) and return the library path; raises on failure."""
-    lib = library_path()
+    lib = library_path(source)
     failed = lib.with_suffix(".failed")
     if lib.exists() and not force:
         return lib
@@ -84,40 +95,55 @@ def build(force: bool = False) -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    log.info("fdl: compiling the oneDNN convolution extension into %s", lib)
-    proc = subprocess.run(_command(Path(tmp)), capture_output=True, text=True)
+    log.info("fdl: compiling the native extension %s into %s", source.name, lib)
+    proc = subprocess.run(_command(Path(tmp), source), capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        failed.write_text(" ".join(_command(lib)) + "\n" + proc.stderr)
-        raise RuntimeError(f"compiling {SOURCE.name} failed (log: {failed})")
+        failed.write_text(" ".join(_command(lib, source)) + "\n" + proc.stderr)
+        raise RuntimeError(f"compiling {source.name} failed (log: {failed})")
     os.replace(tmp, lib)
     failed.unlink(missing_ok=True)
     return lib
 
 
-def load() -> bool:
-    """Build if needed, load and register the FFI targets once. ``False`` if unavailable."""
+def _load(source: Path, targets: dict[str, str], state: dict[str, object], what: str) -> bool:
     with _lock:
-        if _state["loaded"] is not None:
-            return bool(_state["loaded"])
+        if state["loaded"] is not None:
+            return bool(state["loaded"])
         try:
-            lib = library_path()
+            lib = library_path(source)
             if not lib.exists() and os.environ.get("FDL_EXT_BUILD", "1") == "0":
                 raise RuntimeError("not built and FDL_EXT_BUILD=0")
-            lib = build()
+            lib = build(source=source)
             dll = ctypes.CDLL(str(lib))
             import jax.ffi
 
-            for name, sym in TARGETS.items():
+            for name, sym in targets.items():
                 jax.ffi.register_ffi_target(
                     name, jax.ffi.pycapsule(getattr(dll, sym)), platform="cpu"
                 )
-            _state["loaded"] = True
+            state["loaded"] = True
         except Exception as e:  # noqa: BLE001 - any failure means "use XLA"
-            _state["loaded"] = False
-            _state["reason"] = str(e)
-            log.debug("fdl: oneDNN convolution extension unavailable (%s); using XLA", e)
-        return bool(_state["loaded"])
+            state["loaded"] = False
+            state["reason"] = str(e)
+            log.debug("fdl: %s extension unavailable (%s); using XLA", what, e)
+        return bool(state["loaded"])
+
+
+def load() -> bool:
+    """Build if needed, load and register the convolution FFI targets once. ``False`` if
+    unavailable."""
+    return _load(SOURCE, TARGETS, _state, "oneDNN convolution")
+
+
+def load_rnn() -> bool:
+    """Build if needed, load and register the LSTM/GRU FFI targets once. ``False`` if
+    unavailable."""
+    return _load(RNN_SOURCE, RNN_TARGETS, _rnn_state, "native RNN")
+
+
+def rnn_unavailable_reason() -> str:
+    return str(_rnn_state["reason"])
 
 
 def unavailable_reason() -> str:
@@ -132,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = build(force=args.force)
+        rnn_path = build(force=args.force, source=RNN_SOURCE)
     except Exception as e:  # noqa: BLE001
         print(f"fdl._ext: build failed: {e}", file=sys.stderr)
+        return 1
+    if not load_rnn():
+        print(f"fdl._ext: built {rnn_path} but loading failed: {rnn_unavailable_reason()}",
+              file=sys.stderr)
         return 1
     if not load():
         print(f"fdl._ext: built {path} but loading failed: {unavailable_reason()}", file=sys.stderr)

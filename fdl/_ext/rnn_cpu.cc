@@ -1,0 +1,348 @@
+// fdl: the time loop of a one-direction LSTM / GRU layer (forward and backward) as XLA FFI
+// handlers, float32, row-major, time-major.
+//
+// Why: inside an XLA while loop the per-step (B, H) @ (H, G*H) matmul runs on one core (XLA's
+// cost model keeps such small dots single-threaded), and each step also pays ~10 thunk launches
+// and thread hand-offs. Here each step is one dnnl_sgemm (oneDNN's GEMM, OpenMP: both cores)
+// plus one vectorised elementwise pass. The input projection (all steps, one matmul) and the
+// weight gradients (one matmul over all T*B rows after the loop) stay in XLA: see
+// fdl/nn/recurrent.py (fused_direction) for the math and the layout of every buffer.
+//
+// LSTM (gates [i, f, g, o], PyTorch's order):
+//   FdlLstmFwd(xp (T,B,4H) aliased to acts, w_hh (H,4H), h0, c0 (B,H))
+//     -> acts (T,B,4H) activated gates, ys (T,B,H), cs (T,B,H)
+//   FdlLstmBwd(acts (T,B,4H) aliased to dgates, w_hh^T (4H,H), c0, cs, d_ys (T,B,H), dh_n, dc_n)
+//     -> dgates (T,B,4H) (gradient of the gate pre-activations), dh0, dc0 (B,H)
+// GRU (gates [r, z, n]; candidate n = tanh(xn + r * (W_hn h + b_hn))):
+//   FdlGruFwd(xp (T,B,3H) aliased to acts, w_hh (H,3H), b_hh (3H), h0 (B,H))
+//     -> acts (T,B,3H) = [r, z, n], ys (T,B,H), hns (T,B,H) = W_hn h_{t-1} + b_hn
+//   FdlGruBwd(acts aliased to d_xp, w_hh^T (3H,H), h0, ys, hns, d_ys, dh_n)
+//     -> d_xp (T,B,3H) (gradient of x @ w_ih + b_ih), d_hh (T,B,3H) (of h @ w_hh + b_hh), dh0
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Eigen's float tanh (the rational approximation XLA:CPU also uses), written so the compiler
+// vectorises the loops that call it.
+inline float fast_tanh(float x) {
+  const float kClamp = 7.90531110763549805f;
+  x = std::min(kClamp, std::max(-kClamp, x));
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * x;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return p / q;
+}
+
+inline float fast_sigmoid(float x) { return 0.5f * fast_tanh(0.5f * x) + 0.5f; }
+
+#define FDL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+// ---------------------------------------------------------------------------------- LSTM
+
+// g (B,4H) holds pre-activations on entry, activations on exit; c, h (B,H) written.
+FDL_CLONES void lstm_fwd_step(int64_t B, int64_t H, float* __restrict g,
+                              const float* __restrict c_prev, float* __restrict c,
+                              float* __restrict h) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* gi = g + b * 4 * H;
+    float* gf = gi + H;
+    float* gg = gi + 2 * H;
+    float* go = gi + 3 * H;
+    const float* cp = c_prev + b * H;
+    float* cb = c + b * H;
+    float* hb = h + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = fast_sigmoid(gi[j]);
+      const float f = fast_sigmoid(gf[j]);
+      const float gv = fast_tanh(gg[j]);
+      const float o = fast_sigmoid(go[j]);
+      const float cv = f * cp[j] + i * gv;
+      gi[j] = i;
+      gf[j] = f;
+      gg[j] = gv;
+      go[j] = o;
+      cb[j] = cv;
+      hb[j] = o * fast_tanh(cv);
+    }
+  }
+}
+
+// a (B,4H) activations on entry, gate gradients on exit. dh (B,H): carried dh + dy (in),
+// dc (B,H): carried dc in, dc * f out (the carry to step t-1).
+FDL_CLONES void lstm_bwd_step(int64_t B, int64_t H, float* __restrict a,
+                              const float* __restrict ct, const float* __restrict cp,
+                              const float* __restrict dh, float* __restrict dc) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* ai = a + b * 4 * H;
+    float* af = ai + H;
+    float* ag = ai + 2 * H;
+    float* ao = ai + 3 * H;
+    const float* ctb = ct + b * H;
+    const float* cpb = cp + b * H;
+    const float* dhb = dh + b * H;
+    float* dcb = dc + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = ai[j], f = af[j], g = ag[j], o = ao[j];
+      const float tc = fast_tanh(ctb[j]);
+      const float d_h = dhb[j];
+      const float d_c = dcb[j] + d_h * o * (1.f - tc * tc);
+      ai[j] = d_c * g * i * (1.f - i);
+      af[j] = d_c * cpb[j] * f * (1.f - f);
+      ag[j] = d_c * i * (1.f - g * g);
+      ao[j] = d_h * tc * o * (1.f - o);
+      dcb[j] = d_c * f;
+    }
+  }
+}
+
+FDL_CLONES void add_into(int64_t n, float* __restrict dst, const float* __restrict a,
+                         const float* __restrict b) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = a[k] + b[k];
+}
+
+ffi::Error sgemm_error(dnnl_status_t st) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    "fdl rnn: dnnl_sgemm failed with status " + std::to_string(int(st)));
+}
+
+ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                       ffi::ResultBuffer<ffi::F32> acts, ffi::ResultBuffer<ffi::F32> ys,
+                       ffi::ResultBuffer<ffi::F32> cs) {
+  auto d = xp.dimensions();
+  if (d.size() != 3 || w.dimensions().size() != 2)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm fwd: bad ranks");
+  const int64_t T = d[0], B = d[1], G = d[2], H = w.dimensions()[0];
+  if (G != 4 * H || w.dimensions()[1] != G)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm fwd: bad shapes");
+  float* A = acts->typed_data();
+  if (A != xp.typed_data()) std::memcpy(A, xp.typed_data(), sizeof(float) * T * B * G);
+  float* Y = ys->typed_data();
+  float* C = cs->typed_data();
+  const float* W = w.typed_data();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
+    const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+    float* g = A + t * B * G;
+    // g += h_{t-1} @ W   (row-major: M=B, N=G, K=H)
+    dnnl_status_t st = dnnl_sgemm('N', 'N', B, G, H, 1.f, hp, H, W, G, 1.f, g, G);
+    if (st != dnnl_success) return sgemm_error(st);
+    lstm_fwd_step(B, H, g, cp, C + t * B * H, Y + t * B * H);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
+                       ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
+                       ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
+                       ffi::Buffer<ffi::F32> dc_n, ffi::ResultBuffer<ffi::F32> dgates,
+                       ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
+  auto d = acts_in.dimensions();
+  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
+  if (G != 4 * H || w_t.dimensions()[0] != G)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
+  float* A = dgates->typed_data();
+  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  const float* WT = w_t.typed_data();
+  const float* C = cs.typed_data();
+  const float* DY = dys.typed_data();
+  float* dh = dh0->typed_data();  // running carries live in the outputs
+  float* dc = dc0->typed_data();
+  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
+  std::vector<float> dh_tot(B * H);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
+    const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+    float* g = A + t * B * G;
+    lstm_bwd_step(B, H, g, C + t * B * H, cp, dh_tot.data(), dc);
+    // dh_{t-1} = dgates_t @ W^T   (M=B, N=H, K=G; WT is W^T, (G, H) row-major)
+    dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
+    if (st != dnnl_success) return sgemm_error(st);
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------- GRU
+
+// x (B,3H) input pre-activations in, [r, z, n] out; hh (B,3H) = h W_hh + b_hh.
+FDL_CLONES void gru_fwd_step(int64_t B, int64_t H, float* __restrict x,
+                             const float* __restrict hh, const float* __restrict h_prev,
+                             float* __restrict h, float* __restrict hn) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* xr = x + b * 3 * H;
+    float* xz = xr + H;
+    float* xn = xr + 2 * H;
+    const float* hr = hh + b * 3 * H;
+    const float* hz = hr + H;
+    const float* hnn = hr + 2 * H;
+    const float* hp = h_prev + b * H;
+    float* hb = h + b * H;
+    float* hnb = hn + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const float r = fast_sigmoid(xr[j] + hr[j]);
+      const float z = fast_sigmoid(xz[j] + hz[j]);
+      const float n = fast_tanh(xn[j] + r * hnn[j]);
+      xr[j] = r;
+      xz[j] = z;
+      xn[j] = n;
+      hnb[j] = hnn[j];
+      hb[j] = n + z * (hp[j] - n);
+    }
+  }
+}
+
+// a (B,3H) [r, z, n] in, d_xp out; dhh (B,3H) out; dh (B,H) total dh in; dz_carry out = dh*z.
+FDL_CLONES void gru_bwd_step(int64_t B, int64_t H, float* __restrict a,
+                             float* __restrict dhh, const float* __restrict hn,
+                             const float* __restrict hp, const float* __restrict dh,
+                             float* __restrict dcarry) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* ar = a + b * 3 * H;
+    float* az = ar + H;
+    float* an = ar + 2 * H;
+    float* qr = dhh + b * 3 * H;
+    float* qz = qr + H;
+    float* qn = qr + 2 * H;
+    const float* hnb = hn + b * H;
+    const float* hpb = hp + b * H;
+    const float* dhb = dh + b * H;
+    float* dcb = dcarry + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const float r = ar[j], z = az[j], n = an[j], d = dhb[j];
+      const float dan = d * (1.f - z) * (1.f - n * n);
+      const float dar = dan * hnb[j] * r * (1.f - r);
+      const float daz = d * (hpb[j] - n) * z * (1.f - z);
+      ar[j] = dar;
+      az[j] = daz;
+      an[j] = dan;
+      qr[j] = dar;
+      qz[j] = daz;
+      qn[j] = dan * r;
+      dcb[j] = d * z;
+    }
+  }
+}
+
+ffi::Error GruFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::F32> b_hh, ffi::Buffer<ffi::F32> h0,
+                      ffi::ResultBuffer<ffi::F32> acts, ffi::ResultBuffer<ffi::F32> ys,
+                      ffi::ResultBuffer<ffi::F32> hns) {
+  auto d = xp.dimensions();
+  if (d.size() != 3 || w.dimensions().size() != 2)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru fwd: bad ranks");
+  const int64_t T = d[0], B = d[1], G = d[2], H = w.dimensions()[0];
+  if (G != 3 * H || w.dimensions()[1] != G)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru fwd: bad shapes");
+  float* A = acts->typed_data();
+  if (A != xp.typed_data()) std::memcpy(A, xp.typed_data(), sizeof(float) * T * B * G);
+  float* Y = ys->typed_data();
+  float* HN = hns->typed_data();
+  const float* W = w.typed_data();
+  const float* bias = b_hh.typed_data();
+  std::vector<float> hh(B * G);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
+    for (int64_t b = 0; b < B; ++b) std::memcpy(hh.data() + b * G, bias, sizeof(float) * G);
+    dnnl_status_t st = dnnl_sgemm('N', 'N', B, G, H, 1.f, hp, H, W, G, 1.f, hh.data(), G);
+    if (st != dnnl_success) return sgemm_error(st);
+    gru_fwd_step(B, H, A + t * B * G, hh.data(), hp, Y + t * B * H, HN + t * B * H);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
+                      ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> ys,
+                      ffi::Buffer<ffi::F32> hns, ffi::Buffer<ffi::F32> dys,
+                      ffi::Buffer<ffi::F32> dh_n, ffi::ResultBuffer<ffi::F32> d_xp,
+                      ffi::ResultBuffer<ffi::F32> d_hh, ffi::ResultBuffer<ffi::F32> dh0) {
+  auto d = acts_in.dimensions();
+  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
+  if (G != 3 * H || w_t.dimensions()[0] != G)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru bwd: bad shapes");
+  float* A = d_xp->typed_data();
+  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  float* Q = d_hh->typed_data();
+  const float* WT = w_t.typed_data();
+  const float* Y = ys.typed_data();
+  const float* HN = hns.typed_data();
+  const float* DY = dys.typed_data();
+  float* dh = dh0->typed_data();
+  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  std::vector<float> dh_tot(B * H);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
+    const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
+    float* q = Q + t * B * G;
+    gru_bwd_step(B, H, A + t * B * G, q, HN + t * B * H, hp, dh_tot.data(), dh);
+    // dh_{t-1} = dh * z + d_hh_t @ W^T
+    dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, q, G, WT, H, 1.f, dh, H);
+    if (st != dnnl_success) return sgemm_error(st);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmFwd, LstmFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwd, LstmBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruFwd, GruFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruBwd, GruBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
