@@ -339,7 +339,7 @@ def _native_or_skip():
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-@pytest.mark.parametrize("steps", [1, 6])
+@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 6])
 def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
     """float32: the C++ time loop (FDL_RNN_BACKEND=native) gives the values and gradients of
     the XLA loop and of autodiff through scan_cell (deep, bidirectional, non-zero state)."""
@@ -382,3 +382,23 @@ def test_native_backend_choice(monkeypatch):
     _, p, _ = layer.init(jax.random.key(0), x.shape)
     p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
     assert "fdl_lstm" not in jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x).as_text()
+
+
+def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
+    """No compiler/oneDNN: ``auto`` quietly uses the XLA loop, ``native`` says why it can't."""
+    from fdl._ext import build
+
+    monkeypatch.setattr(build, "_rnn_state", {"loaded": None, "reason": ""})
+    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
+    monkeypatch.setenv("FDL_RNN_BACKEND", "auto")
+    layer = nn.gru(3)
+    x = jnp.ones((2, 4, 3), jnp.float32)
+    _, p, _ = layer.init(jax.random.key(0), x.shape)
+    f = jax.jit(lambda p, x: layer.apply(p, {}, x)[0])
+    assert "fdl_gru" not in f.lower(p, x).as_text()
+    assert build.load_rnn() is False
+    assert "compiler" in build.rnn_unavailable_reason()
+    monkeypatch.setenv("FDL_RNN_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
