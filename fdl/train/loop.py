@@ -269,6 +269,37 @@ def _opt_init(optimizer, params):
         return optimizer.init(params)
 
 
+_LR_LEAF: dict[Any, int | None] = {}
+
+
+def _current_lr(opt_state):
+    try:
+        from fdl.optim import current_lr
+
+        return current_lr(opt_state)
+    except (ValueError, ImportError, TypeError):
+        return None
+
+
+def _lr_leaf(opt_state):
+    """``fdl.optim.current_lr(opt_state)`` (``None`` if the state holds no learning rate),
+    located once per optimizer-state structure, then read as a leaf of the flat state."""
+    leaves, treedef = jax.tree.flatten(opt_state)
+    try:
+        i = _LR_LEAF.get(treedef, -1)
+    except TypeError:  # unhashable structure
+        return _current_lr(opt_state)
+    if i == -1:
+        lr = _current_lr(opt_state)
+        i = next((j for j, leaf in enumerate(leaves) if leaf is lr), None)
+        if i is None and lr is not None:  # not a leaf of the state: do not cache
+            return lr
+        if len(_LR_LEAF) > 256:
+            _LR_LEAF.clear()
+        _LR_LEAF[treedef] = i
+    return None if i is None else leaves[i]
+
+
 def _fmt(row: dict[str, Any]) -> str:
     parts = [f"epoch {row['epoch']}"]
     for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_perplexity"):
@@ -426,7 +457,6 @@ def fit(
             tqdm = None
 
     indexed = _indexed_step(train_step) if train_loader.indexable_on_device else None
-    counter = jax.device_put(np.uint32(step)) if indexed is not None else None
 
     def after_step(epoch, bar, metrics) -> None:
         if callback is not None:
@@ -461,8 +491,10 @@ def fit(
                 # this resumes mid-epoch)
                 fused, zeros_cache = indexed
                 data = train_loader.device_arrays()
-                idx, mask, pos = jax.device_put(train_loader.index_table(epoch, first)
-                                                + (np.int32(0),))
+                # one transfer per epoch: the table, the position in it and the step counter
+                idx, mask, pos, counter = jax.device_put(
+                    (*train_loader.index_table(epoch, first), np.int32(0), np.uint32(step))
+                )
                 sums = epoch_sums
                 for _ in range(idx.shape[0]):
                     if sums is None:
@@ -503,12 +535,9 @@ def fit(
             if seen and n_real is not None:
                 row["examples_per_sec"] = n_real / max(elapsed, 1e-9)
             row["time"] = time.perf_counter() - t0
-            try:
-                from fdl.optim import current_lr
-
-                row["lr"] = float(current_lr(opt_state))
-            except (ValueError, ImportError, TypeError):
-                pass
+            lr = _lr_leaf(opt_state)
+            if lr is not None:
+                row["lr"] = float(lr)
             history.append(row)
             log({"type": "epoch", **row})
             say(_fmt(row))

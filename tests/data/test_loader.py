@@ -139,3 +139,16 @@ def test_indexable_on_device_conditions():
     assert not ArrayLoader((x, y), 5, last_batch="keep").indexable_on_device  # partial batch
     assert not ArrayLoader((x, y), 5, last_batch="pad", device_put=False).indexable_on_device
     assert not ArrayLoader((x, y), 5, last_batch="pad", device_resident=False).indexable_on_device
+
+
+def test_epoch_seed_on_host_equals_jax_fold_in():
+    """The per-epoch shuffling seed is computed on the host for threefry keys; it must be the
+    key data of jax.random.fold_in(key, epoch), bit for bit."""
+    from fdl.data import loader as L
+
+    keys = [jax.random.key(s) for s in (0, 1, 2**31 + 3)] + [jax.random.PRNGKey(5),
+                                                            jax.random.key(7, impl="rbg")]
+    for key in keys:
+        for epoch in (0, 1, 9, 2**20 + 1, 2**31 - 1):
+            ref = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch)))
+            assert L._epoch_seed(key, epoch) == ref.astype(np.uint64).tolist()
