@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdl._ext: built {rnn_path} but loading failed: {rnn_unavailable_reason()}",
               file=sys.stderr)
         return 1
+    print(f"fdl._ext: native RNN extension OK ({rnn_path})")
     if not load():
         print(f"fdl._ext: built {path} but loading failed: {unavailable_reason()}", file=sys.stderr)
         return 1
