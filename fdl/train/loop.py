@@ -143,13 +143,10 @@ def _zeros_like_metrics(metrics_shape) -> dict:
 
 
 @jax.jit
-def _gather_batch(data, idx, mask, pos):
-    """Batch ``pos`` of the epoch's index table from the device-resident data, and ``pos + 1``."""
-    rows = idx[pos]
+def _gather_batch(data, rows, mask):
+    """The batch of examples ``rows`` of the device-resident ``data`` (and its ``mask``)."""
     batch = tuple(a[rows] for a in data)
-    if mask is not None:
-        batch = (*batch, mask[pos])
-    return batch, pos + 1
+    return batch if mask is None else (*batch, mask)
 
 
 def _indexed_step(train_step):
@@ -491,16 +488,16 @@ def fit(
                 # this resumes mid-epoch)
                 fused, zeros_cache = indexed
                 data = train_loader.device_arrays()
-                # one transfer per epoch: the table, the position in it and the step counter
-                idx, mask, pos, counter = jax.device_put(
-                    (*train_loader.index_table(epoch, first), np.int32(0), np.uint32(step))
-                )
+                # the rows of each batch go with its gather call (a few KB, no separate
+                # transfer); the step counter stays on the device after the first step
+                idx, mask = train_loader.index_table(epoch, first)
+                counter = np.uint32(step)
                 sums = epoch_sums
-                for _ in range(idx.shape[0]):
+                for i in range(idx.shape[0]):
                     if sums is None:
                         sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
                                              key, train_loader)
-                    batch, pos = _gather_batch(data, idx, mask, pos)
+                    batch = _gather_batch(data, idx[i], None if mask is None else mask[i])
                     params, state, opt_state, sums, metrics, counter = fused(
                         params, state, opt_state, sums, counter, batch, key
                     )
