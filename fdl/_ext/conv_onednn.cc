@@ -8,13 +8,30 @@
 // (one call); otherwise the handler loops over the broadcast leading index.
 //
 // Primitives are cached per geometry (thread-safe); the kernel is reordered into the layout the
-// chosen oneDNN implementation prefers (format_tag::any) on every call (it is small).
+// chosen oneDNN implementation prefers (format_tag::any) on every call (it is small), unless
+// that layout is byte-identical to HWIO (checked once per primitive).
+//
+// Implementation policy (flag kPolicyImpl, on by default; measured on ResNet-18 CIFAR layers,
+// see docs/performance.md): oneDNN 2.6's first choice is not always its fastest. Forward:
+// "jit:avx512_core" instead of "brgconv" when the output has <= 16 pixels per image or the
+// input has < 8 channels (e.g. 512->512 at 4x4: 2x less CPU time). Backward-weights:
+// "gemm:jit" for 1x1 kernels and < 8 input channels (the direct kernel runs at ~15% of peak
+// there). Everything else: oneDNN's default.
+//
+// Serialisation (flag kPolicySerial, on by default): XLA's thunk executor runs independent
+// custom calls concurrently (e.g. backward-data and backward-weights of one layer); each
+// oneDNN call already uses every core through OpenMP, so concurrent calls would oversubscribe
+// the cores (two OpenMP teams spinning against each other). A process-wide mutex runs one
+// convolution at a time.
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -35,6 +52,9 @@ dnnl::engine& cpu_engine() {
 
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
+enum Policy : int { kPolicyImpl = 1, kPolicySerial = 2 };
+std::atomic<int> g_policy{kPolicyImpl | kPolicySerial};
+
 struct Geom {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, g;
   auto key() const {
@@ -48,6 +68,7 @@ struct Entry {
   memory::desc prim_w;  // layout the primitive wants
   memory::desc src, dst;
   bool need_reorder = false;
+  std::string impl;
   dnnl::reorder reorder;  // user->prim (fwd, bwd_data) or prim->user (bwd_weights)
   memory::desc scratch;
 };
@@ -64,48 +85,98 @@ memory::desc w_md(const Geom& g, bool any) {
                       any ? tag::any : tag::hwigo);
 }
 
+// The implementation (oneDNN's impl_info_str) to prefer for this pass and geometry, or "" for
+// oneDNN's own first choice. See the policy note at the top of the file.
+std::string preferred_impl(Kind kind, const Geom& g, int policy) {
+  if (!(policy & kPolicyImpl)) return "";
+  const int64_t icg = g.ic / g.g;
+  if (kind == kFwd && (g.oh * g.ow <= 16 || icg < 8)) return "jit:avx512_core";
+  if (kind == kBwdWeights && ((g.kh == 1 && g.kw == 1) || icg < 8)) return "x64:gemm:jit";
+  return "";
+}
+
+// Build a primitive descriptor with `make` and step through oneDNN's implementation list to
+// `want` (exact impl_info_str); fall back to the first implementation if `want` is absent.
+template <typename PD, typename Make>
+PD pick_impl(Make make, const std::string& want) {
+  PD pd = make();
+  if (want.empty() || pd.impl_info_str() == want) return pd;
+  while (pd.next_impl()) {
+    if (pd.impl_info_str() == want) return pd;
+  }
+  return make();
+}
+
 dnnl::convolution_forward::primitive_desc fwd_pd(const Geom& g, const memory::desc& src,
-                                                  const memory::desc& dst) {
+                                                  const memory::desc& dst,
+                                                  const std::string& want) {
   dnnl::convolution_forward::desc d(
       dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, w_md(g, true),
       dst, {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr});
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return dnnl::convolution_forward::primitive_desc(d, attr, cpu_engine());
+  return pick_impl<dnnl::convolution_forward::primitive_desc>(
+      [&] { return dnnl::convolution_forward::primitive_desc(d, attr, cpu_engine()); }, want);
 }
 
-std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g) {
+// Whether reordering between `a` and `b` is the identity on the bytes (e.g. Acdb64a and HWIO
+// for 64 output channels): run the reorder once on an index pattern and compare.
+bool same_bytes(const memory::desc& a, const memory::desc& b) {
+  if (a == b) return true;
+  if (a.get_size() != b.get_size()) return false;
+  const size_t n = a.get_size() / sizeof(float);
+  std::vector<float> in(n), out(n, -1.f);
+  for (size_t i = 0; i < n; ++i) in[i] = static_cast<float>(i);
+  auto& eng = cpu_engine();
+  memory ma(a, eng, in.data()), mb(b, eng, out.data());
+  dnnl::stream s(eng);
+  dnnl::reorder(dnnl::reorder::primitive_desc(eng, a, eng, b)).execute(s, ma, mb);
+  s.wait();
+  return std::memcmp(in.data(), out.data(), n * sizeof(float)) == 0;
+}
+
+std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g, int policy) {
   auto e = std::make_shared<Entry>();
+  const std::string want = preferred_impl(kind, g, policy);
   memory::desc src = act_md(g.n, g.ic, g.ih, g.iw);
   memory::desc dst = act_md(g.n, g.oc, g.oh, g.ow);
   e->src = src;
   e->dst = dst;
   e->user_w = w_md(g, false);
-  auto fpd = fwd_pd(g, src, dst);
+  auto fpd = fwd_pd(g, src, dst, kind == kFwd ? want : preferred_impl(kFwd, g, policy));
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (kind == kFwd) {
     e->prim = dnnl::convolution_forward(fpd);
     e->prim_w = fpd.weights_desc();
     e->scratch = fpd.scratchpad_desc();
+    e->impl = fpd.impl_info_str();
   } else if (kind == kBwdData) {
     dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, src,
                                             w_md(g, true), dst, {g.sh, g.sw},
                                             {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr});
-    dnnl::convolution_backward_data::primitive_desc pd(d, attr, cpu_engine(), fpd);
+    auto pd = pick_impl<dnnl::convolution_backward_data::primitive_desc>(
+        [&] { return dnnl::convolution_backward_data::primitive_desc(d, attr, cpu_engine(), fpd); },
+        want);
     e->prim = dnnl::convolution_backward_data(pd);
+    e->impl = pd.impl_info_str();
     e->prim_w = pd.weights_desc();
     e->scratch = pd.scratchpad_desc();
   } else {
     dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, src,
                                                w_md(g, true), dst, {g.sh, g.sw},
                                                {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr});
-    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, cpu_engine(), fpd);
+    auto pd = pick_impl<dnnl::convolution_backward_weights::primitive_desc>(
+        [&] {
+          return dnnl::convolution_backward_weights::primitive_desc(d, attr, cpu_engine(), fpd);
+        },
+        want);
     e->prim = dnnl::convolution_backward_weights(pd);
+    e->impl = pd.impl_info_str();
     e->prim_w = pd.diff_weights_desc();
     e->scratch = pd.scratchpad_desc();
   }
-  e->need_reorder = !(e->prim_w == e->user_w);
+  e->need_reorder = !same_bytes(e->user_w, e->prim_w);
   if (e->need_reorder) {
     if (kind == kBwdWeights) {
       e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), e->prim_w,
@@ -120,14 +191,15 @@ std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g) {
 
 std::shared_ptr<Entry> get_entry(Kind kind, const Geom& g) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, decltype(g.key())>, std::shared_ptr<Entry>> cache;
-  auto k = std::make_tuple(static_cast<int64_t>(kind), g.key());
+  static std::map<std::tuple<int64_t, int, decltype(g.key())>, std::shared_ptr<Entry>> cache;
+  const int policy = g_policy.load() & kPolicyImpl;
+  auto k = std::make_tuple(static_cast<int64_t>(kind), policy, g.key());
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(k);
     if (it != cache.end()) return it->second;
   }
-  auto e = make_entry(kind, g);
+  auto e = make_entry(kind, g, policy);
   std::lock_guard<std::mutex> lock(mu);
   cache.emplace(k, e);
   return e;
@@ -227,6 +299,9 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();
   float* op = out->typed_data();
+  static std::mutex serial_mu;
+  std::unique_lock<std::mutex> serial(serial_mu, std::defer_lock);
+  if (g_policy.load() & kPolicySerial) serial.lock();
   try {
     const int64_t nb = prod(lo);
     if (nb == 1) {
@@ -295,3 +370,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdData, BwdDataImpl, FDL_BIND());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdWeights, BwdWeightsImpl, FDL_BIND());
 
 extern "C" int fdl_conv_onednn_abi_version() { return 1; }
+
+// Policy flags (bit 0: implementation policy, bit 1: serialise calls); returns the old value.
+// For measurements (docs/performance.md); the default is both on.
+extern "C" int fdl_conv_onednn_set_policy(int flags) { return g_policy.exchange(flags); }
+
+// The oneDNN implementation used for a pass (0 fwd, 1 bwd-data, 2 bwd-weights) and exact
+// NHWC/HWIO geometry under the current policy, written to buf (for tests and docs).
+extern "C" int fdl_conv_onednn_impl(int kind, const int64_t* geom, char* buf, int len) {
+  Geom g{};
+  g.n = geom[0]; g.ih = geom[1]; g.iw = geom[2]; g.ic = geom[3]; g.oh = geom[4]; g.ow = geom[5];
+  g.oc = geom[6]; g.kh = geom[7]; g.kw = geom[8]; g.sh = geom[9]; g.sw = geom[10];
+  g.pt = geom[11]; g.pb = geom[12]; g.pl = geom[13]; g.pr = geom[14]; g.dh = geom[15];
+  g.dw = geom[16]; g.g = geom[17];
+  try {
+    auto e = get_entry(static_cast<Kind>(kind), g);
+    std::snprintf(buf, len, "%s%s", e->impl.c_str(), e->need_reorder ? "" : " (no reorder)");
+  } catch (const dnnl::error& err) {
+    std::snprintf(buf, len, "error: %s", err.what());
+    return 1;
+  }
+  return 0;
+}

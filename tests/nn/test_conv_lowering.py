@@ -194,3 +194,104 @@ def test_build_failure_is_cached_and_reported(monkeypatch, tmp_path):
         import ctypes
 
         ctypes.CDLL(str(lib))
+
+
+# --- per-shape implementation policy and the backward-data-as-forward rewrite -------------------
+
+def _lib():
+    import ctypes
+
+    return ctypes.CDLL(str(build.library_path()))
+
+
+@pytest.fixture(params=["default", "off"])
+def policy(request, onednn, monkeypatch):
+    """Run with the default policy (oneDNN implementation choice per shape, serialised calls,
+    backward-data as a flipped forward convolution) and with all of it switched off."""
+    lib = _lib()
+    on = request.param == "default"
+    old = lib.fdl_conv_onednn_set_policy(3 if on else 0)
+    monkeypatch.setattr(conv_lowering, "BWD_DATA_VIA_FWD", on)
+    yield request.param
+    lib.fdl_conv_onednn_set_policy(old)
+
+
+# (x shape, w shape, stride, padding, dilation, groups); the comment names the path (default).
+POLICY_CASES = [
+    ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # bwd-data via flip
+    ((2, 9, 7, 8), (3, 3, 8, 16), (1, 1), ((0, 2), (2, 1)), (1, 1), 1),  # flip, asymmetric pad
+    ((2, 6, 6, 8), (3, 2, 8, 8), (1, 1), ((3, 0), (1, 1)), (1, 1), 1),  # pad > k-1: no flip
+    ((2, 4, 4, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # <=16 px: jit fwd
+    ((2, 9, 9, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # 1x1/2: gemm bwd-w
+    ((2, 8, 8, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 3-ch stem
+    ((2, 8, 8, 8), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups: no flip
+    ((1, 7, 6, 4), (2, 3, 4, 5), (1, 1), ((1, 0), (2, 2)), (2, 1), 1),  # dilation: no flip
+]
+
+
+@pytest.mark.parametrize("case", range(len(POLICY_CASES)))
+def test_policy_paths_match_lax(policy, case):
+    xs, ws, stride, pad, dil, g = POLICY_CASES[case]
+    x, w, k = _data(jax.random.key(10 + case), xs, ws)
+    args = (stride, pad, dil, g)
+    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
+    r = lambda x, w: _ref(x, w, *args)  # noqa: E731
+    assert _has_custom_call(f, x, w)
+    y = jax.jit(f)(x, w)
+    _close(y, r(x, w), scale=float(jnp.abs(r(x, w)).max()))
+    ct = jax.random.normal(k, y.shape, jnp.float32)
+    loss = lambda fn: lambda x, w: jnp.vdot(fn(x, w), ct)  # noqa: E731
+    got = jax.jit(jax.grad(loss(f), (0, 1)))(x, w)
+    want = jax.grad(loss(r), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+    if case in (0, 1, 4):
+        # second order through the rewritten backward pass, and per-example gradients (vmap)
+        def h(conv):
+            inner = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args))), 0)
+            return jax.grad(lambda x, w: jnp.sum(inner(x, w) ** 2), (0, 1))
+
+        for a, b in zip(jax.jit(h(conv2d_nhwc))(x, w), h(_ref)(x, w)):
+            _close(a, b, scale=float(jnp.abs(b).max()))
+        pe = lambda conv: jax.vmap(jax.grad(  # noqa: E731
+            lambda x, w: jnp.sum(conv(x[None], w, *args) ** 2), (0, 1)), (0, None))
+        for a, b in zip(jax.jit(pe(conv2d_nhwc))(x, w), pe(_ref)(x, w)):
+            _close(a, b, scale=float(jnp.abs(b).max()))
+
+
+def test_flip_rewrite_replaces_backward_data(onednn, monkeypatch):
+    x, w, _ = _data(jax.random.key(30), (2, 8, 8, 16), (3, 3, 16, 16))
+    args = ((1, 1), ((1, 1), (1, 1)))
+    loss = lambda x, w: jnp.sum(conv2d_nhwc(x, w, *args) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
+    assert "fdl_conv_bwd_data" not in hlo and hlo.count("fdl_conv_fwd") == 2
+    monkeypatch.setattr(conv_lowering, "BWD_DATA_VIA_FWD", False)
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
+    assert "fdl_conv_bwd_data" in hlo
+
+
+def test_policy_picks_documented_implementations(onednn):
+    """On AVX-512 CPUs the policy picks the implementations docs/performance.md names."""
+    import ctypes
+
+    lib = _lib()
+    lib.fdl_conv_onednn_impl.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                                         ctypes.c_char_p, ctypes.c_int]
+
+    def impl(kind, n, ih, ic, oh, oc, k, s, p):
+        geom = (ctypes.c_int64 * 18)(n, ih, ih, ic, oh, oh, oc, k, k, s, s, p, p, p, p, 1, 1, 1)
+        buf = ctypes.create_string_buffer(200)
+        assert lib.fdl_conv_onednn_impl(kind, geom, buf, 200) == 0, buf.value
+        return buf.value.decode()
+
+    old = lib.fdl_conv_onednn_set_policy(3)
+    try:
+        if "avx512" not in impl(0, 2, 8, 16, 8, 32, 3, 1, 1):
+            pytest.skip("not an AVX-512 CPU: implementation names differ")
+        assert impl(0, 2, 4, 64, 4, 64, 3, 1, 1).startswith("jit:avx512_core")  # 16 px
+        assert impl(0, 2, 8, 3, 8, 16, 3, 1, 1).startswith("jit:avx512_core")  # 3 channels
+        assert impl(2, 2, 9, 16, 5, 32, 1, 2, 0).startswith("x64:gemm:jit")  # 1x1 bwd-w
+        assert impl(2, 2, 8, 3, 8, 16, 3, 1, 1).startswith("x64:gemm:jit")  # stem bwd-w
+        assert impl(0, 2, 8, 16, 8, 64, 3, 1, 1).endswith("(no reorder)")  # Acdb64a == HWIO
+    finally:
+        lib.fdl_conv_onednn_set_policy(old)
