@@ -493,11 +493,19 @@ def fit(
                 idx, mask = train_loader.index_table(epoch, first)
                 counter = np.uint32(step)
                 sums = epoch_sums
-                for i in range(idx.shape[0]):
+                n_rows = idx.shape[0]
+                nxt = (_gather_batch(data, idx[0], None if mask is None else mask[0])
+                       if n_rows else ())
+                for i in range(n_rows):
                     if sums is None:
                         sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
                                              key, train_loader)
-                    batch = _gather_batch(data, idx[i], None if mask is None else mask[i])
+                    # the next batch's gather is dispatched before this step: it does not wait
+                    # for the step, so it runs ahead instead of between two steps
+                    batch = nxt
+                    if i + 1 < n_rows:
+                        nxt = _gather_batch(data, idx[i + 1],
+                                            None if mask is None else mask[i + 1])
                     params, state, opt_state, sums, metrics, counter = fused(
                         params, state, opt_state, sums, counter, batch, key
                     )
