@@ -14,9 +14,9 @@
 // Implementation policy (flag kPolicyImpl, on by default; measured on ResNet-18 CIFAR layers,
 // see docs/performance.md): oneDNN 2.6's first choice is not always its fastest. Forward:
 // "jit:avx512_core" instead of "brgconv" when the output has <= 16 pixels per image or the
-// input has < 8 channels (e.g. 512->512 at 4x4: 2x less CPU time). Backward-weights:
-// "gemm:jit" for 1x1 kernels and < 8 input channels (the direct kernel runs at ~15% of peak
-// there). Everything else: oneDNN's default.
+// input has < 8 channels (e.g. 512->512 at 4x4: 1.8x less CPU time, the 3-channel stem 1.2x).
+// Everything else: oneDNN's default (on a quiet machine "gemm:jit" backward-weights lost to the
+// direct kernel even for 1x1 kernels and the 3-channel stem, although it won under heavy load).
 //
 // Serialisation (flag kPolicySerial, on by default): XLA's thunk executor runs independent
 // custom calls concurrently (e.g. backward-data and backward-weights of one layer); each
@@ -27,10 +27,12 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -52,8 +54,8 @@ dnnl::engine& cpu_engine() {
 
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-enum Policy : int { kPolicyImpl = 1, kPolicySerial = 2 };
-std::atomic<int> g_policy{kPolicyImpl | kPolicySerial};
+enum Policy : int { kPolicyImpl = 1, kPolicySerial = 2, kPolicyBuffers = 4 };
+std::atomic<int> g_policy{kPolicyImpl | kPolicySerial | kPolicyBuffers};
 
 struct Geom {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, g;
@@ -91,7 +93,6 @@ std::string preferred_impl(Kind kind, const Geom& g, int policy) {
   if (!(policy & kPolicyImpl)) return "";
   const int64_t icg = g.ic / g.g;
   if (kind == kFwd && (g.oh * g.ow <= 16 || icg < 8)) return "jit:avx512_core";
-  if (kind == kBwdWeights && ((g.kh == 1 && g.kw == 1) || icg < 8)) return "x64:gemm:jit";
   return "";
 }
 
@@ -205,21 +206,44 @@ std::shared_ptr<Entry> get_entry(Kind kind, const Geom& g) {
   return e;
 }
 
+// A grow-only, 64-byte aligned, uninitialised scratch buffer per thread and purpose. Allocating
+// (and zero-filling) fresh std::vectors on every call cost page faults and a memset of up to
+// 9.4 MB (the 512x512 kernel) per call.
+struct ThreadBuf {
+  void* p = nullptr;
+  size_t cap = 0;
+  ~ThreadBuf() { std::free(p); }
+  void* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n + 63) / 64 * 64;
+      p = std::aligned_alloc(64, cap);
+      if (p == nullptr) {
+        cap = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return p;
+  }
+};
+
 // One convolution call on raw pointers. a/b/out meaning depends on kind:
 // fwd: x, w -> y;  bwd_data: dy, w -> dx;  bwd_weights: x, dy -> dw.
 void run_one(Kind kind, const Geom& g, const float* a, const float* b, float* out) {
   auto e = get_entry(kind, g);
   auto& eng = cpu_engine();
   dnnl::stream s(eng);
-  std::vector<uint8_t> scratch_buf(e->scratch.get_size());
-  memory scratch(e->scratch, eng, scratch_buf.data());
-  std::vector<uint8_t> wbuf;
+  thread_local ThreadBuf tl_scratch, tl_w;
+  ThreadBuf call_scratch, call_w;  // policy without kPolicyBuffers: fresh buffers per call
+  const bool reuse = g_policy.load() & kPolicyBuffers;
+  ThreadBuf& scratch_buf = reuse ? tl_scratch : call_scratch;
+  ThreadBuf& wbuf = reuse ? tl_w : call_w;
+  memory scratch(e->scratch, eng, scratch_buf.get(e->scratch.get_size()));
   if (kind == kFwd || kind == kBwdData) {
     memory user_w(e->user_w, eng, const_cast<float*>(b));
     memory w = user_w;
     if (e->need_reorder) {
-      wbuf.resize(e->prim_w.get_size());
-      w = memory(e->prim_w, eng, wbuf.data());
+      w = memory(e->prim_w, eng, wbuf.get(e->prim_w.get_size()));
       e->reorder.execute(s, user_w, w);
     }
     if (kind == kFwd) {
@@ -239,8 +263,7 @@ void run_one(Kind kind, const Geom& g, const float* a, const float* b, float* ou
     memory user_dw(e->user_w, eng, out);
     memory dw = user_dw;
     if (e->need_reorder) {
-      wbuf.resize(e->prim_w.get_size());
-      dw = memory(e->prim_w, eng, wbuf.data());
+      dw = memory(e->prim_w, eng, wbuf.get(e->prim_w.get_size()));
     }
     e->prim.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw},
                         {DNNL_ARG_SCRATCHPAD, scratch}});
@@ -371,7 +394,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdWeights, BwdWeightsImpl, FDL_BIND());
 
 extern "C" int fdl_conv_onednn_abi_version() { return 1; }
 
-// Policy flags (bit 0: implementation policy, bit 1: serialise calls); returns the old value.
+// Policy flags (bit 0: implementation policy, bit 1: serialise calls, bit 2: reuse per-thread
+// scratch/kernel buffers); returns the old value.
 // For measurements (docs/performance.md); the default is both on.
 extern "C" int fdl_conv_onednn_set_policy(int flags) { return g_policy.exchange(flags); }
 
