@@ -6,7 +6,10 @@ convolutions fit), 7 batches of 256, fdl's BN LeNet (the same network as ``lenet
 
 * ``fdl fit``: ``fdl.train.fit(..., epochs=1)`` on an ``ArrayLoader`` (shuffling, batching,
   per-step keys, metric sums, history; progress bar, printing, checkpoints off);
-* ``bare jitted step loop``: a Python loop over the 7 batches, already on the device.
+* ``bare jitted step loop``: a Python loop over the 7 batches, already on the device (no
+  shuffling: the lower bound, and the reference for ``x fastest``);
+* ``bare loop, shuffled``: the same loop with what a user would write to shuffle, a NumPy
+  permutation per epoch and ``x[rows], y[rows]`` on the device arrays before each step.
 
 Data placement is the same for both: the bare loop's batches are put on the device once, in
 setup, and fit's loader (built once, rewound to epoch 0 before every call) keeps its device copy
@@ -93,6 +96,33 @@ def _bare_row():
     return step
 
 
+def _bare_shuffled_row():
+    """The bare loop as a user would write it with shuffling: a NumPy permutation per epoch and
+    ``x[rows], y[rows]`` on the device-resident arrays before each step (not the reference for
+    ``x fastest``, which is the faster unshuffled loop; it shows what shuffling costs)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    net, params, state, opt, x, y = _setup()
+    train_step = make_train_step(net, opt)
+    key = jax.random.key(1)
+    xd, yd = jnp.asarray(x), jnp.asarray(y)
+    carry = [jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), opt.init(params)]
+    rng = np.random.default_rng(0)
+
+    def step():
+        p, s, o = carry
+        perm = rng.permutation(_N)
+        for i in range(0, _N, _BATCH):
+            rows = perm[i:i + _BATCH]
+            p, s, o, _ = train_step(p, s, o, (xd[rows], yd[rows]), key)
+        carry[:] = [p, s, o]
+        return jax.block_until_ready(p)
+
+    return step
+
+
 WORKLOADS = [
     Workload(
         name="fit_overhead",
@@ -104,7 +134,8 @@ WORKLOADS = [
             "loop over the same compiled `make_train_step` on device-resident batches. "
             "`x fastest` of the fit row = fit's time / the bare loop's."
         ),
-        impls={} if _PENDING else {"fdl fit": _fit_row, "bare jitted step loop": _bare_row},
+        impls={} if _PENDING else {"fdl fit": _fit_row, "bare jitted step loop": _bare_row,
+                                   "bare loop, shuffled (x[rows] per step)": _bare_shuffled_row},
         pending=_PENDING,
         # a 5% difference between two ~40 ms medians on a shared 2-core machine needs more
         # samples than the default 20; one call is cheap (~0.1 s per pair)
