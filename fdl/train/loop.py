@@ -7,11 +7,12 @@ dispatch runs ahead of the computation.
 
 No host work per batch: when the step comes from ``make_train_step`` (single device) and the
 loader can keep its data on the device (``ArrayLoader.indexable_on_device``: the default for
-datasets up to 1 GiB), the dataset is transferred once, each epoch sends one table of indices,
-and each step is two compiled calls: a gather of the batch from the device-resident data, and
-the step compiled together with its key ``fold_in(key, step)`` and the sum of the epoch's
-metrics. Other steps (data-parallel ones, your own functions) get host batches from the loader,
-a ``fold_in`` and a jitted metric sum per step, as a Python loop would.
+datasets up to 1 GiB), the dataset is transferred once and each step is two compiled calls: a
+gather of the batch from the device-resident data (it takes the batch's row indices, a few KB,
+and is dispatched one step ahead), and the step compiled together with its key
+``fold_in(key, step)`` and the sum of the epoch's metrics. Other steps (data-parallel ones,
+your own functions) get host batches from the loader, a ``fold_in`` and a jitted metric sum per
+step, as a Python loop would.
 
 Resume: with ``checkpoint_dir`` set, fit saves ``{params, state, opt_state, key, step, loader
 position, epoch metric sums}`` (and the history, as JSON metadata) every ``checkpoint_every``
