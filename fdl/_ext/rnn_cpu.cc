@@ -1,12 +1,13 @@
 // fdl: the time loop of a one-direction LSTM / GRU layer (forward and backward) as XLA FFI
 // handlers, float32, row-major, time-major.
 //
-// Why: inside an XLA while loop the per-step (B, H) @ (H, G*H) matmul runs on one core (XLA's
-// cost model keeps such small dots single-threaded), and each step also pays ~10 thunk launches
-// and thread hand-offs. Here each step is one dnnl_sgemm (oneDNN's GEMM, OpenMP: both cores)
-// plus one vectorised elementwise pass. The input projection (all steps, one matmul) and the
-// weight gradients (one matmul over all T*B rows after the loop) stay in XLA: see
-// fdl/nn/recurrent.py (fused_direction) for the math and the layout of every buffer.
+// Why: inside an XLA while loop each step also pays ~10-13 thunk launches (elementwise, slice,
+// concatenate, dynamic-update-slice: 30-40 us per step) and thread hand-offs around its dot.
+// Here each step is one dnnl_sgemm plus one vectorised elementwise pass (LSTM forward 11 us).
+// The sgemm runs single-threaded, like XLA's in-loop dot (see SingleThreadedGemm). The input
+// projection (all steps, one matmul) and the weight gradients (one matmul over all T*B rows
+// after the loop) stay in XLA: see fdl/nn/recurrent.py (fused_direction) for the math and the
+// layout of every buffer.
 //
 // LSTM (gates [i, f, g, o], PyTorch's order):
 //   FdlLstmFwd(xp (T,B,4H) aliased to acts, w_hh (H,4H), h0, c0 (B,H))
@@ -30,7 +31,21 @@
 
 namespace ffi = xla::ffi;
 
+// From libgomp, which libdnnl links.
+extern "C" int omp_get_max_threads(void);
+extern "C" void omp_set_num_threads(int);
+
 namespace {
+
+// dnnl_sgemm single-threaded for the duration of a loop (restored after): called from an XLA
+// worker thread, its 2-thread OpenMP sgemm was slower than one thread (35 LSTM steps: 3.3 ms vs
+// 2.9 ms, measured in-process), and its OpenMP workers keep spinning after each call, taking a
+// core from whatever XLA runs next.
+struct SingleThreadedGemm {
+  int saved = omp_get_max_threads();
+  SingleThreadedGemm() { omp_set_num_threads(1); }
+  ~SingleThreadedGemm() { omp_set_num_threads(saved); }
+};
 
 // Eigen's float tanh (the rational approximation XLA:CPU also uses), written so the compiler
 // vectorises the loops that call it.
@@ -135,6 +150,7 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
   const int64_t T = d[0], B = d[1], G = d[2], H = w.dimensions()[0];
   if (G != 4 * H || w.dimensions()[1] != G)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm fwd: bad shapes");
+  SingleThreadedGemm single;
   float* A = acts->typed_data();
   if (A != xp.typed_data()) std::memcpy(A, xp.typed_data(), sizeof(float) * T * B * G);
   float* Y = ys->typed_data();
@@ -161,6 +177,7 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
   if (G != 4 * H || w_t.dimensions()[0] != G)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
+  SingleThreadedGemm single;
   float* A = dgates->typed_data();
   if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
   const float* WT = w_t.typed_data();
@@ -254,6 +271,7 @@ ffi::Error GruFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
   const int64_t T = d[0], B = d[1], G = d[2], H = w.dimensions()[0];
   if (G != 3 * H || w.dimensions()[1] != G)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru fwd: bad shapes");
+  SingleThreadedGemm single;
   float* A = acts->typed_data();
   if (A != xp.typed_data()) std::memcpy(A, xp.typed_data(), sizeof(float) * T * B * G);
   float* Y = ys->typed_data();
@@ -280,6 +298,7 @@ ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
   if (G != 3 * H || w_t.dimensions()[0] != G)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru bwd: bad shapes");
+  SingleThreadedGemm single;
   float* A = d_xp->typed_data();
   if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
   float* Q = d_hh->typed_data();

@@ -38,8 +38,8 @@ Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_stat
 **Implementations** (``impl=``): ``"fused"`` (default) runs each direction through
 :func:`fused_direction` -- input projection + recurrence under one hand-written VJP; for float32
 LSTM/GRU the time loop itself runs in the optional C++ extension (``fdl/_ext/rnn_cpu.cc``: one
-oneDNN ``sgemm`` on both cores + one vectorised elementwise pass per step; compiled on first
-use like the convolution extension; ``FDL_RNN_BACKEND=auto|native|xla``, see
+oneDNN ``sgemm`` + one vectorised elementwise pass per step instead of ~12 XLA thunks; compiled
+on first use like the convolution extension; ``FDL_RNN_BACKEND=auto|native|xla``, see
 :func:`rnn_backend`), otherwise in a ``lax.scan``. ``"scan"`` differentiates :func:`scan_cell`
 by autodiff (also forward mode). With ``seq_lengths`` the scan path is used.
 """
@@ -498,9 +498,9 @@ def _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
 
 
 # The time loop of the LSTM and the GRU can run in the optional C++ extension
-# (fdl/_ext/rnn_cpu.cc: per step one oneDNN ``dnnl_sgemm`` on both cores plus one vectorised
-# elementwise pass) instead of an XLA while loop, whose small per-step dot runs on one core.
-# Same math and the same buffers as the XLA loops above; float32 only.
+# (fdl/_ext/rnn_cpu.cc: per step one oneDNN ``dnnl_sgemm`` plus one vectorised elementwise
+# pass) instead of an XLA while loop (per step one dot plus ~12 small thunks and thread
+# hand-offs). Same math and the same buffers as the XLA loops above; float32 only.
 
 
 def rnn_backend() -> str:
