@@ -144,8 +144,13 @@ def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = No
             log(f"  [{w.name}] {impl}: FAILED {row.error}")
             log(traceback.format_exc(limit=3))
     rows = {r.impl: r for r in res.rows}
-    for _ in range(n_steps):
-        for impl in list(live):
+    for round_ in range(n_steps):
+        # rotate the order every round (A B C, B C A, C A B, ...): the first call after another
+        # implementation's step pays for the caches it evicted, so a fixed order would always
+        # charge that cost to the same row (seen: 1-2% on the memory-bound optimizer updates)
+        order = list(live)
+        k = round_ % len(order) if order else 0
+        for impl in order[k:] + order[:k]:
             try:
                 t0 = time.perf_counter()
                 live[impl]()
@@ -219,12 +224,13 @@ HOW_TO_READ = """\
 
 * Every number below was measured **in this one run**, on the machine described under "Run"
   and "Machine limits", with all implementations of a workload timed **interleaved**
-  (A B C A B C ...), so drift on a shared machine hits them alike. Read the **ratios**, not
-  the absolute times: the machine is shared (2 cores; other jobs may have been running, so
-  numbers are noisy: see the load averages under "Run"), and the lead regenerates this file
-  at the end of the project. On a loaded machine PyTorch suffers far more than the JAX
-  libraries (its OpenMP threads wait for each other at every one of its many small parallel
-  regions), so quote ratios from a run with a load average near or below the core count.
+  (A B C, B C A, C A B, ...: the order rotates every round, so neither drift on a shared
+  machine nor the cache state left by the previous row favours one implementation). Read
+  the **ratios**, not the absolute times: the machine is shared (2 cores; other jobs may
+  have been running, so numbers are noisy: see the load averages under "Run"). On a loaded
+  machine PyTorch suffers far more than the JAX libraries (its OpenMP threads wait for each
+  other at every one of its many small parallel regions), so quote ratios from a run with a
+  load average near or below the core count.
 * A row is one implementation of the same training step (same shapes, dtype, optimizer, loss;
   the layout each library prefers, as the workload's description says). Rows starting with
   `fdl` are this library; the others are references (Flax linen, Equinox, PyTorch eager,
