@@ -34,6 +34,21 @@ def _has_custom_call(fn, *args) -> bool:
     return "fdl_conv_" in jax.jit(fn).lower(*args).as_text()
 
 
+def _check_onednn_matches_lax(x, w, k, args):
+    """The oneDNN path's values and input/kernel gradients equal ``lax``'s."""
+    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
+    r = lambda x, w: _ref(x, w, *args)  # noqa: E731
+    assert _has_custom_call(f, x, w)
+    y = jax.jit(f)(x, w)
+    _close(y, r(x, w), scale=float(jnp.abs(r(x, w)).max()))
+    ct = jax.random.normal(k, y.shape, jnp.float32)
+    loss = lambda fn: lambda x, w: jnp.vdot(fn(x, w), ct)  # noqa: E731
+    got = jax.jit(jax.grad(loss(f), (0, 1)))(x, w)
+    want = jax.grad(loss(r), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        _close(a, b, scale=float(jnp.abs(b).max()))
+
+
 def _close(a, b, scale=1.0):
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(a, b, rtol=TOL["rtol"], atol=TOL["atol"] * max(scale, 1.0))
@@ -75,17 +90,7 @@ def test_onednn_matches_lax_values_and_grads(onednn, cfg):
     x, w, k = _data(jax.random.key(0), (c["n"], c["h"], c["w"], c["cin_g"] * g),
                     (c["kh"], c["kw"], c["cin_g"], c["cout_g"] * g))
     args = (c["stride"], c["pad"], c["dil"], g)
-    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
-    r = lambda x, w: _ref(x, w, *args)  # noqa: E731
-    assert _has_custom_call(f, x, w)
-    y = jax.jit(f)(x, w)
-    _close(y, r(x, w), scale=float(jnp.abs(r(x, w)).max()))
-    ct = jax.random.normal(k, y.shape, jnp.float32)
-    loss = lambda fn: lambda x, w: jnp.vdot(fn(x, w), ct)  # noqa: E731
-    got = jax.jit(jax.grad(loss(f), (0, 1)))(x, w)
-    want = jax.grad(loss(r), (0, 1))(x, w)
-    for a, b in zip(got, want):
-        _close(a, b, scale=float(jnp.abs(b).max()))
+    _check_onednn_matches_lax(x, w, k, args)
 
 
 def test_onednn_second_order(onednn):
@@ -234,17 +239,7 @@ def test_policy_paths_match_lax(policy, case):
     xs, ws, stride, pad, dil, g = POLICY_CASES[case]
     x, w, k = _data(jax.random.key(10 + case), xs, ws)
     args = (stride, pad, dil, g)
-    f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
-    r = lambda x, w: _ref(x, w, *args)  # noqa: E731
-    assert _has_custom_call(f, x, w)
-    y = jax.jit(f)(x, w)
-    _close(y, r(x, w), scale=float(jnp.abs(r(x, w)).max()))
-    ct = jax.random.normal(k, y.shape, jnp.float32)
-    loss = lambda fn: lambda x, w: jnp.vdot(fn(x, w), ct)  # noqa: E731
-    got = jax.jit(jax.grad(loss(f), (0, 1)))(x, w)
-    want = jax.grad(loss(r), (0, 1))(x, w)
-    for a, b in zip(got, want):
-        _close(a, b, scale=float(jnp.abs(b).max()))
+    _check_onednn_matches_lax(x, w, k, args)
     if case in (0, 1, 4):
         # second order through the rewritten backward pass, and per-example gradients (vmap)
         def h(conv):
