@@ -267,24 +267,6 @@ def test_layer_gradients_deep_bidirectional(kind, impl, key):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=2)
-@given(steps=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
-def test_fused_recurrence_gradients(kind, steps, seed):
-    B, H = 2, 2
-    rng = np.random.default_rng(seed)
-    p = _params(kind, 1, H, seed)
-    xp = jnp.asarray(rng.normal(size=(steps, B, R.CELL_GATES[kind] * H)))
-    c0 = _carry(kind, B, H, seed)
-
-    @jax.jit
-    def f(w, b, xp, c0):
-        return R.fused_recurrence(kind, w, b, xp, c0, unroll=2)
-
-    check_gradients(f, (p["w_hh"], p["b_hh"], xp, c0), order=1, modes=("rev",),
-                    dense_check_max_size=0)
-
-
-@pytest.mark.parametrize("kind", KINDS)
 def test_fused_equals_scan_values_and_gradients(kind, key):
     lf = MAKE[kind](3, num_layers=2, bidirectional=True)
     ls = MAKE[kind](3, num_layers=2, bidirectional=True, impl="scan", unroll=3)
