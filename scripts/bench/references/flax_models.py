@@ -51,14 +51,21 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: conv3x3(64)-BN-ReLU stem (no max-pool), BasicBlock [2,2,2,2]."""
+    """ResNet-18, BasicBlock [2,2,2,2]. CIFAR stem (default): conv3x3(64)-BN-ReLU, no max-pool;
+    ``imagenet_stem``: torchvision's conv7x7/2(64)-BN-ReLU-maxpool3x3/2."""
 
     num_classes: int = 10
+    imagenet_stem: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = nn.Conv(64, (3, 3), padding=1, use_bias=False)(x)
+        if self.imagenet_stem:
+            x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False)(x)
+        else:
+            x = nn.Conv(64, (3, 3), padding=1, use_bias=False)(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x))
+        if self.imagenet_stem:
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, f in enumerate((64, 128, 256, 512)):
             x = BasicBlock(f, 1 if i == 0 else 2)(x, train)
             x = BasicBlock(f)(x, train)

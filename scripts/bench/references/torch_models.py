@@ -43,12 +43,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: conv3x3(64)-BN-ReLU stem (no max-pool), BasicBlock [2,2,2,2]."""
+    """ResNet-18, BasicBlock [2,2,2,2]. CIFAR stem (default): conv3x3(64)-BN-ReLU, no max-pool;
+    ``imagenet_stem``: torchvision's conv7x7/2(64)-BN-ReLU-maxpool3x3/2."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, imagenet_stem: bool = False):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU())
+        if imagenet_stem:
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                                      nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(64), nn.ReLU())
         blocks, cin = [], 64
         for s, f in enumerate((64, 128, 256, 512)):
             blocks += [BasicBlock(cin, f, 1 if s == 0 else 2), BasicBlock(f, f, 1)]

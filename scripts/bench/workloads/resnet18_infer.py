@@ -48,27 +48,9 @@ def _fdl(batch: int):
 
 
 def _flax_model():
-    from functools import partial
+    from scripts.bench.references.flax_models import ResNet18
 
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from scripts.bench.references.flax_models import BasicBlock
-
-    class ResNet18(nn.Module):
-        @nn.compact
-        def __call__(self, x, train: bool):
-            bn = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                         epsilon=1e-5)
-            x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False)(x)
-            x = nn.relu(bn()(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-            for i, f in enumerate((64, 128, 256, 512)):
-                x = BasicBlock(f, 1 if i == 0 else 2)(x, train)
-                x = BasicBlock(f)(x, train)
-            return nn.Dense(CLASSES)(jnp.mean(x, axis=(1, 2)))
-
-    return ResNet18()
+    return ResNet18(num_classes=CLASSES, imagenet_stem=True)
 
 
 def _flax(batch: int):
@@ -92,31 +74,12 @@ def _flax(batch: int):
 def _torch(batch: int, compile_model: bool):
     def build():
         import torch
-        import torch.nn.functional as F
-        from torch import nn
 
         from scripts.bench import common
-        from scripts.bench.references.torch_models import BasicBlock
-
-        class ResNet18(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-                                          nn.BatchNorm2d(64), nn.ReLU(),
-                                          nn.MaxPool2d(3, 2, 1))
-                blocks, cin = [], 64
-                for s, f in enumerate((64, 128, 256, 512)):
-                    blocks += [BasicBlock(cin, f, 1 if s == 0 else 2), BasicBlock(f, f, 1)]
-                    cin = f
-                self.blocks = nn.Sequential(*blocks)
-                self.fc = nn.Linear(512, CLASSES)
-
-            def forward(self, x):
-                x = self.blocks(self.stem(x))
-                return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        from scripts.bench.references.torch_models import ResNet18
 
         torch.manual_seed(0)
-        model = ResNet18().eval()
+        model = ResNet18(CLASSES, imagenet_stem=True).eval()
         fwd = torch.compile(model) if compile_model else model
         x = torch.from_numpy(common.nchw(_batch(batch)))
 
