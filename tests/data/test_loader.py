@@ -141,9 +141,9 @@ def test_indexable_on_device_conditions():
     assert not ArrayLoader((x, y), 5, last_batch="pad", device_resident=False).indexable_on_device
 
 
-def test_epoch_seed_on_host_equals_jax_fold_in():
-    """The per-epoch shuffling seed is computed on the host for threefry keys; it must be the
-    key data of jax.random.fold_in(key, epoch), bit for bit."""
+def test_epoch_seed_equals_jax_fold_in():
+    """The per-epoch shuffling seed is the key data of jax.random.fold_in(key, epoch), bit for
+    bit, for every key flavour."""
     from fdl.data import loader as L
 
     keys = [jax.random.key(s) for s in (0, 1, 2**31 + 3)] + [jax.random.PRNGKey(5),
