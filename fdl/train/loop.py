@@ -267,9 +267,6 @@ def _opt_init(optimizer, params):
         return optimizer.init(params)
 
 
-_LR_LEAF: dict[Any, int | None] = {}
-
-
 def _current_lr(opt_state):
     try:
         from fdl.optim import current_lr
@@ -277,25 +274,6 @@ def _current_lr(opt_state):
         return current_lr(opt_state)
     except (ValueError, ImportError, TypeError):
         return None
-
-
-def _lr_leaf(opt_state):
-    """``fdl.optim.current_lr(opt_state)`` (``None`` if the state holds no learning rate),
-    located once per optimizer-state structure, then read as a leaf of the flat state."""
-    leaves, treedef = jax.tree.flatten(opt_state)
-    try:
-        i = _LR_LEAF.get(treedef, -1)
-    except TypeError:  # unhashable structure
-        return _current_lr(opt_state)
-    if i == -1:
-        lr = _current_lr(opt_state)
-        i = next((j for j, leaf in enumerate(leaves) if leaf is lr), None)
-        if i is None and lr is not None:  # not a leaf of the state: do not cache
-            return lr
-        if len(_LR_LEAF) > 256:
-            _LR_LEAF.clear()
-        _LR_LEAF[treedef] = i
-    return None if i is None else leaves[i]
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -541,7 +519,7 @@ def fit(
             if seen and n_real is not None:
                 row["examples_per_sec"] = n_real / max(elapsed, 1e-9)
             row["time"] = time.perf_counter() - t0
-            lr = _lr_leaf(opt_state)
+            lr = _current_lr(opt_state)
             if lr is not None:
                 row["lr"] = float(lr)
             history.append(row)
