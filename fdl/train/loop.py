@@ -7,10 +7,10 @@ dispatch runs ahead of the computation.
 
 No host work per batch: when the step comes from ``make_train_step`` (single device) and the
 loader can keep its data on the device (``ArrayLoader.indexable_on_device``: the default for
-datasets up to 1 GiB), the dataset is transferred once and each step is two compiled calls: a
-gather of the batch from the device-resident data (it takes the batch's row indices, a few KB,
-and is dispatched one step ahead), and the step compiled together with its key
-``fold_in(key, step)`` and the sum of the epoch's metrics. Other steps (data-parallel ones,
+datasets up to 1 GiB), the dataset is transferred once and each step is one compiled call: the
+step compiled together with its key ``fold_in(key, step)`` and the sum of the epoch's metrics.
+The batches are gathered from the device-resident data in one compiled call per epoch (per
+64 MiB of examples for larger datasets, dispatched a chunk ahead). Other steps (data-parallel ones,
 your own functions) get host batches from the loader, a ``fold_in`` and a jitted metric sum per
 step, as a Python loop would.
 
@@ -143,11 +143,63 @@ def _zeros_like_metrics(metrics_shape) -> dict:
     return {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
 
 
+# bytes of batches gathered per compiled call (``_gather_batches``): one call per epoch for
+# small datasets, bounded device memory for large ones
+GATHER_CHUNK_BYTES = 64 << 20
+
+
 @jax.jit
-def _gather_batch(data, rows, mask):
-    """The batch of examples ``rows`` of the device-resident ``data`` (and its ``mask``)."""
-    batch = tuple(a[rows] for a in data)
-    return batch if mask is None else (*batch, mask)
+def _gather_batches(data, rows, mask):
+    """Batches ``rows[0], rows[1], ...`` of the device-resident ``data`` in one compiled call:
+    ``rows`` is ``(k, batch)`` int32, ``mask`` ``(k, batch)`` or ``None``; returns a list of
+    ``k`` batches ``(x, y[, mask])``, each its own buffer (a step may donate or drop it)."""
+    k, bs = rows.shape
+    flat = tuple(a[rows.reshape(-1)] for a in data)
+    batches = []
+    for i in range(k):
+        batch = tuple(a[i * bs:(i + 1) * bs] for a in flat)
+        batches.append(batch if mask is None else (*batch, mask[i]))
+    return batches
+
+
+def _chunks(n_rows: int, batch_bytes: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``n_rows`` batches: the first batch alone (the first
+    step waits only for a one-batch gather), then chunks of at most ``GATHER_CHUNK_BYTES`` of
+    examples, equal except the last (an epoch compiles at most three gathers)."""
+    if n_rows == 0:
+        return []
+    per = max(1, GATHER_CHUNK_BYTES // max(batch_bytes, 1))
+    return [(0, 1)] + [(i, min(i + per, n_rows)) for i in range(1, n_rows, per)]
+
+
+class _DeviceEpoch:
+    """The batches ``start, start+1, ...`` of ``epoch``, gathered on the device from the
+    loader's device-resident data, a chunk per compiled call (:func:`_chunks`). Creating it
+    dispatches the first gather; iterating dispatches each next chunk's gather right after
+    the first step of the current chunk, so it runs while that chunk trains."""
+
+    def __init__(self, loader: ArrayLoader, epoch: int, start: int):
+        self.epoch, self.start = epoch, start
+        self.data = loader.device_arrays()
+        self.idx, self.mask = loader.index_table(epoch, start)
+        per_example = sum(a.nbytes // max(len(a), 1) for a in self.data)
+        self.spans = _chunks(self.idx.shape[0], per_example * self.idx.shape[1])
+        self.first = self._gather(self.spans[0]) if self.spans else []
+
+    def _gather(self, span: tuple[int, int]) -> list:
+        lo, hi = span
+        return _gather_batches(self.data, self.idx[lo:hi],
+                               None if self.mask is None else self.mask[lo:hi])
+
+    def __iter__(self):
+        nxt, self.first = self.first, []
+        for c in range(len(self.spans)):
+            batches, nxt = nxt, None
+            for j, batch in enumerate(batches):
+                yield batch  # the caller dispatches its step before asking for the next one
+                if j == 0 and c + 1 < len(self.spans):
+                    nxt = self._gather(self.spans[c + 1])
+            del batches
 
 
 def _indexed_step(train_step):
@@ -155,9 +207,11 @@ def _indexed_step(train_step):
     ``fold_in(key, step)`` and the sum of the epoch's metrics, cached on ``train_step``; ``None``
     for a step that does not expose its pure function (``make_train_step(..., jit=True)`` does).
 
-    The batch gather stays a separate (tiny) compiled call, :func:`_gather_batch`: compiled into
-    the step, it made the LeNet/digits step itself slower (oneDNN convolutions; medians 102 vs
-    91 ms per 7 steps on the 2-core machine), more than the second dispatch costs."""
+    The batches are gathered outside the step, many per compiled call
+    (:func:`_gather_batches`): a gather compiled into the step made the LeNet/digits step
+    itself slower (oneDNN convolutions; medians 102 vs 91 ms per 7 steps on the 2-core
+    machine), and one gather call per step cost ~8% of a 35 ms epoch against ~2% for one call
+    per epoch (2026-11-30, 100 interleaved rounds)."""
     fn = getattr(train_step, "fdl_step_fn", None)
     if fn is None:
         return None
@@ -450,6 +504,7 @@ def fit(
 
     best_value, best_tree, bad_epochs, stopped_early = None, None, 0, False
     nb = len(train_loader)
+    ahead = None  # the next epoch's batches, gathered ahead (device path)
     try:
         for epoch in range(train_loader.epoch, epochs):
             t0 = time.perf_counter()
@@ -462,29 +517,20 @@ def fit(
                            leave=False, file=sys.stderr, dynamic_ncols=True)
             seen = 0
             if indexed is not None:
-                # per step: gather the batch on the device, then one compiled call for the key,
-                # the step and the metric sums (the table starts at the loader's position, so
-                # this resumes mid-epoch)
+                # the epoch's batches are gathered on the device a chunk ahead (the next
+                # epoch's first gather was dispatched before the previous epoch's metrics were
+                # fetched); one compiled call per step for the key, the step and the metric
+                # sums (the table starts at the loader's position, so this resumes mid-epoch)
                 fused, zeros_cache = indexed
-                data = train_loader.device_arrays()
-                # the rows of each batch go with its gather call (a few KB, no separate
-                # transfer); the step counter stays on the device after the first step
-                idx, mask = train_loader.index_table(epoch, first)
+                if ahead is None or (ahead.epoch, ahead.start) != (epoch, first):
+                    ahead = _DeviceEpoch(train_loader, epoch, first)
+                batches, ahead = ahead, None
                 counter = np.uint32(step)
                 sums = epoch_sums
-                n_rows = idx.shape[0]
-                nxt = (_gather_batch(data, idx[0], None if mask is None else mask[0])
-                       if n_rows else ())
-                for i in range(n_rows):
+                for batch in batches:
                     if sums is None:
                         sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
                                              key, train_loader)
-                    # the next batch's gather is dispatched before this step: it does not wait
-                    # for the step, so it runs ahead instead of between two steps
-                    batch = nxt
-                    if i + 1 < n_rows:
-                        nxt = _gather_batch(data, idx[i + 1],
-                                            None if mask is None else mask[i + 1])
                     params, state, opt_state, sums, metrics, counter = fused(
                         params, state, opt_state, sums, counter, batch, key
                     )
@@ -493,6 +539,8 @@ def fit(
                     epoch_sums = sums
                     seen += 1
                     after_step(epoch, bar, metrics)
+                if epoch + 1 < epochs:  # before the fetch below waits for this epoch's steps
+                    ahead = _DeviceEpoch(train_loader, epoch + 1, 0)
                 train_loader.epoch, train_loader.batch = epoch + 1, 0
             else:
                 for batch in train_loader:  # resumes mid-epoch from the loader's position

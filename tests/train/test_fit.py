@@ -143,3 +143,20 @@ def test_indexed_step_matches_host_batches_one_compile(monkeypatch):
     for ra, rb in zip(fast.history.rows, slow.history.rows, strict=True):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
         assert ra["train_acc"] == rb["train_acc"]
+
+
+@pytest.mark.parametrize("chunk_batches", [1, 2])
+def test_chunked_epoch_gather_is_bitwise_the_same(monkeypatch, chunk_batches):
+    """Gathering an epoch's batches in more compiled calls (a dataset larger than
+    ``GATHER_CHUNK_BYTES``) trains bitwise the same as the default chunks (first batch, rest)."""
+    from fdl.train import loop
+
+    default = _run(eval_data=None, batch_size=4)  # 5 batches per epoch
+    batch_bytes = 4 * (np.asarray(TRAIN[0])[0].nbytes + np.asarray(TRAIN[1])[0].nbytes)
+    monkeypatch.setattr(loop, "GATHER_CHUNK_BYTES", chunk_batches * batch_bytes)
+    assert [hi - lo for lo, hi in loop._chunks(5, batch_bytes)] == (
+        [1, 1, 1, 1, 1] if chunk_batches == 1 else [1, 2, 2])
+    chunked = _run(eval_data=None, batch_size=4)
+    assert leaves_equal(chunked.params, default.params)
+    assert leaves_equal(chunked.opt_state, default.opt_state)
+    assert _numbers(chunked.history) == _numbers(default.history)
