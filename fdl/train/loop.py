@@ -555,12 +555,13 @@ def fit(
             if bar is not None:
                 bar.close()
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-            if epoch_sums is not None:
-                row.update(summarize(epoch_sums, "train_"))
-            elapsed = time.perf_counter() - t0
             n_real = None
-            if epoch_sums is not None and first == 0:
-                n_real = float(np.asarray(epoch_sums["count"]))
+            if epoch_sums is not None:
+                host_sums = jax.device_get(epoch_sums)  # one fetch: waits for the epoch's steps
+                row.update(summarize(host_sums, "train_"))
+                if first == 0:
+                    n_real = float(host_sums["count"])
+            elapsed = time.perf_counter() - t0
             if eval_loader is not None:
                 test = evaluate(params, state, eval_loader, eval_step=eval_step)
                 row.update({f"test_{k}": v for k, v in test.items()})
