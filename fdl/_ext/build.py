@@ -38,6 +38,7 @@ SOURCE = Path(__file__).with_name("conv_onednn.cc")
 TARGETS = {
     "fdl_conv_fwd": "FdlConvFwd",
     "fdl_conv_bwd_data": "FdlConvBwdData",
+    "fdl_conv_bwd_data_flip": "FdlConvBwdDataFlip",
     "fdl_conv_bwd_weights": "FdlConvBwdWeights",
 }
 RNN_SOURCE = Path(__file__).with_name("rnn_cpu.cc")

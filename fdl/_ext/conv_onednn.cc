@@ -52,7 +52,12 @@ dnnl::engine& cpu_engine() {
   return eng;
 }
 
-enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+// kBwdDataFlip: the input gradient of a stride-1 convolution computed by oneDNN's *forward*
+// kernel on dy with the spatially flipped, in/out-swapped kernel (padding k - 1 - p). The flip
+// is a memcpy of the kh*kw taps in reverse order; the in/out swap is folded into the reorder
+// (a strided view of the flipped HWIO buffer). XLA's reverse+transpose fusion for the same
+// thing was 2-4 ms per 3x3x256x256 kernel.
+enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kBwdDataFlip = 3 };
 
 enum Policy : int { kPolicyImpl = 1, kPolicySerial = 2, kPolicyBuffers = 4 };
 std::atomic<int> g_policy{kPolicyImpl | kPolicySerial | kPolicyBuffers};
@@ -136,7 +141,34 @@ bool same_bytes(const memory::desc& a, const memory::desc& b) {
   return std::memcmp(in.data(), out.data(), n * sizeof(float)) == 0;
 }
 
+// The forward geometry of kBwdDataFlip: dy (oh x ow x oc) -> dx (ih x iw x ic).
+Geom flipped(const Geom& g) {
+  Geom f = g;
+  f.ih = g.oh; f.iw = g.ow; f.ic = g.oc;
+  f.oh = g.ih; f.ow = g.iw; f.oc = g.ic;
+  f.pt = g.kh - 1 - g.pt; f.pb = g.kh - 1 - g.pb;
+  f.pl = g.kw - 1 - g.pl; f.pr = g.kw - 1 - g.pr;
+  return f;
+}
+
 std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g, int policy) {
+  if (kind == kBwdDataFlip) {
+    if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || g.g != 1) {
+      throw dnnl::error(dnnl_invalid_arguments, "flip backward-data needs stride/dilation/groups 1");
+    }
+    const Geom f = flipped(g);
+    auto e = make_entry(kFwd, f, policy);
+    // Weights of the flipped convolution, logical (O'=ic, I'=oc, kh, kw), read from the
+    // tap-reversed HWIO buffer (kh, kw, ic, oc).
+    e->user_w = memory::desc({g.ic, g.oc, g.kh, g.kw}, dt::f32,
+                             memory::dims{g.oc, 1, g.kw * g.ic * g.oc, g.ic * g.oc});
+    e->need_reorder = !same_bytes(e->user_w, e->prim_w);
+    if (e->need_reorder) {
+      e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), e->user_w,
+                                                               cpu_engine(), e->prim_w));
+    }
+    return e;
+  }
   auto e = std::make_shared<Entry>();
   const std::string want = preferred_impl(kind, g, policy);
   memory::desc src = act_md(g.n, g.ic, g.ih, g.iw);
@@ -233,20 +265,28 @@ void run_one(Kind kind, const Geom& g, const float* a, const float* b, float* ou
   auto e = get_entry(kind, g);
   auto& eng = cpu_engine();
   dnnl::stream s(eng);
-  thread_local ThreadBuf tl_scratch, tl_w;
+  thread_local ThreadBuf tl_scratch, tl_w, tl_flip;
   ThreadBuf call_scratch, call_w;  // policy without kPolicyBuffers: fresh buffers per call
   const bool reuse = g_policy.load() & kPolicyBuffers;
   ThreadBuf& scratch_buf = reuse ? tl_scratch : call_scratch;
   ThreadBuf& wbuf = reuse ? tl_w : call_w;
   memory scratch(e->scratch, eng, scratch_buf.get(e->scratch.get_size()));
-  if (kind == kFwd || kind == kBwdData) {
+  if (kind == kBwdDataFlip) {
+    const int64_t taps = g.kh * g.kw, tap = g.ic * g.oc;
+    float* fl = static_cast<float*>(tl_flip.get(taps * tap * sizeof(float)));
+    for (int64_t t = 0; t < taps; ++t) {
+      std::memcpy(fl + t * tap, b + (taps - 1 - t) * tap, tap * sizeof(float));
+    }
+    b = fl;
+  }
+  if (kind == kFwd || kind == kBwdData || kind == kBwdDataFlip) {
     memory user_w(e->user_w, eng, const_cast<float*>(b));
     memory w = user_w;
     if (e->need_reorder) {
       w = memory(e->prim_w, eng, wbuf.get(e->prim_w.get_size()));
       e->reorder.execute(s, user_w, w);
     }
-    if (kind == kFwd) {
+    if (kind == kFwd || kind == kBwdDataFlip) {
       memory x(e->src, eng, const_cast<float*>(a));
       memory y(e->dst, eng, out);
       e->prim.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y},
@@ -307,7 +347,7 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   auto set_y = [&](auto& d) { g.oh = tail(d, 1); g.ow = tail(d, 2); g.oc = tail(d, 3); };
   auto set_w = [&](auto& d) { g.kh = tail(d, 0); g.kw = tail(d, 1); };
   if (kind == kFwd) { set_x(ad); set_w(bd); set_y(od); }
-  else if (kind == kBwdData) { set_y(ad); set_w(bd); set_x(od); }
+  else if (kind == kBwdData || kind == kBwdDataFlip) { set_y(ad); set_w(bd); set_x(od); }
   else { set_x(ad); set_y(bd); set_w(od); }
   if (g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || g.g < 1 ||
       (g.ih + g.pt + g.pb - (g.dh * (g.kh - 1) + 1)) != (g.oh - 1) * g.sh ||
@@ -380,8 +420,16 @@ ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
   return run(kBwdData, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
 }
+ffi::Error BwdDataFlipImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                           ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
+                           int64_t g) {
+  return run(kBwdDataFlip, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
+}
+// `after` is not read: Python passes the input gradient there, a data dependency that orders
+// this call after backward-data (see ORDER_BWD in conv_lowering.py).
 ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                          ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
+                          ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
                           int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
   return run(kBwdWeights, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
 }
@@ -390,7 +438,18 @@ ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvFwd, FwdImpl, FDL_BIND());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdData, BwdDataImpl, FDL_BIND());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdWeights, BwdWeightsImpl, FDL_BIND());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdDataFlip, BwdDataFlipImpl, FDL_BIND());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdWeights, BwdWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh").Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt").Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl").Attr<int64_t>("pr")
+                                  .Attr<int64_t>("dh").Attr<int64_t>("dw")
+                                  .Attr<int64_t>("groups"));
 
 extern "C" int fdl_conv_onednn_abi_version() { return 1; }
 

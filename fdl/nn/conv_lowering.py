@@ -105,12 +105,12 @@ def _attrs(geom: _Geom) -> dict:
 
 
 
-def _call(target: str, a: jax.Array, b: jax.Array, out_shape, geom: _Geom) -> jax.Array:
+def _call(target: str, a: jax.Array, b: jax.Array, out_shape, geom: _Geom, *extra) -> jax.Array:
     return jax.ffi.ffi_call(
         target,
         jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
         vmap_method="expand_dims",
-    )(a, b, **_attrs(geom))
+    )(a, b, *extra, **_attrs(geom))
 
 
 # Three mutually-differentiating custom_vjp functions: each is bilinear, and the cotangents of
@@ -128,13 +128,22 @@ def _dnnl_fwd(x: jax.Array, w: jax.Array, geom: _Geom) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dnnl_bwd_data(dy: jax.Array, w: jax.Array, geom: _Geom, x_hw: tuple[int, int]) -> jax.Array:
     kh, kw, icg, _ = w.shape
-    return _call("fdl_conv_bwd_data", dy, w, (dy.shape[0], *x_hw, icg * geom[3]), geom)
+    target = "fdl_conv_bwd_data"
+    if FLIP_NATIVE and _flip_geometry(w.shape, geom, x_hw) is not None:
+        target = "fdl_conv_bwd_data_flip"
+    return _call(target, dy, w, (dy.shape[0], *x_hw, icg * geom[3]), geom)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dnnl_bwd_weights(x: jax.Array, dy: jax.Array, geom: _Geom, k_hw: tuple[int, int]) -> jax.Array:
+    return _dnnl_bwd_weights_after(x, dy, dy, geom, k_hw)
+
+
+def _dnnl_bwd_weights_after(x, dy, after, geom: _Geom, k_hw: tuple[int, int]) -> jax.Array:
+    """The weight gradient, computed after ``after`` exists (a third operand the extension does
+    not read: a data dependency that orders the call)."""
     ic, oc = x.shape[3], dy.shape[3]
-    return _call("fdl_conv_bwd_weights", x, dy, (*k_hw, ic // geom[3], oc), geom)
+    return _call("fdl_conv_bwd_weights", x, dy, (*k_hw, ic // geom[3], oc), geom, after)
 
 
 # The input gradient of a stride-1 convolution is a forward convolution of ``dy`` with the
@@ -143,6 +152,19 @@ def _dnnl_bwd_weights(x: jax.Array, dy: jax.Array, geom: _Geom, k_hw: tuple[int,
 # layers at 8x8 to 32x32: 10-20% less CPU time, docs/performance.md), except on tiny images
 # (<= 16 pixels), where the backward-data kernel wins. Set to False to always use backward-data.
 BWD_DATA_VIA_FWD = True
+# Where the kernel is flipped for that: True: inside the extension (a memcpy of the taps, the
+# in/out swap folded into oneDNN's weight reorder); False: an XLA reverse+transpose before the
+# call.
+FLIP_NATIVE = True
+# Make the weight gradient of each convolution wait for its input gradient (a data dependency:
+# dx is an unread operand of the backward-weights call), so the optimizer's in-place update of a
+# donated kernel is ordered after the backward-data call that reads it and XLA needs no copy of
+# the kernel (41 -> 22 copies per ResNet-18 step). Off: it measured no faster (an
+# optimization_barrier on (dx, dw) instead left all copies in place).
+ORDER_BWD = False
+# Inexact geometries (rows/columns no output reads, e.g. a 1x1 stride-2 convolution of an even
+# image): True: negative bottom/right padding for oneDNN; False: crop the input (a copy).
+NEG_PAD = True
 
 
 def _flip_geometry(w_shape, geom: _Geom, x_hw) -> _Geom | None:
@@ -163,7 +185,7 @@ def _flip_geometry(w_shape, geom: _Geom, x_hw) -> _Geom | None:
 def _bwd_data(dy: jax.Array, w: jax.Array, geom: _Geom, x_hw: tuple[int, int]) -> jax.Array:
     """Gradient w.r.t. the input of ``_dnnl_fwd(x, w, geom)`` with ``x`` of spatial size x_hw."""
     flip = _flip_geometry(w.shape, geom, x_hw)
-    if flip is None:
+    if flip is None or FLIP_NATIVE:
         return _dnnl_bwd_data(dy, w, geom, x_hw)
     return _dnnl_fwd(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), flip)
 
@@ -174,10 +196,16 @@ def _fwd_fwd(x, w, geom):
 
 def _fwd_bwd(geom, res, dy):
     x, w = res
-    return (
-        _bwd_data(dy, w, geom, x.shape[1:3]),
-        _dnnl_bwd_weights(x, dy, geom, w.shape[:2]),
-    )
+    dx = _bwd_data(dy, w, geom, x.shape[1:3])
+    if ORDER_BWD:
+        # The optimizer's update of w (a donated buffer, updated in place) depends on dw; making
+        # dw depend on dx orders it after the backward-data call that reads w, so XLA's copy
+        # insertion can prove the in-place update safe and drops its copy of w. dw keeps
+        # _dnnl_bwd_weights' derivative rules (the extra operand gets no cotangent).
+        dw = _bwd_weights_ordered(x, dy, dx, geom, w.shape[:2])
+    else:
+        dw = _dnnl_bwd_weights(x, dy, geom, w.shape[:2])
+    return dx, dw
 
 
 def _bd_fwd(dy, w, geom, x_hw):
@@ -203,6 +231,24 @@ _dnnl_bwd_data.defvjp(_bd_fwd, _bd_bwd)
 _dnnl_bwd_weights.defvjp(_bw_fwd, _bw_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bwd_weights_ordered(x, dy, after, geom: _Geom, k_hw: tuple[int, int]) -> jax.Array:
+    return _dnnl_bwd_weights_after(x, dy, after, geom, k_hw)
+
+
+def _bwo_fwd(x, dy, after, geom, k_hw):
+    return _bwd_weights_ordered(x, dy, after, geom, k_hw), (x, dy, after)
+
+
+def _bwo_bwd(geom, k_hw, res, ddw):
+    x, dy, after = res
+    ddx, ddy = _bw_bwd(geom, k_hw, (x, dy), ddw)
+    return ddx, ddy, jnp.zeros_like(after)
+
+
+_bwd_weights_ordered.defvjp(_bwo_fwd, _bwo_bwd)
+
+
 def _onednn_eligible(x: jax.Array, w: jax.Array, geom: _Geom) -> str:
     """'' if the oneDNN lowering can compute this convolution, else the reason it cannot."""
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
@@ -224,15 +270,17 @@ def _onednn_eligible(x: jax.Array, w: jax.Array, geom: _Geom) -> str:
 
 def _exact_geometry(x: jax.Array, kh: int, kw: int, geom: _Geom) -> tuple[jax.Array, _Geom]:
     """Drop the bottom/right padding (and input rows/columns) that no output reads, so the
-    geometry handed to oneDNN is exact: ``(H + pt + pb - eff_kh) % sh == 0``. Cropping ``x`` is
-    a slice, so its gradient is zero-filled by JAX."""
+    geometry handed to oneDNN is exact: ``(H + pt + pb - eff_kh) % sh == 0``. Unread input
+    rows/columns become negative bottom/right padding (oneDNN reads around them and its
+    backward-data writes zeros there) with ``NEG_PAD``; otherwise ``x`` is cropped (a slice
+    that XLA materialises: a copy of the activation before e.g. every 1x1 stride-2 shortcut)."""
     (sh, sw), ((pt, pb), (pl, pr)), (dh, dw), g = geom
     pads, crop = [], []
     axes = ((x.shape[1], kh, sh, dh, pt, pb), (x.shape[2], kw, sw, dw, pl, pr))
     for size, k, s, d, lo, hi in axes:
         eff = d * (k - 1) + 1
         excess = (size + lo + hi - eff) % s
-        cut_pad = min(excess, hi)
+        cut_pad = excess if NEG_PAD else min(excess, hi)
         pads.append((lo, hi - cut_pad))
         crop.append(size - (excess - cut_pad))
     if crop[0] != x.shape[1] or crop[1] != x.shape[2]:

@@ -217,6 +217,8 @@ def policy(request, onednn, monkeypatch):
     on = request.param == "default"
     old = lib.fdl_conv_onednn_set_policy(7 if on else 0)
     monkeypatch.setattr(conv_lowering, "BWD_DATA_VIA_FWD", on)
+    for flag in ("FLIP_NATIVE", "ORDER_BWD", "NEG_PAD"):
+        monkeypatch.setattr(conv_lowering, flag, on)
     yield request.param
     lib.fdl_conv_onednn_set_policy(old)
 
@@ -227,7 +229,10 @@ POLICY_CASES = [
     ((2, 9, 7, 8), (3, 3, 8, 16), (1, 1), ((0, 2), (2, 1)), (1, 1), 1),  # flip, asymmetric pad
     ((2, 6, 6, 8), (3, 2, 8, 8), (1, 1), ((3, 0), (1, 1)), (1, 1), 1),  # pad > k-1: no flip
     ((2, 4, 4, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # <=16 px: jit fwd
-    ((2, 9, 9, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # 1x1/2, cropped
+    ((2, 9, 9, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # 1x1/2, neg. pad
+    ((2, 8, 8, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # 1x1/2, even size
+    ((2, 8, 9, 8), (3, 3, 8, 16), (2, 3), ((0, 0), (1, 0)), (1, 1), 1),  # 3x3/2, neg. pad
+    ((1, 10, 9, 4), (2, 3, 4, 5), (3, 2), ((1, 0), (0, 0)), (2, 1), 1),  # dilated, neg. pad
     ((2, 8, 8, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 3-ch stem: jit fwd
     ((2, 8, 8, 8), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups: no flip
     ((1, 7, 6, 4), (2, 3, 4, 5), (1, 1), ((1, 0), (2, 2)), (2, 1), 1),  # dilation: no flip
@@ -259,10 +264,14 @@ def test_flip_rewrite_replaces_backward_data(onednn, monkeypatch):
     args = ((1, 1), ((1, 1), (1, 1)))
     loss = lambda x, w: jnp.sum(conv2d_nhwc(x, w, *args) ** 2)  # noqa: E731
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
+    assert "fdl_conv_bwd_data_flip" in hlo and "@fdl_conv_bwd_data(" not in hlo
+    assert "reverse" not in hlo and hlo.count("fdl_conv_fwd") == 1
+    monkeypatch.setattr(conv_lowering, "FLIP_NATIVE", False)  # flipped in XLA
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
     assert "fdl_conv_bwd_data" not in hlo and hlo.count("fdl_conv_fwd") == 2
     monkeypatch.setattr(conv_lowering, "BWD_DATA_VIA_FWD", False)
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
-    assert "fdl_conv_bwd_data" in hlo
+    assert "@fdl_conv_bwd_data(" in hlo
 
 
 def test_policy_picks_documented_implementations(onednn):
