@@ -141,14 +141,24 @@ def test_indexable_on_device_conditions():
     assert not ArrayLoader((x, y), 5, last_batch="pad", device_resident=False).indexable_on_device
 
 
-def test_epoch_seed_equals_jax_fold_in():
-    """The per-epoch shuffling seed is the key data of jax.random.fold_in(key, epoch), bit for
-    bit, for every key flavour."""
-    from fdl.data import loader as L
-
-    keys = [jax.random.key(s) for s in (0, 1, 2**31 + 3)] + [jax.random.PRNGKey(5),
-                                                            jax.random.key(7, impl="rbg")]
-    for key in keys:
-        for epoch in (0, 1, 9, 2**20 + 1, 2**31 - 1):
-            ref = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch)))
-            assert L._epoch_seed(key, epoch) == ref.astype(np.uint64).tolist()
+def test_epoch_order_is_a_pure_function_of_key_and_epoch():
+    """Every key flavour shuffles; the order depends on the key's data and the epoch only, and
+    assigning ``loader.key`` (as fit does on resume) re-reads the key."""
+    n = 50
+    makers = [lambda: jax.random.key(0), lambda: jax.random.key(2**31 + 3),
+              lambda: jax.random.PRNGKey(5), lambda: jax.random.key(7, impl="rbg")]
+    keys = [make() for make in makers]
+    orders = []
+    for make in makers:
+        for epoch in (0, 1, 2**31 - 1):
+            order = np.concatenate(batch_indices(n, 10, key=make(), epoch=epoch))
+            assert sorted(order.tolist()) == list(range(n))
+            np.testing.assert_array_equal(
+                np.concatenate(batch_indices(n, 10, key=make(), epoch=epoch)), order)
+            orders.append(tuple(order.tolist()))
+    assert len(set(orders)) == len(orders)  # distinct keys and epochs: distinct orders
+    x = np.arange(n)
+    loader = ArrayLoader((x,), 10, key=keys[0], prefetch=0)
+    loader.key = keys[1]
+    fresh = ArrayLoader((x,), 10, key=keys[1], prefetch=0)
+    assert [b[0].tolist() for b in _epoch(loader)] == [b[0].tolist() for b in _epoch(fresh)]
