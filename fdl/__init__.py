@@ -5,3 +5,7 @@ Models are pure functions over parameter pytrees; see ``fdl.nn`` (layers), ``fdl
 """
 
 __version__ = "0.1.0"
+
+from fdl import _malloc
+
+_malloc.configure()  # keep XLA's per-step temporaries resident (see fdl/_malloc.py)
