@@ -159,8 +159,9 @@ FLIP_NATIVE = True
 # Make the weight gradient of each convolution wait for its input gradient (a data dependency:
 # dx is an unread operand of the backward-weights call), so the optimizer's in-place update of a
 # donated kernel is ordered after the backward-data call that reads it and XLA needs no copy of
-# the kernel (41 -> 22 copies per ResNet-18 step). Off: it measured no faster (an
-# optimization_barrier on (dx, dw) instead left all copies in place).
+# the kernel (41 -> 22 copies per ResNet-18 step). Off: the forced order made the ResNet-18
+# step 1.5-3% slower than the copies it saves (docs/performance.md, 2026-11-30); an
+# optimization_barrier on (dx, dw) instead left all copies in place.
 ORDER_BWD = False
 # Inexact geometries (rows/columns no output reads, e.g. a 1x1 stride-2 convolution of an even
 # image): True: negative bottom/right padding for oneDNN; False: crop the input (a copy).
