@@ -1,12 +1,13 @@
 """Build and load fdl's optional native extensions (XLA FFI custom calls, linked to oneDNN).
 
-Two extensions, each its own library: the oneDNN convolution (``conv_onednn.cc``; :func:`load`)
-and the LSTM/GRU time loop (``rnn_cpu.cc``, oneDNN's ``dnnl_sgemm``; :func:`load_rnn`, used by
-:mod:`fdl.nn.recurrent`). Each is compiled lazily on first use into a cache directory keyed by
-a hash of the source, the compiler command and the jaxlib version, and loaded with ``ctypes``.
-If no C++ compiler or no oneDNN (``libdnnl-dev``) is found, :func:`load` (:func:`load_rnn`) returns
-``False`` and :mod:`fdl.nn.conv_lowering` (:mod:`fdl.nn.recurrent`) uses XLA (one debug log line
-says why).
+Three extensions, each its own library: the oneDNN convolution (``conv_onednn.cc``;
+:func:`load`), the LSTM/GRU time loop (``rnn_cpu.cc``, oneDNN's ``dnnl_sgemm``; :func:`load_rnn`)
+and the LSTM/GRU direction through oneDNN's RNN primitives (``rnn_onednn.cc``;
+:func:`load_rnn_onednn`), the last two used by :mod:`fdl.nn.recurrent`. Each is compiled lazily on
+first use into a cache directory keyed by a hash of the source, the compiler command and the jaxlib
+version, and loaded with ``ctypes``. If no C++ compiler or no oneDNN (``libdnnl-dev``) is found,
+:func:`load` (:func:`load_rnn`, :func:`load_rnn_onednn`) returns ``False`` and
+:mod:`fdl.nn.conv_lowering` (:mod:`fdl.nn.recurrent`) uses XLA (one debug log line says why).
 
 Ahead of time (e.g. in CI or a Docker image)::
 
@@ -48,10 +49,20 @@ RNN_TARGETS = {
     "fdl_gru_fwd": "FdlGruFwd",
     "fdl_gru_bwd": "FdlGruBwd",
 }
+RNN_ONEDNN_SOURCE = Path(__file__).with_name("rnn_onednn.cc")
+RNN_ONEDNN_TARGETS = {
+    "fdl_lstm_dnnl_fwd": "FdlLstmDnnlFwd",
+    "fdl_lstm_dnnl_bwd": "FdlLstmDnnlBwd",
+    "fdl_lstm_dnnl_infer": "FdlLstmDnnlInfer",
+    "fdl_gru_dnnl_fwd": "FdlGruDnnlFwd",
+    "fdl_gru_dnnl_bwd": "FdlGruDnnlBwd",
+    "fdl_gru_dnnl_infer": "FdlGruDnnlInfer",
+}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "reason": ""}
 _rnn_state: dict[str, object] = {"loaded": None, "reason": ""}
+_rnn_onednn_state: dict[str, object] = {"loaded": None, "reason": "", "dll": None}
 
 
 def cache_dir() -> Path:
@@ -123,6 +134,7 @@ def _load(source: Path, targets: dict[str, str], state: dict[str, object], what:
                 jax.ffi.register_ffi_target(
                     name, jax.ffi.pycapsule(getattr(dll, sym)), platform="cpu"
                 )
+            state["dll"] = dll
             state["loaded"] = True
         except Exception as e:  # noqa: BLE001 - any failure means "use XLA"
             state["loaded"] = False
@@ -143,6 +155,21 @@ def load_rnn() -> bool:
     return _load(RNN_SOURCE, RNN_TARGETS, _rnn_state, "native RNN")
 
 
+def load_rnn_onednn() -> bool:
+    """Build if needed, load and register the oneDNN RNN-primitive (LSTM/GRU) FFI targets once.
+    ``False`` if unavailable."""
+    return _load(RNN_ONEDNN_SOURCE, RNN_ONEDNN_TARGETS, _rnn_onednn_state, "oneDNN RNN")
+
+
+def rnn_onednn_library() -> ctypes.CDLL | None:
+    """The loaded ``rnn_onednn`` library (for its plain C entry points), or ``None``."""
+    return _rnn_onednn_state["dll"] if load_rnn_onednn() else None  # type: ignore[return-value]
+
+
+def rnn_onednn_unavailable_reason() -> str:
+    return str(_rnn_onednn_state["reason"])
+
+
 def rnn_unavailable_reason() -> str:
     return str(_rnn_state["reason"])
 
@@ -160,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build(force=args.force)
         rnn_path = build(force=args.force, source=RNN_SOURCE)
+        rnn_onednn_path = build(force=args.force, source=RNN_ONEDNN_SOURCE)
     except Exception as e:  # noqa: BLE001
         print(f"fdl._ext: build failed: {e}", file=sys.stderr)
         return 1
@@ -168,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"fdl._ext: native RNN extension OK ({rnn_path})")
+    if not load_rnn_onednn():
+        print(f"fdl._ext: built {rnn_onednn_path} but loading failed: "
+              f"{rnn_onednn_unavailable_reason()}", file=sys.stderr)
+        return 1
+    print(f"fdl._ext: oneDNN RNN-primitive extension OK ({rnn_onednn_path})")
     if not load():
         print(f"fdl._ext: built {path} but loading failed: {unavailable_reason()}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@
 // after the loop) stay in XLA: see fdl/nn/recurrent.py (fused_direction) for the math and the
 // layout of every buffer.
 //
-// LSTM (gates [i, f, g, o], PyTorch's order):
+// LSTM (gates [i, f, g, o], PyTorch's order; attribute `threads` 1 or 2, see Team):
 //   FdlLstmFwd(xp (T,B,4H) aliased to acts, w_hh (H,4H), h0, c0 (B,H))
 //     -> acts (T,B,4H) activated gates, ys (T,B,H), cs (T,B,H)
 //   FdlLstmBwd(acts (T,B,4H) aliased to dgates, w_hh^T (4H,H), c0, cs, d_ys (T,B,H), dh_n, dc_n)
@@ -20,10 +20,20 @@
 //   FdlGruBwd(acts aliased to d_xp, w_hh^T (3H,H), h0, ys, hns, d_ys, dh_n)
 //     -> d_xp (T,B,3H) (gradient of x @ w_ih + b_ih), d_hh (T,B,3H) (of h @ w_hh + b_hh), dh0
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
 #include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
@@ -46,6 +56,91 @@ struct SingleThreadedGemm {
   SingleThreadedGemm() { omp_set_num_threads(1); }
   ~SingleThreadedGemm() { omp_set_num_threads(saved); }
 };
+
+// ---------------------------------------------------------------------------------- 2 threads
+//
+// The LSTM loops can run on two threads: the caller (an XLA worker) and one helper thread owned
+// by this library. Each thread owns half of the hidden units (all four gate columns of them):
+// per step it runs its own single-threaded sgemm(s) and elementwise pass, and the two meet at
+// one barrier per step. Waiting spins briefly (kSpinCycles) and then sleeps on a futex, so a
+// descheduled partner (a loaded machine) costs a context switch, not a spinning time slice, and
+// nothing spins after a call (unlike OpenMP's workers, which spin for milliseconds).
+
+
+constexpr uint64_t kSpinCycles = 20000;  // ~6 us
+
+long futex(std::atomic<int>* addr, int op, int val) {
+  return syscall(SYS_futex, reinterpret_cast<int*>(addr), op, val, nullptr, nullptr, 0);
+}
+
+// Wait until *a != old: spin, then sleep. `sleepers` counts sleeping waiters so the notifier
+// only makes the syscall when someone sleeps (seq_cst on both sides: either the waiter sees the
+// new value or the notifier sees the sleeper).
+void wait_change(std::atomic<int>& a, int old, std::atomic<int>& sleepers) {
+  const uint64_t t0 = __rdtsc();
+  while (a.load(std::memory_order_acquire) == old) {
+    if (__rdtsc() - t0 > kSpinCycles) {
+      sleepers.fetch_add(1);
+      while (a.load() == old) futex(&a, FUTEX_WAIT_PRIVATE, old);
+      sleepers.fetch_sub(1);
+      return;
+    }
+    _mm_pause();
+  }
+}
+
+void notify(std::atomic<int>& a, std::atomic<int>& sleepers) {
+  a.fetch_add(1);
+  if (sleepers.load() > 0) futex(&a, FUTEX_WAKE_PRIVATE, INT_MAX);
+}
+
+class Team {
+ public:
+  static Team& get() {
+    static Team* t = new Team();  // never destroyed: the helper outlives static teardown
+    return *t;
+  }
+  // fn(0) on the caller, fn(1) on the helper; returns when both are done. One team call at a
+  // time (a mutex); fn may call barrier().
+  void run(const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> lock(mu_);
+    fn_ = &fn;
+    notify(job_, job_sleepers_);
+    fn(0);
+    barrier();  // join
+  }
+  void barrier() {
+    const int g = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1) == 1) {
+      count_.store(0);
+      notify(gen_, gen_sleepers_);
+    } else {
+      wait_change(gen_, g, gen_sleepers_);
+    }
+  }
+
+ private:
+  Team() { std::thread([this] { loop(); }).detach(); }
+  void loop() {
+    omp_set_num_threads(1);  // this thread's dnnl_sgemm calls: single-threaded
+    int seen = 0;  // job_'s initial value (not a load: the first job may predate this thread)
+    for (;;) {
+      wait_change(job_, seen, job_sleepers_);
+      seen = job_.load();
+      (*fn_)(1);
+      barrier();  // join
+    }
+  }
+  std::mutex mu_;
+  const std::function<void(int)>* fn_ = nullptr;
+  std::atomic<int> job_{0}, job_sleepers_{0};
+  std::atomic<int> gen_{0}, gen_sleepers_{0}, count_{0};
+};
+
+// `threads` is the handler's attribute (FDL_RNN_THREADS on the JAX side).
+bool use_two_threads(int64_t threads, int64_t B, int64_t H) {
+  return threads >= 2 && H % 2 == 0 && H >= 64 && B * H >= 4096;
+}
 
 // Eigen's float tanh (the rational approximation XLA:CPU also uses), written so the compiler
 // vectorises the loops that call it.
@@ -74,8 +169,9 @@ inline float fast_sigmoid(float x) { return 0.5f * fast_tanh(0.5f * x) + 0.5f; }
 
 // ---------------------------------------------------------------------------------- LSTM
 
-// g (B,4H) holds pre-activations on entry, activations on exit; c, h (B,H) written.
-FDL_CLONES void lstm_fwd_step(int64_t B, int64_t H, float* __restrict g,
+// g (B,4H) holds pre-activations on entry, activations on exit; c, h (B,H) written; only the
+// hidden units [j0, j1).
+FDL_CLONES void lstm_fwd_step(int64_t B, int64_t H, int64_t j0, int64_t j1, float* __restrict g,
                               const float* __restrict c_prev, float* __restrict c,
                               float* __restrict h) {
   for (int64_t b = 0; b < B; ++b) {
@@ -86,7 +182,7 @@ FDL_CLONES void lstm_fwd_step(int64_t B, int64_t H, float* __restrict g,
     const float* cp = c_prev + b * H;
     float* cb = c + b * H;
     float* hb = h + b * H;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const float i = fast_sigmoid(gi[j]);
       const float f = fast_sigmoid(gf[j]);
       const float gv = fast_tanh(gg[j]);
@@ -103,8 +199,8 @@ FDL_CLONES void lstm_fwd_step(int64_t B, int64_t H, float* __restrict g,
 }
 
 // a (B,4H) activations on entry, gate gradients on exit. dh (B,H): carried dh + dy (in),
-// dc (B,H): carried dc in, dc * f out (the carry to step t-1).
-FDL_CLONES void lstm_bwd_step(int64_t B, int64_t H, float* __restrict a,
+// dc (B,H): carried dc in, dc * f out (the carry to step t-1). Only the hidden units [j0, j1).
+FDL_CLONES void lstm_bwd_step(int64_t B, int64_t H, int64_t j0, int64_t j1, float* __restrict a,
                               const float* __restrict ct, const float* __restrict cp,
                               const float* __restrict dh, float* __restrict dc) {
   for (int64_t b = 0; b < B; ++b) {
@@ -116,7 +212,7 @@ FDL_CLONES void lstm_bwd_step(int64_t B, int64_t H, float* __restrict a,
     const float* cpb = cp + b * H;
     const float* dhb = dh + b * H;
     float* dcb = dc + b * H;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const float i = ai[j], f = af[j], g = ag[j], o = ao[j];
       const float tc = fast_tanh(ctb[j]);
       const float d_h = dhb[j];
@@ -143,7 +239,7 @@ ffi::Error sgemm_error(dnnl_status_t st) {
 ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                        ffi::ResultBuffer<ffi::F32> acts, ffi::ResultBuffer<ffi::F32> ys,
-                       ffi::ResultBuffer<ffi::F32> cs) {
+                       ffi::ResultBuffer<ffi::F32> cs, int64_t threads) {
   auto d = xp.dimensions();
   if (d.size() != 3 || w.dimensions().size() != 2)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm fwd: bad ranks");
@@ -156,6 +252,28 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
   float* Y = ys->typed_data();
   float* C = cs->typed_data();
   const float* W = w.typed_data();
+  if (use_two_threads(threads, B, H)) {
+    // thread k: hidden units [j0, j0 + H/2), i.e. gate columns q*H + [j0, j0 + H/2), q < 4
+    const int64_t Hh = H / 2;
+    std::atomic<int> status{dnnl_success};
+    Team::get().run([&](int k) {
+      const int64_t j0 = k * Hh;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
+        const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+        float* g = A + t * B * G;
+        for (int64_t q = 0; q < 4; ++q) {
+          dnnl_status_t st = dnnl_sgemm('N', 'N', B, Hh, H, 1.f, hp, H, W + q * H + j0, G, 1.f,
+                                        g + q * H + j0, G);
+          if (st != dnnl_success) status = st;
+        }
+        lstm_fwd_step(B, H, j0, j0 + Hh, g, cp, C + t * B * H, Y + t * B * H);
+        Team::get().barrier();  // h_t complete before step t + 1 reads it
+      }
+    });
+    if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
+    return ffi::Error::Success();
+  }
   for (int64_t t = 0; t < T; ++t) {
     const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
     const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
@@ -163,7 +281,7 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
     // g += h_{t-1} @ W   (row-major: M=B, N=G, K=H)
     dnnl_status_t st = dnnl_sgemm('N', 'N', B, G, H, 1.f, hp, H, W, G, 1.f, g, G);
     if (st != dnnl_success) return sgemm_error(st);
-    lstm_fwd_step(B, H, g, cp, C + t * B * H, Y + t * B * H);
+    lstm_fwd_step(B, H, 0, H, g, cp, C + t * B * H, Y + t * B * H);
   }
   return ffi::Error::Success();
 }
@@ -172,7 +290,8 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
                        ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
                        ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
                        ffi::Buffer<ffi::F32> dc_n, ffi::ResultBuffer<ffi::F32> dgates,
-                       ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
+                       ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
+                       int64_t threads) {
   auto d = acts_in.dimensions();
   const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
   if (G != 4 * H || w_t.dimensions()[0] != G)
@@ -188,11 +307,45 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
   std::vector<float> dh_tot(B * H);
+  if (use_two_threads(threads, B, H)) {
+    // thread k: hidden units [j0, j0 + H/2): their gate gradients, and the partial product
+    // P_k = dgates[:, own columns] @ W^T[own columns, :] (B, H); after the barrier each thread
+    // sums its half of P_0 + P_1 into dh. P is double-buffered by step parity: a thread can
+    // only overwrite a buffer after the partner has passed the next barrier, i.e. finished
+    // reading it.
+    const int64_t Hh = H / 2;
+    std::vector<float> partial(4 * B * H);  // [parity][k] (B, H)
+    std::atomic<int> status{dnnl_success};
+    Team::get().run([&](int k) {
+      const int64_t j0 = k * Hh, j1 = j0 + Hh;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const float* dy = DY + t * B * H;
+        for (int64_t b = 0; b < B; ++b)
+          add_into(Hh, dh_tot.data() + b * H + j0, dh + b * H + j0, dy + b * H + j0);
+        const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+        float* g = A + t * B * G;
+        lstm_bwd_step(B, H, j0, j1, g, C + t * B * H, cp, dh_tot.data(), dc);
+        float* P = partial.data() + ((t & 1) * 2 + k) * B * H;
+        for (int64_t q = 0; q < 4; ++q) {
+          dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, Hh, 1.f, g + q * H + j0, G,
+                                        WT + (q * H + j0) * H, H, q == 0 ? 0.f : 1.f, P, H);
+          if (st != dnnl_success) status = st;
+        }
+        Team::get().barrier();
+        const float* P0 = partial.data() + (t & 1) * 2 * B * H;
+        const float* P1 = P0 + B * H;
+        for (int64_t b = 0; b < B; ++b)
+          add_into(Hh, dh + b * H + j0, P0 + b * H + j0, P1 + b * H + j0);
+      }
+    });
+    if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
+    return ffi::Error::Success();
+  }
   for (int64_t t = T - 1; t >= 0; --t) {
     add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
     const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
     float* g = A + t * B * G;
-    lstm_bwd_step(B, H, g, C + t * B * H, cp, dh_tot.data(), dc);
+    lstm_bwd_step(B, H, 0, H, g, C + t * B * H, cp, dh_tot.data(), dc);
     // dh_{t-1} = dgates_t @ W^T   (M=B, N=H, K=G; WT is W^T, (G, H) row-major)
     dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
     if (st != dnnl_success) return sgemm_error(st);
@@ -331,7 +484,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmFwd, LstmFwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwd, LstmBwdImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -343,7 +497,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwd, LstmBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruFwd, GruFwdImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()

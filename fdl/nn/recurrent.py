@@ -39,9 +39,12 @@ Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_stat
 :func:`fused_direction` -- input projection + recurrence under one hand-written VJP; for float32
 LSTM/GRU the time loop itself runs in the optional C++ extension (``fdl/_ext/rnn_cpu.cc``: one
 oneDNN ``sgemm`` + one vectorised elementwise pass per step instead of ~12 XLA thunks; compiled
-on first use like the convolution extension; ``FDL_RNN_BACKEND=auto|native|xla``, see
-:func:`rnn_backend`), otherwise in a ``lax.scan``. ``"scan"`` differentiates :func:`scan_cell`
-by autodiff (also forward mode). With ``seq_lengths`` the scan path is used.
+on first use like the convolution extension; ``FDL_RNN_THREADS=2`` splits the LSTM loop over
+two threads, see :func:`rnn_threads`), otherwise in a ``lax.scan``. ``FDL_RNN_BACKEND=onednn``
+runs the whole float32 LSTM/GRU direction (projection, recurrence and every gradient) through
+oneDNN's RNN primitives instead (``fdl/_ext/rnn_onednn.cc``); see :func:`rnn_backend`.
+``"scan"`` differentiates :func:`scan_cell` by autodiff (also forward mode). With
+``seq_lengths`` the scan path is used.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fdl.nn.core import Layer, ShapeError, check_positive_int, require_key
@@ -79,12 +83,13 @@ __all__ = [
     "rnn",
     "rnn_backend",
     "rnn_cell",
+    "rnn_threads",
     "run_direction",
     "scan_cell",
 ]
 
 CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-RNN_BACKENDS = ("auto", "native", "xla")
+RNN_BACKENDS = ("auto", "onednn", "native", "xla")
 
 
 # ----------------------------------------------------------------------------- cells
@@ -377,10 +382,22 @@ def _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
 
 
 def rnn_backend() -> str:
-    """The requested time-loop backend of ``impl="fused"`` from ``FDL_RNN_BACKEND``: ``auto``
-    (default: the native loop for float32 LSTM/GRU when the extension builds and loads, else
-    XLA), ``native`` (the same, but an unavailable extension is an error) or ``xla``. Read
-    when a function is traced."""
+    """The requested time-loop backend of ``impl="fused"`` from ``FDL_RNN_BACKEND``:
+
+    - ``auto`` (default): the native C++ loop for float32 LSTM/GRU when its extension builds
+      and loads, else XLA;
+    - ``onednn``: the whole float32 LSTM/GRU direction through oneDNN's RNN primitives
+      (``lstm_forward``/``lbr_gru_forward`` and their backward; an unavailable extension is an
+      error). Not the default: in the measurements so far (docs/results/sequence_lm.md) its
+      OpenMP threads beat the native loop only on an otherwise idle machine and collapse,
+      like PyTorch's, when another process holds a core;
+    - ``native``: the native C++ loop for float32 LSTM/GRU (an unavailable extension is an
+      error);
+    - ``xla``: the ``lax.scan`` loops.
+
+    The tanh RNN, float64 and ``seq_lengths`` always use the XLA loop.
+
+    Read when a function is traced."""
     b = os.environ.get("FDL_RNN_BACKEND", "auto").strip().lower() or "auto"
     if b not in RNN_BACKENDS:
         raise ValueError(f"FDL_RNN_BACKEND must be one of {RNN_BACKENDS}, got {b!r}")
@@ -401,14 +418,60 @@ def _use_native(kind: str, dtype) -> bool:
     return False
 
 
+# Which cells ``FDL_RNN_BACKEND=auto`` runs through oneDNN's RNN primitives (when the extension
+# loads); see docs/results/sequence_lm.md for the measurements behind it.
+_AUTO_ONEDNN = {"lstm": False, "gru": False}
+_ONEDNN_KIND = {"lstm": 0, "gru": 1}
+
+
+def _onednn_workspace_bytes(kind: str, dtype, t_len: int, batch: int, n_in: int, n_h: int
+                            ) -> int:
+    """Bytes of the oneDNN forward-training workspace for this LSTM/GRU direction, or 0 when
+    oneDNN's RNN primitive is not to be used (backend, dtype, extension unavailable)."""
+    backend = rnn_backend()
+    if (kind not in _ONEDNN_KIND or jnp.dtype(dtype) != jnp.float32
+            or not (backend == "onednn" or (backend == "auto" and _AUTO_ONEDNN[kind]))):
+        return 0
+    import ctypes
+
+    from fdl._ext import build
+
+    lib = build.rnn_onednn_library()
+    n = -1
+    if lib is not None:
+        f = lib.FdlRnnDnnlWorkspaceBytes
+        f.restype = ctypes.c_int64
+        f.argtypes = [ctypes.c_int64] * 5
+        n = int(f(_ONEDNN_KIND[kind], t_len, batch, n_in, n_h))
+    if n > 0:
+        return n
+    if backend == "onednn":
+        why = (build.rnn_onednn_unavailable_reason() if lib is None
+               else f"no oneDNN {kind} implementation for T={t_len} B={batch} in={n_in} H={n_h}")
+        raise RuntimeError(f"FDL_RNN_BACKEND=onednn but the oneDNN RNN primitives are "
+                           f"unavailable: {why}")
+    return 0
+
+
 def _f32(*shapes):
     return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
 
 
-def _native_call(target, out_shapes, *args):
+def rnn_threads() -> int:
+    """Threads of the native LSTM loop from ``FDL_RNN_THREADS`` (``1``, the default, or ``2``:
+    the caller and one helper thread each take half of the hidden units, meeting at one barrier
+    per step; used when ``H`` is even, ``H >= 64`` and ``B*H >= 4096``). Read when a function
+    is traced."""
+    v = os.environ.get("FDL_RNN_THREADS", "1").strip() or "1"
+    if v not in ("1", "2"):
+        raise ValueError(f"FDL_RNN_THREADS must be 1 or 2, got {v!r}")
+    return int(v)
+
+
+def _native_call(target, out_shapes, *args, **attrs):
     # operand 0 (the (T, B, G*H) buffer) is updated in place: it becomes result 0
     return jax.ffi.ffi_call(target, _f32(*out_shapes), input_output_aliases={0: 0},
-                            vmap_method="sequential")(*args)
+                            vmap_method="sequential")(*args, **attrs)
 
 
 def _lstm_native_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
@@ -416,14 +479,16 @@ def _lstm_native_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
     n_h = w_hh.shape[0]
     xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, 4 * n_h)
     hs = (t_len, batch, n_h)
-    acts, ys, cs = _native_call("fdl_lstm_fwd", (xp.shape, hs, hs), xp, w_hh, h0, c0)
+    acts, ys, cs = _native_call("fdl_lstm_fwd", (xp.shape, hs, hs), xp, w_hh, h0, c0,
+                                threads=np.int64(rnn_threads()))
     return (ys[-1], cs[-1]), ys, (acts, cs)
 
 
 def _lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys):
     acts, cs = aux
     dg, dh0, dc0 = _native_call("fdl_lstm_bwd", (acts.shape, h0.shape, h0.shape), acts, w_hh.T,
-                                c0, cs, d_ys, d_carry[0], d_carry[1])
+                                c0, cs, d_ys, d_carry[0], d_carry[1],
+                                threads=np.int64(rnn_threads()))
     return (dh0, dc0), dg, dg
 
 
@@ -505,7 +570,8 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
     with a custom VJP (see the comment above). Same values as ``project_inputs`` +
     :func:`scan_cell`. Returns ``(final_carry, ys (T, B, H))``. Reverse-mode only (no
     ``jax.jvp``: use ``impl="scan"``). The float32 LSTM/GRU time loop runs in the native
-    extension unless ``FDL_RNN_BACKEND=xla`` (see :func:`rnn_backend`)."""
+    extension unless ``FDL_RNN_BACKEND=xla``; with ``FDL_RNN_BACKEND=onednn`` the whole
+    direction runs through oneDNN's LSTM/GRU primitives (see :func:`rnn_backend`)."""
     if kind not in CELL_GATES:
         raise ValueError(f"fused_direction: kind must be one of {sorted(CELL_GATES)}, got "
                          f"{kind!r}")
@@ -516,8 +582,98 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
         return scan_cell(_CELLS[kind], params, project_inputs(kind, params, xs), carry)
     dtypes = {jnp.result_type(a) for a in (*params.values(), xs,
                                            *jax.tree_util.tree_leaves(carry))}
-    native = len(dtypes) == 1 and _use_native(kind, dtypes.pop())
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype is not None:
+        ws_bytes = _onednn_workspace_bytes(kind, dtype, *xs.shape, params["w_hh"].shape[0])
+        if ws_bytes:
+            return _rnn_onednn(kind, ws_bytes, params, xs, carry)
+    native = dtype is not None and _use_native(kind, dtype)
     return _fused_dir(kind, int(unroll), native, params, xs, carry)
+
+
+# One LSTM/GRU direction through oneDNN's RNN primitives (fdl/_ext/rnn_onednn.cc): the forward
+# (projection + recurrence) is one ``lstm_forward``/``lbr_gru_forward`` call (forward_training
+# when differentiated, its workspace the residual; forward_inference otherwise); the backward is
+# one ``*_backward`` call returning every gradient. Layouts (oneDNN's ldigo): the LSTM's
+# [i, f, g, o] weights are used as they are, bias ``b_ih + b_hh``; the GRU's [r, z, n] blocks are
+# swapped to oneDNN's [z, r, n] ("u, r, o"), bias [b_z, b_r, b_in, b_hn] (linear-before-reset,
+# PyTorch's GRU).
+
+
+def _swap_rz(a: jax.Array, n_h: int) -> jax.Array:
+    """Swap the first two gate blocks along the last axis ([r, z, n] <-> [z, r, n])."""
+    return jnp.concatenate([a[..., n_h : 2 * n_h], a[..., :n_h], a[..., 2 * n_h :]], -1)
+
+
+def _onednn_operands(kind, params):
+    w_ih, w_hh, b_ih, b_hh = params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"]
+    if kind == "lstm":
+        return w_ih, w_hh, b_ih + b_hh
+    n_h = w_hh.shape[0]
+    rz = b_ih[: 2 * n_h] + b_hh[: 2 * n_h]
+    b = jnp.concatenate([rz[n_h:], rz[:n_h], b_ih[2 * n_h :], b_hh[2 * n_h :]])
+    return _swap_rz(w_ih, n_h), _swap_rz(w_hh, n_h), b
+
+
+def _onednn_param_grads(kind, n_h, d_w_ih, d_w_hh, d_b):
+    if kind == "lstm":
+        return {"w_ih": d_w_ih, "w_hh": d_w_hh, "b_ih": d_b, "b_hh": d_b}
+    rz = jnp.concatenate([d_b[n_h : 2 * n_h], d_b[:n_h]])  # [z, r] -> [r, z]
+    return {"w_ih": _swap_rz(d_w_ih, n_h), "w_hh": _swap_rz(d_w_hh, n_h),
+            "b_ih": jnp.concatenate([rz, d_b[2 * n_h : 3 * n_h]]),
+            "b_hh": jnp.concatenate([rz, d_b[3 * n_h :]])}
+
+
+def _onednn_call(kind, what, outs, *args):
+    return jax.ffi.ffi_call(f"fdl_{kind}_dnnl_{what}",
+                            tuple(jax.ShapeDtypeStruct(s, jnp.float32 if d is None else d)
+                                  for s, d in outs),
+                            vmap_method="sequential")(*args)
+
+
+def _onednn_states(kind, carry):
+    return tuple(carry) if kind == "lstm" else (carry,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _rnn_onednn(kind, ws_bytes, params, xs, carry):
+    # not differentiated: forward_inference, no workspace
+    t_len, batch, _ = xs.shape
+    hs = (batch, params["w_hh"].shape[0])
+    states = _onednn_states(kind, carry)
+    ys, *fin = _onednn_call(kind, "infer", [((t_len, *hs), None)] + [(hs, None)] * len(states),
+                            xs, *_onednn_operands(kind, params), *states)
+    return (tuple(fin) if kind == "lstm" else fin[0]), ys
+
+
+def _rnn_onednn_fwd(kind, ws_bytes, params, xs, carry):
+    t_len, batch, _ = xs.shape
+    hs = (batch, params["w_hh"].shape[0])
+    states = _onednn_states(kind, carry)
+    ops = _onednn_operands(kind, params)
+    ys, *fin, ws = _onednn_call(
+        kind, "fwd", [((t_len, *hs), None)] + [(hs, None)] * len(states)
+        + [((ws_bytes,), jnp.uint8)], xs, *ops, *states)
+    carry_n = tuple(fin) if kind == "lstm" else fin[0]
+    return (carry_n, ys), (xs, ops, states, ys, tuple(fin), ws)
+
+
+def _rnn_onednn_bwd(kind, ws_bytes, res, cts):
+    xs, ops, states, ys, fin, ws = res
+    d_carry, d_ys = cts
+    n_h = ops[1].shape[0]
+    d_fin = _onednn_states(kind, d_carry)
+    if kind == "lstm":  # operand order: ..., h0, c0, ys, h_n, c_n, ws, d_ys, d_hn, d_cn
+        args = (xs, *ops, *states, ys, *fin, ws, d_ys, *d_fin)
+    else:
+        args = (xs, *ops, *states, ys, *fin, ws, d_ys, *d_fin)
+    out = [(xs.shape, None)] + [(a.shape, None) for a in ops] + [(s.shape, None) for s in states]
+    d_xs, d_w_ih, d_w_hh, d_b, *d_states = _onednn_call(kind, "bwd", out, *args)
+    d_carry0 = tuple(d_states) if kind == "lstm" else d_states[0]
+    return _onednn_param_grads(kind, n_h, d_w_ih, d_w_hh, d_b), d_xs, d_carry0
+
+
+_rnn_onednn.defvjp(_rnn_onednn_fwd, _rnn_onednn_bwd)
 
 
 # ----------------------------------------------------------------------------- params

@@ -354,16 +354,121 @@ def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
         _allclose(gn, g, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape", [(7, 64, 5, 64), (3, 32, 4, 130), (2, 4, 3, 8)])
+def test_native_lstm_two_threads_equals_xla(shape, monkeypatch):
+    """FDL_RNN_THREADS=2: the native LSTM loop split over two threads (half the hidden units
+    each) gives the XLA loop's values and gradients; shapes below its size threshold run
+    single-threaded."""
+    _native_or_skip()
+    t_len, batch, n_in, n_h = shape
+    p = R.init_direction_params(jax.random.key(0), "lstm", n_in, n_h)
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.normal(size=(t_len, batch, n_in)), jnp.float32)
+    c0 = tuple(jnp.asarray(rng.normal(size=(batch, n_h)) * 0.3, jnp.float32) for _ in range(2))
+
+    def loss(p, xs, c0):
+        (h, c), ys = R.fused_direction("lstm", p, xs, c0)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(jnp.cos(h)) + jnp.sum(c * c)
+
+    out = {}
+    for backend, threads in (("native", "2"), ("xla", "1")):
+        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
+        monkeypatch.setenv("FDL_RNN_THREADS", threads)
+        out[backend] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(p, xs, c0)
+    np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
+    _allclose(out["native"][1], out["xla"][1], rtol=2e-4, atol=2e-5)
+    monkeypatch.setenv("FDL_RNN_THREADS", "3")
+    with pytest.raises(ValueError, match="FDL_RNN_THREADS"):
+        R.rnn_threads()
+
+
+def _onednn_or_skip():
+    from fdl._ext import build
+
+    if not build.load_rnn_onednn():
+        pytest.skip(f"oneDNN LSTM extension unavailable: {build.rnn_onednn_unavailable_reason()}")
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("steps", [1, 6])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_onednn_equals_xla_and_scan(kind, steps, bidirectional, key, monkeypatch):
+    """float32: the LSTM/GRU through oneDNN's RNN primitives (FDL_RNN_BACKEND=onednn) gives
+    the outputs, final states and gradients (weights, biases, input, initial state) of the XLA
+    loop, of autodiff through scan_cell and of the native loop; also without differentiation
+    (the forward_inference call)."""
+    _onednn_or_skip()
+    layers = {impl: MAKE[kind](5, num_layers=2, bidirectional=bidirectional, impl=impl)
+              for impl in ("fused", "scan")}
+    _, p, _ = layers["fused"].init(key, (3, steps, 4))
+    # non-zero biases in every block (the GRU's are split and reordered for oneDNN)
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.1 * jnp.arange(a.shape[-1], dtype=a.dtype) / a.shape[-1]
+        if "b_" in jax.tree_util.keystr(path) else a, p)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, steps, 4)), jnp.float32)
+    s0 = layers["fused"].initial_state(3)
+    s0 = (s0[0] + 0.3, s0[1] - 0.2) if kind == "lstm" else s0 + 0.3
+
+    def run(impl, backend):
+        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
+
+        def g(p, x, s0):
+            y, s = layers[impl].apply_with_state(p, x, s0)
+            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(a))
+                                             for a in jax.tree_util.tree_leaves(s))
+
+        f = jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2)))
+        text = f.lower(p, x, s0).as_text()
+        fwd = jax.jit(layers[impl].apply_with_state)
+        return f(p, x, s0), fwd(p, x, s0), text, fwd.lower(p, x, s0).as_text()
+
+    (vo, go), (yo, so), text, ftext = run("fused", "onednn")
+    assert f"fdl_{kind}_dnnl_fwd" in text and f"fdl_{kind}_dnnl_bwd" in text
+    assert f"fdl_{kind}_dnnl_infer" in ftext and f"fdl_{kind}_dnnl_fwd" not in ftext
+    for impl, backend in (("fused", "xla"), ("scan", "xla"), ("fused", "native")):
+        (v, g), (y, s), text, _ = run(impl, backend)
+        assert "_dnnl_" not in text
+        np.testing.assert_allclose(vo, v, rtol=1e-5)
+        _allclose(go, g, rtol=2e-4, atol=2e-5)
+        _allclose((yo, so), (y, s), rtol=1e-5, atol=1e-6)
+
+
+def test_onednn_under_vmap_and_rnn_unaffected(key, monkeypatch):
+    """The oneDNN LSTM direction under vmap (sequential) equals the XLA loop; a tanh RNN with
+    FDL_RNN_BACKEND=onednn runs its usual loop."""
+    _onednn_or_skip()
+    monkeypatch.setenv("FDL_RNN_BACKEND", "onednn")
+    p = R.init_direction_params(key, "lstm", 3, 4)
+    xs = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 2, 3)), jnp.float32)
+    c0 = (jnp.zeros((2, 4), jnp.float32), jnp.ones((2, 4), jnp.float32))
+
+    def f(xs):
+        return jnp.sum(R.fused_direction("lstm", p, xs, c0)[1] ** 2)
+
+    assert "fdl_lstm_dnnl_bwd" in jax.jit(jax.vmap(jax.grad(f))).lower(xs).as_text()
+    got = jax.vmap(jax.value_and_grad(f))(xs)
+    monkeypatch.setenv("FDL_RNN_BACKEND", "xla")
+    want = jax.vmap(jax.value_and_grad(f))(xs)
+    _allclose(got, want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("FDL_RNN_BACKEND", "onednn")
+    layer = nn.rnn(3)
+    _, pg, _ = layer.init(key, (2, 4, 3))
+    text = jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(pg, jnp.ones((2, 4, 3))).as_text()
+    assert "_dnnl_" not in text
+
+
 def test_native_backend_choice(monkeypatch):
     monkeypatch.setenv("FDL_RNN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FDL_RNN_BACKEND"):
         R.rnn_backend()
-    monkeypatch.setenv("FDL_RNN_BACKEND", "native")
     layer = nn.lstm(3)
-    x = jnp.ones((2, 4, 3), jnp.float64)  # float64 never uses the native loop
+    x = jnp.ones((2, 4, 3), jnp.float64)  # float64 never uses the native loop or oneDNN
     _, p, _ = layer.init(jax.random.key(0), x.shape)
     p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
-    assert "fdl_lstm" not in jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x).as_text()
+    for backend in ("native", "onednn"):
+        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
+        text = jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x).as_text()
+        assert "fdl_lstm" not in text
 
 
 def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
@@ -382,5 +487,27 @@ def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
     assert build.load_rnn() is False
     assert "compiler" in build.rnn_unavailable_reason()
     monkeypatch.setenv("FDL_RNN_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
+
+
+def test_onednn_fallback_when_extension_unavailable(monkeypatch, tmp_path):
+    """No compiler/oneDNN: ``auto`` quietly uses another LSTM loop, ``onednn`` says why it
+    can't."""
+    from fdl._ext import build
+
+    monkeypatch.setattr(build, "_rnn_state", {"loaded": None, "reason": ""})
+    monkeypatch.setattr(build, "_rnn_onednn_state", {"loaded": None, "reason": "", "dll": None})
+    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
+    monkeypatch.setenv("FDL_RNN_BACKEND", "auto")
+    layer = nn.lstm(3)
+    x = jnp.ones((2, 4, 3), jnp.float32)
+    _, p, _ = layer.init(jax.random.key(0), x.shape)
+    f = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, {}, x)[0])))
+    assert "fdl_lstm" not in f.lower(p, x).as_text()
+    assert build.load_rnn_onednn() is False
+    assert "compiler" in build.rnn_onednn_unavailable_reason()
+    monkeypatch.setenv("FDL_RNN_BACKEND", "onednn")
     with pytest.raises(RuntimeError, match="unavailable"):
         jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
