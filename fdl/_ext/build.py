@@ -46,6 +46,7 @@ RNN_SOURCE = Path(__file__).with_name("rnn_cpu.cc")
 RNN_TARGETS = {
     "fdl_lstm_fwd": "FdlLstmFwd",
     "fdl_lstm_bwd": "FdlLstmBwd",
+    "fdl_lstm_bwd_dw": "FdlLstmBwdDw",
     "fdl_gru_fwd": "FdlGruFwd",
     "fdl_gru_bwd": "FdlGruBwd",
 }

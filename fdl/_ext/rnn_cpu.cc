@@ -14,6 +14,8 @@
 //     -> acts (T,B,4H) activated gates, ys (T,B,H), cs (T,B,H)
 //   FdlLstmBwd(acts (T,B,4H) aliased to dgates, w_hh^T (4H,H), c0, cs, d_ys (T,B,H), dh_n, dc_n)
 //     -> dgates (T,B,4H) (gradient of the gate pre-activations), dh0, dc0 (B,H)
+//   FdlLstmBwdDw(the same operands, h0 (B,H), ys (T,B,H)) -> dgates, dh0, dc0, d_w_hh (H,4H)
+//     (single-threaded loop; d_w_hh accumulated by the helper thread meanwhile, see Team)
 // GRU (gates [r, z, n]; candidate n = tanh(xn + r * (W_hn h + b_hn))):
 //   FdlGruFwd(xp (T,B,3H) aliased to acts, w_hh (H,3H), b_hh (3H), h0 (B,H))
 //     -> acts (T,B,3H) = [r, z, n], ys (T,B,H), hns (T,B,H) = W_hn h_{t-1} + b_hn
@@ -353,6 +355,78 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   return ffi::Error::Success();
 }
 
+// The LSTM backward with the recurrent weight gradient d_w_hh = sum_t h_{t-1}^T dgates_t
+// computed in the same call, overlapped with the (single-threaded) reverse loop: the helper
+// thread of Team accumulates it over the steps the caller has finished (a progress counter, no
+// barrier on the caller's path; the helper just lags behind and catches up at the end).
+ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
+                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
+                         ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
+                         ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::F32> h0,
+                         ffi::Buffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> dgates,
+                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
+                         ffi::ResultBuffer<ffi::F32> d_w_hh) {
+  auto d = acts_in.dimensions();
+  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
+  if (G != 4 * H || w_t.dimensions()[0] != G)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
+  SingleThreadedGemm single;
+  float* A = dgates->typed_data();
+  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  const float* WT = w_t.typed_data();
+  const float* C = cs.typed_data();
+  const float* DY = dys.typed_data();
+  const float* Y = ys.typed_data();
+  float* DW = d_w_hh->typed_data();
+  float* dh = dh0->typed_data();
+  float* dc = dc0->typed_data();
+  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
+  std::vector<float> dh_tot(B * H);
+  std::atomic<int> done{0}, sleepers{0};  // steps finished by the caller (from t = T - 1 down)
+  std::atomic<int> status{dnnl_success};
+  Team::get().run([&](int k) {
+    if (k == 0) {
+      for (int64_t t = T - 1; t >= 0; --t) {
+        add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
+        const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+        float* g = A + t * B * G;
+        lstm_bwd_step(B, H, 0, H, g, C + t * B * H, cp, dh_tot.data(), dc);
+        notify(done, sleepers);  // dgates_t is final
+        dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
+        if (st != dnnl_success) status = st;
+      }
+      return;
+    }
+    omp_set_num_threads(1);
+    std::memset(DW, 0, sizeof(float) * H * G);
+    int consumed = 0;
+    while (consumed < T) {
+      int n = done.load(std::memory_order_acquire);
+      while (n == consumed) {
+        wait_change(done, n, sleepers);
+        n = done.load(std::memory_order_acquire);
+      }
+      // steps t in [T - n, T - consumed - 1] are final: DW += h_{t-1}^T dgates_t
+      const int64_t t_lo = T - n, t_hi = T - consumed - 1;
+      const int64_t a = std::max<int64_t>(t_lo, 1);
+      if (a <= t_hi) {
+        dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, (t_hi - a + 1) * B, 1.f,
+                                      Y + (a - 1) * B * H, H, A + a * B * G, G, 1.f, DW, G);
+        if (st != dnnl_success) status = st;
+      }
+      if (t_lo == 0) {
+        dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, B, 1.f, h0.typed_data(), H, A, G, 1.f,
+                                      DW, G);
+        if (st != dnnl_success) status = st;
+      }
+      consumed = n;
+    }
+  });
+  if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------------- GRU
 
 // x (B,3H) input pre-activations in, [r, z, n] out; hh (B,3H) = h W_hh + b_hh.
@@ -499,6 +573,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwd, LstmBwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwdDw, LstmBwdDwImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruFwd, GruFwdImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -458,10 +458,14 @@ def _f32(*shapes):
 
 
 def rnn_threads() -> int:
-    """Threads of the native LSTM loop from ``FDL_RNN_THREADS`` (``1``, the default, or ``2``:
+    """Threads of the native LSTM loops from ``FDL_RNN_THREADS`` (``1``, the default, or ``2``:
     the caller and one helper thread each take half of the hidden units, meeting at one barrier
-    per step; used when ``H`` is even, ``H >= 64`` and ``B*H >= 4096``). Read when a function
-    is traced."""
+    per step; used when ``H`` is even, ``H >= 64`` and ``B*H >= 4096``; the backward loop is
+    split only with ``FDL_RNN_OVERLAP_DW=0``). Read when a function is traced.
+
+    Independently of it, the native LSTM backward computes ``d w_hh`` on a helper thread,
+    overlapped with its reverse loop, unless ``FDL_RNN_OVERLAP_DW=0`` (then XLA computes it
+    after the loop)."""
     v = os.environ.get("FDL_RNN_THREADS", "1").strip() or "1"
     if v not in ("1", "2"):
         raise ValueError(f"FDL_RNN_THREADS must be 1 or 2, got {v!r}")
@@ -486,6 +490,14 @@ def _lstm_native_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
 
 def _lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys):
     acts, cs = aux
+    if os.environ.get("FDL_RNN_OVERLAP_DW", "1").strip() != "0":
+        # d_w_hh accumulated in the same call by a helper thread, overlapped with the loop
+        # (FDL_RNN_OVERLAP_DW=0: computed by XLA after the loop)
+        dg, dh0, dc0, d_w_hh = jax.ffi.ffi_call(
+            "fdl_lstm_bwd_dw", _f32(acts.shape, h0.shape, h0.shape, w_hh.shape),
+            input_output_aliases={0: 0}, vmap_method="sequential")(
+            acts, w_hh.T, c0, cs, d_ys, d_carry[0], d_carry[1], h0, ys)
+        return (dh0, dc0), dg, dg, d_w_hh
     dg, dh0, dc0 = _native_call("fdl_lstm_bwd", (acts.shape, h0.shape, h0.shape), acts, w_hh.T,
                                 c0, cs, d_ys, d_carry[0], d_carry[1],
                                 threads=np.int64(rnn_threads()))
@@ -536,10 +548,12 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
     w_ih, w_hh = params["w_ih"], params["w_hh"]
     t_len, batch, n_in = xs.shape
     n_h = w_hh.shape[0]
+    d_w_hh = None
     if kind == "lstm":
         h0 = carry0[0]
         bwd = _lstm_native_backward if native else _lstm_dir_backward
-        d0, d_xp, d_hh = bwd(unroll, w_hh, h0, carry0[1], ys, aux, d_carry, d_ys)
+        d0, d_xp, d_hh, *rest = bwd(unroll, w_hh, h0, carry0[1], ys, aux, d_carry, d_ys)
+        d_w_hh = rest[0] if rest else None
     elif kind == "gru":
         h0 = carry0
         bwd = _gru_native_backward if native else _gru_dir_backward
@@ -551,7 +565,8 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
     d_xp2 = d_xp.reshape(rows, -1)
     d_hh2 = d_hh.reshape(rows, -1)
     # h_{t-1} for every step: h0 for t = 0, then ys[:-1] (split so no (T, B, H) concatenate)
-    d_w_hh = h0.T @ d_hh2[:batch] + ys[:-1].reshape(rows - batch, n_h).T @ d_hh2[batch:]
+    if d_w_hh is None:
+        d_w_hh = h0.T @ d_hh2[:batch] + ys[:-1].reshape(rows - batch, n_h).T @ d_hh2[batch:]
     d_b_ih = jnp.sum(d_xp2, 0)
     d_b_hh = jnp.sum(d_hh2, 0) if kind == "gru" else d_b_ih
     d_params = {"w_ih": xs.reshape(rows, n_in).T @ d_xp2, "w_hh": d_w_hh, "b_ih": d_b_ih,

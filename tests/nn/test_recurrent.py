@@ -354,10 +354,12 @@ def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
         _allclose(gn, g, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape", [(7, 64, 5, 64), (3, 32, 4, 130), (2, 4, 3, 8)])
-def test_native_lstm_two_threads_equals_xla(shape, monkeypatch):
-    """FDL_RNN_THREADS=2: the native LSTM loop split over two threads (half the hidden units
-    each) gives the XLA loop's values and gradients; shapes below its size threshold run
+@pytest.mark.parametrize("shape", [(7, 64, 5, 64), (3, 32, 4, 130), (2, 4, 3, 8), (1, 32, 3, 64)])
+@pytest.mark.parametrize("threads,overlap", [("2", "0"), ("2", "1"), ("1", "1"), ("1", "0")])
+def test_native_lstm_threads_equal_xla(shape, threads, overlap, monkeypatch):
+    """FDL_RNN_THREADS=2 (the native LSTM loops split over two threads, half the hidden units
+    each) and FDL_RNN_OVERLAP_DW (d w_hh on a helper thread during the backward loop) give the
+    XLA loop's values and gradients; shapes below the split's size threshold run
     single-threaded."""
     _native_or_skip()
     t_len, batch, n_in, n_h = shape
@@ -371,10 +373,14 @@ def test_native_lstm_two_threads_equals_xla(shape, monkeypatch):
         return jnp.sum(jnp.sin(ys)) + jnp.sum(jnp.cos(h)) + jnp.sum(c * c)
 
     out = {}
-    for backend, threads in (("native", "2"), ("xla", "1")):
+    monkeypatch.setenv("FDL_RNN_OVERLAP_DW", overlap)
+    for backend, n in (("native", threads), ("xla", "1")):
         monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-        monkeypatch.setenv("FDL_RNN_THREADS", threads)
-        out[backend] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(p, xs, c0)
+        monkeypatch.setenv("FDL_RNN_THREADS", n)
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        text = f.lower(p, xs, c0).as_text()
+        assert ("fdl_lstm_bwd_dw" in text) == (backend == "native" and overlap == "1")
+        out[backend] = f(p, xs, c0)
     np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
     _allclose(out["native"][1], out["xla"][1], rtol=2e-4, atol=2e-5)
     monkeypatch.setenv("FDL_RNN_THREADS", "3")
