@@ -14,8 +14,10 @@
 //     -> acts (T,B,4H) activated gates, ys (T,B,H), cs (T,B,H)
 //   FdlLstmBwd(acts (T,B,4H) aliased to dgates, w_hh^T (4H,H), c0, cs, d_ys (T,B,H), dh_n, dc_n)
 //     -> dgates (T,B,4H) (gradient of the gate pre-activations), dh0, dc0 (B,H)
-//   FdlLstmBwdDw(the same operands, h0 (B,H), ys (T,B,H)) -> dgates, dh0, dc0, d_w_hh (H,4H)
-//     (single-threaded loop; d_w_hh accumulated by the helper thread meanwhile, see Team)
+//   FdlLstmBwdDw(the same operands, h0 (B,H), ys (T,B,H), xs (T,B,C))
+//     -> dgates, dh0, dc0, d_w_hh (H,4H), d_w_ih (C,4H), d_b (4H)
+//     (single-threaded loop; the weight and bias gradients accumulated by the helper thread
+//     meanwhile, see LstmBwdDwImpl)
 // GRU (gates [r, z, n]; candidate n = tanh(xn + r * (W_hn h + b_hn))):
 //   FdlGruFwd(xp (T,B,3H) aliased to acts, w_hh (H,3H), b_hh (3H), h0 (B,H))
 //     -> acts (T,B,3H) = [r, z, n], ys (T,B,H), hns (T,B,H) = W_hn h_{t-1} + b_hn
@@ -233,6 +235,10 @@ FDL_CLONES void add_into(int64_t n, float* __restrict dst, const float* __restri
   for (int64_t k = 0; k < n; ++k) dst[k] = a[k] + b[k];
 }
 
+FDL_CLONES void acc_into(int64_t n, float* __restrict dst, const float* __restrict src) {
+  for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+}
+
 ffi::Error sgemm_error(dnnl_status_t st) {
   return ffi::Error(ffi::ErrorCode::kInternal,
                     "fdl rnn: dnnl_sgemm failed with status " + std::to_string(int(st)));
@@ -355,21 +361,27 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   return ffi::Error::Success();
 }
 
-// The LSTM backward with the recurrent weight gradient d_w_hh = sum_t h_{t-1}^T dgates_t
-// computed in the same call, overlapped with the (single-threaded) reverse loop: the helper
-// thread of Team accumulates it over the steps the caller has finished (a progress counter, no
+// The LSTM backward with the weight and bias gradients (d_w_hh = sum_t h_{t-1}^T dgates_t,
+// d_w_ih = sum_t x_t^T dgates_t, d_b = sum of the dgates rows) computed in the same call,
+// overlapped with the (single-threaded) reverse loop: the helper thread of Team accumulates them
+// over the steps the caller has finished (a progress counter, no
 // barrier on the caller's path; the helper just lags behind and catches up at the end).
 ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
                          ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
                          ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
                          ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::F32> h0,
-                         ffi::Buffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> dgates,
-                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
-                         ffi::ResultBuffer<ffi::F32> d_w_hh) {
+                         ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> xs,
+                         ffi::ResultBuffer<ffi::F32> dgates, ffi::ResultBuffer<ffi::F32> dh0,
+                         ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> d_w_hh,
+                         ffi::ResultBuffer<ffi::F32> d_w_ih, ffi::ResultBuffer<ffi::F32> d_b) {
   auto d = acts_in.dimensions();
   const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
-  if (G != 4 * H || w_t.dimensions()[0] != G)
+  if (G != 4 * H || w_t.dimensions()[0] != G || xs.dimensions().size() != 3)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
+  const int64_t Cin = xs.dimensions()[2];
+  const float* X = xs.typed_data();
+  float* DWI = d_w_ih->typed_data();
+  float* DB = d_b->typed_data();
   SingleThreadedGemm single;
   float* A = dgates->typed_data();
   if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
@@ -385,6 +397,33 @@ ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_
   std::vector<float> dh_tot(B * H);
   std::atomic<int> done{0}, sleepers{0};  // steps finished by the caller (from t = T - 1 down)
   std::atomic<int> status{dnnl_success};
+  // Steps [top, T) are claimed by the helper (downwards, as they finish), [0, bottom) by the
+  // caller once its loop is over (upwards): the two share whatever the helper has not reached,
+  // each into its own accumulators (the caller's are added at the end).
+  std::mutex claim_mu;
+  int64_t top = T, bottom = 0;
+  const int64_t kChunk = std::max<int64_t>(1, 128 / B);  // steps per claim (~128 rows)
+  std::vector<float> mine;  // the caller's accumulators: [d_w_hh | d_w_ih | d_b]
+  // acc += the weight/bias gradients of steps [t_lo, t_hi]
+  auto accumulate = [&](int64_t t_lo, int64_t t_hi, float* dw, float* dwi, float* db) {
+    const int64_t a = std::max<int64_t>(t_lo, 1);
+    if (a <= t_hi) {  // d_w_hh += h_{t-1}^T dgates_t
+      dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, (t_hi - a + 1) * B, 1.f,
+                                    Y + (a - 1) * B * H, H, A + a * B * G, G, 1.f, dw, G);
+      if (st != dnnl_success) status = st;
+    }
+    if (t_lo == 0) {
+      dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, B, 1.f, h0.typed_data(), H, A, G, 1.f,
+                                    dw, G);
+      if (st != dnnl_success) status = st;
+    }
+    // d_w_ih += x_t^T dgates_t and d_b += the dgates_t rows
+    const int64_t rows = (t_hi - t_lo + 1) * B;
+    dnnl_status_t st = dnnl_sgemm('T', 'N', Cin, G, rows, 1.f, X + t_lo * B * Cin, Cin,
+                                  A + t_lo * B * G, G, 1.f, dwi, G);
+    if (st != dnnl_success) status = st;
+    for (int64_t r = 0; r < rows; ++r) acc_into(G, db, A + (t_lo * B + r) * G);
+  };
   Team::get().run([&](int k) {
     if (k == 0) {
       for (int64_t t = T - 1; t >= 0; --t) {
@@ -396,33 +435,53 @@ ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_
         dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
         if (st != dnnl_success) status = st;
       }
+      for (;;) {  // help with what the helper has not claimed yet
+        int64_t lo, hi;
+        {
+          std::lock_guard<std::mutex> lock(claim_mu);
+          if (bottom >= top) break;
+          lo = bottom;
+          hi = std::min(top, bottom + kChunk) - 1;
+          bottom = hi + 1;
+        }
+        if (mine.empty()) mine.assign(H * G + Cin * G + G, 0.f);
+        accumulate(lo, hi, mine.data(), mine.data() + H * G, mine.data() + H * G + Cin * G);
+      }
       return;
     }
     omp_set_num_threads(1);
     std::memset(DW, 0, sizeof(float) * H * G);
-    int consumed = 0;
-    while (consumed < T) {
+    std::memset(DWI, 0, sizeof(float) * Cin * G);
+    std::memset(DB, 0, sizeof(float) * G);
+    int seen = 0;
+    for (;;) {
+      int64_t lo, hi;
+      {
+        std::lock_guard<std::mutex> lock(claim_mu);
+        if (top <= bottom) break;
+      }
       int n = done.load(std::memory_order_acquire);
-      while (n == consumed) {
+      if (n == seen && n < T) {  // nothing new finished yet (and the loop is not over)
         wait_change(done, n, sleepers);
         n = done.load(std::memory_order_acquire);
       }
-      // steps t in [T - n, T - consumed - 1] are final: DW += h_{t-1}^T dgates_t
-      const int64_t t_lo = T - n, t_hi = T - consumed - 1;
-      const int64_t a = std::max<int64_t>(t_lo, 1);
-      if (a <= t_hi) {
-        dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, (t_hi - a + 1) * B, 1.f,
-                                      Y + (a - 1) * B * H, H, A + a * B * G, G, 1.f, DW, G);
-        if (st != dnnl_success) status = st;
+      seen = n;
+      {
+        std::lock_guard<std::mutex> lock(claim_mu);
+        // finished and unclaimed: [max(T - n, bottom), top), at most kChunk steps
+        lo = std::max<int64_t>({T - n, bottom, top - kChunk});
+        hi = top - 1;
+        if (lo > hi) continue;
+        top = lo;
       }
-      if (t_lo == 0) {
-        dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, B, 1.f, h0.typed_data(), H, A, G, 1.f,
-                                      DW, G);
-        if (st != dnnl_success) status = st;
-      }
-      consumed = n;
+      accumulate(lo, hi, DW, DWI, DB);
     }
   });
+  if (!mine.empty()) {
+    acc_into(H * G, DW, mine.data());
+    acc_into(Cin * G, DWI, mine.data() + H * G);
+    acc_into(G, DB, mine.data() + H * G + Cin * G);
+  }
   if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
   return ffi::Error::Success();
 }
@@ -584,6 +643,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwdDw, LstmBwdDwImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

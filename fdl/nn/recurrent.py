@@ -488,16 +488,18 @@ def _lstm_native_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
     return (ys[-1], cs[-1]), ys, (acts, cs)
 
 
-def _lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys):
+def _lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys, xs=None):
     acts, cs = aux
-    if os.environ.get("FDL_RNN_OVERLAP_DW", "1").strip() != "0":
-        # d_w_hh accumulated in the same call by a helper thread, overlapped with the loop
-        # (FDL_RNN_OVERLAP_DW=0: computed by XLA after the loop)
-        dg, dh0, dc0, d_w_hh = jax.ffi.ffi_call(
-            "fdl_lstm_bwd_dw", _f32(acts.shape, h0.shape, h0.shape, w_hh.shape),
+    if xs is not None and os.environ.get("FDL_RNN_OVERLAP_DW", "1").strip() != "0":
+        # the weight and bias gradients accumulated in the same call by a helper thread,
+        # overlapped with the loop (FDL_RNN_OVERLAP_DW=0: computed by XLA after the loop)
+        w_ih_shape = (xs.shape[-1], w_hh.shape[1])
+        dg, dh0, dc0, d_w_hh, d_w_ih, d_b = jax.ffi.ffi_call(
+            "fdl_lstm_bwd_dw", _f32(acts.shape, h0.shape, h0.shape, w_hh.shape, w_ih_shape,
+                                    (w_hh.shape[1],)),
             input_output_aliases={0: 0}, vmap_method="sequential")(
-            acts, w_hh.T, c0, cs, d_ys, d_carry[0], d_carry[1], h0, ys)
-        return (dh0, dc0), dg, dg, d_w_hh
+            acts, w_hh.T, c0, cs, d_ys, d_carry[0], d_carry[1], h0, ys, xs)
+        return (dh0, dc0), dg, dg, {"w_hh": d_w_hh, "w_ih": d_w_ih, "b": d_b}
     dg, dh0, dc0 = _native_call("fdl_lstm_bwd", (acts.shape, h0.shape, h0.shape), acts, w_hh.T,
                                 c0, cs, d_ys, d_carry[0], d_carry[1],
                                 threads=np.int64(rnn_threads()))
@@ -548,12 +550,16 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
     w_ih, w_hh = params["w_ih"], params["w_hh"]
     t_len, batch, n_in = xs.shape
     n_h = w_hh.shape[0]
-    d_w_hh = None
+    done = None  # weight/bias gradients the native backward already computed
     if kind == "lstm":
         h0 = carry0[0]
-        bwd = _lstm_native_backward if native else _lstm_dir_backward
-        d0, d_xp, d_hh, *rest = bwd(unroll, w_hh, h0, carry0[1], ys, aux, d_carry, d_ys)
-        d_w_hh = rest[0] if rest else None
+        if native:
+            d0, d_xp, d_hh, *rest = _lstm_native_backward(unroll, w_hh, h0, carry0[1], ys, aux,
+                                                          d_carry, d_ys, xs=xs)
+            done = rest[0] if rest else None
+        else:
+            d0, d_xp, d_hh = _lstm_dir_backward(unroll, w_hh, h0, carry0[1], ys, aux, d_carry,
+                                                d_ys)
     elif kind == "gru":
         h0 = carry0
         bwd = _gru_native_backward if native else _gru_dir_backward
@@ -565,12 +571,15 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
     d_xp2 = d_xp.reshape(rows, -1)
     d_hh2 = d_hh.reshape(rows, -1)
     # h_{t-1} for every step: h0 for t = 0, then ys[:-1] (split so no (T, B, H) concatenate)
-    if d_w_hh is None:
+    if done is not None:
+        d_params = {"w_ih": done["w_ih"], "w_hh": done["w_hh"], "b_ih": done["b"],
+                    "b_hh": done["b"]}
+    else:
         d_w_hh = h0.T @ d_hh2[:batch] + ys[:-1].reshape(rows - batch, n_h).T @ d_hh2[batch:]
-    d_b_ih = jnp.sum(d_xp2, 0)
-    d_b_hh = jnp.sum(d_hh2, 0) if kind == "gru" else d_b_ih
-    d_params = {"w_ih": xs.reshape(rows, n_in).T @ d_xp2, "w_hh": d_w_hh, "b_ih": d_b_ih,
-                "b_hh": d_b_hh}
+        d_b_ih = jnp.sum(d_xp2, 0)
+        d_b_hh = jnp.sum(d_hh2, 0) if kind == "gru" else d_b_ih
+        d_params = {"w_ih": xs.reshape(rows, n_in).T @ d_xp2, "w_hh": d_w_hh, "b_ih": d_b_ih,
+                    "b_hh": d_b_hh}
     d_xs = (d_xp2 @ w_ih.T).reshape(t_len, batch, n_in)
     return d_params, d_xs, d0
 
