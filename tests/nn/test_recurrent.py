@@ -320,6 +320,18 @@ def _native_or_skip():
         pytest.skip(f"native RNN extension unavailable: {build.rnn_unavailable_reason()}")
 
 
+def _loss_and_grad(layer):
+    """Jitted value and gradients (params, input, initial state) of a loss of ``layer``'s
+    outputs and final state; traced on first use, so under the FDL_RNN_BACKEND set then."""
+
+    def loss(p, x, s0):
+        y, s = layer.apply_with_state(p, x, s0)
+        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(a))
+                                         for a in jax.tree_util.tree_leaves(s))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 6])
 def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
@@ -334,13 +346,7 @@ def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
 
     def run(impl, backend):
         monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-
-        def g(p, x, s0):
-            y, s = layers[impl].apply_with_state(p, x, s0)
-            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(a))
-                                             for a in jax.tree_util.tree_leaves(s))
-
-        f = jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2)))
+        f = _loss_and_grad(layers[impl])
         text = f.lower(p, x, s0).as_text()
         return f(p, x, s0), text
 
@@ -417,13 +423,7 @@ def test_onednn_equals_xla_and_scan(kind, steps, bidirectional, key, monkeypatch
 
     def run(impl, backend):
         monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-
-        def g(p, x, s0):
-            y, s = layers[impl].apply_with_state(p, x, s0)
-            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(a))
-                                             for a in jax.tree_util.tree_leaves(s))
-
-        f = jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2)))
+        f = _loss_and_grad(layers[impl])
         text = f.lower(p, x, s0).as_text()
         fwd = jax.jit(layers[impl].apply_with_state)
         return f(p, x, s0), fwd(p, x, s0), text, fwd.lower(p, x, s0).as_text()
