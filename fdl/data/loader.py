@@ -192,20 +192,22 @@ class ArrayLoader:
         ``start + i``, padding included) and ``mask`` float32 of the same shape with
         ``last_batch="pad"`` (else ``None``). Gathering row ``i`` of every array gives exactly
         the batch iteration yields. Only when all batches have ``batch_size`` examples."""
-        bs = self.batch_size
-        rows = self._batch_rows(epoch)
-        rows = rows[start:]
+        bs, nb = self.batch_size, len(self)
+        order = _order(self._key_words, epoch, self.n)
+        full = self.n // bs  # batches with batch_size real examples
+        if nb > full:  # a partial last batch
+            if self.last_batch != "pad":
+                raise ValueError("ArrayLoader.index_table: the last batch is partial "
+                                 "(last_batch='keep'); use 'drop' or 'pad'")
+            # padded with its first example, as iteration pads it
+            order = np.concatenate([order, np.full(nb * bs - self.n, order[full * bs])])
+        # one reshape, no per-batch Python work: fit calls this with the device idle
+        idx = order[:nb * bs].reshape(nb, bs)[start:].astype(np.int32)
         mask = None
         if self.last_batch == "pad":
-            mask = np.ones((len(rows), bs), np.float32)
-            if rows and len(rows[-1]) < bs:
-                last = rows[-1]
-                mask[-1, len(last):] = 0.0
-                rows[-1] = np.concatenate([last, np.full(bs - len(last), last[0], last.dtype)])
-        elif rows and len(rows[-1]) < bs:
-            raise ValueError("ArrayLoader.index_table: the last batch is partial "
-                             "(last_batch='keep'); use 'drop' or 'pad'")
-        idx = np.stack(rows).astype(np.int32) if rows else np.zeros((0, bs), np.int32)
+            mask = np.ones(idx.shape, np.float32)
+            if nb > full and start < nb:
+                mask[-1, self.n - full * bs:] = 0.0
         return idx, mask
 
     # ------------------------------------------------------------------ batches

@@ -148,11 +148,10 @@ def _zeros_like_metrics(metrics_shape) -> dict:
 GATHER_CHUNK_BYTES = 64 << 20
 
 
-@jax.jit
-def _gather_batches(data, rows, mask):
-    """Batches ``rows[0], rows[1], ...`` of the device-resident ``data`` in one compiled call:
-    ``rows`` is ``(k, batch)`` int32, ``mask`` ``(k, batch)`` or ``None``; returns a list of
-    ``k`` batches ``(x, y[, mask])``, each its own buffer (a step may donate or drop it)."""
+def _gather(data, rows, mask):
+    """Batches ``rows[0], rows[1], ...`` of the device-resident ``data``: ``rows`` is
+    ``(k, batch)`` int32, ``mask`` ``(k, batch)`` or ``None``; returns a list of ``k`` batches
+    ``(x, y[, mask])``, each its own buffer (a step may donate or drop it)."""
     k, bs = rows.shape
     flat = tuple(a[rows.reshape(-1)] for a in data)
     batches = []
@@ -160,6 +159,24 @@ def _gather_batches(data, rows, mask):
         batch = tuple(a[i * bs:(i + 1) * bs] for a in flat)
         batches.append(batch if mask is None else (*batch, mask[i]))
     return batches
+
+
+# an epoch's batches in one compiled call (per chunk, see ``_chunks``)
+_gather_batches = jax.jit(_gather)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_start(init_fn):
+    """``start(params, state, data, rows, mask) -> ((params, state, opt_state), batches)``:
+    fresh copies of ``params`` and ``state``, ``init_fn(params)`` and the first gather, in one
+    compiled call (the device is idle until the first step: every dispatch before it counts)."""
+
+    def start(params, state, data, rows, mask):
+        prepared = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state),
+                    init_fn(params))
+        return prepared, _gather(data, rows, mask)
+
+    return jax.jit(start)
 
 
 def _chunks(n_rows: int, batch_bytes: int) -> list[tuple[int, int]]:
@@ -176,15 +193,27 @@ class _DeviceEpoch:
     """The batches ``start, start+1, ...`` of ``epoch``, gathered on the device from the
     loader's device-resident data, a chunk per compiled call (:func:`_chunks`). Creating it
     dispatches the first gather; iterating dispatches each next chunk's gather right after
-    the first step of the current chunk, so it runs while that chunk trains."""
+    the first step of the current chunk, so it runs while that chunk trains.
 
-    def __init__(self, loader: ArrayLoader, epoch: int, start: int):
+    With ``prepare=(init_fn, params, state)`` the first gather also copies ``params`` and
+    ``state`` and initializes the optimizer (one compiled call, :func:`_jitted_start`); the
+    result is ``self.prepared = (params, state, opt_state)``."""
+
+    def __init__(self, loader: ArrayLoader, epoch: int, start: int, prepare=None):
         self.epoch, self.start = epoch, start
         self.data = loader.device_arrays()
         self.idx, self.mask = loader.index_table(epoch, start)
         per_example = sum(a.nbytes // max(len(a), 1) for a in self.data)
         self.spans = _chunks(self.idx.shape[0], per_example * self.idx.shape[1])
-        self.first = self._gather(self.spans[0]) if self.spans else []
+        self.prepared = None
+        if prepare is not None and self.spans:
+            init_fn, params, state = prepare
+            lo, hi = self.spans[0]
+            self.prepared, self.first = _jitted_start(init_fn)(
+                params, state, self.data, self.idx[lo:hi],
+                None if self.mask is None else self.mask[lo:hi])
+        else:
+            self.first = self._gather(self.spans[0]) if self.spans else []
 
     def _gather(self, span: tuple[int, int]) -> list:
         lo, hi = span
@@ -251,6 +280,15 @@ def _metric_zeros(train_step, zeros_cache, params, state, opt_state, key, loader
     return zeros
 
 
+def _evaluate_sums(params, state, loader: ArrayLoader, eval_step):
+    """The summed metrics of ``eval_step`` over ``loader`` (device arrays, not waited for)."""
+    acc = None
+    for batch in loader.epoch_batches(0):
+        m = eval_step(params, state, batch)
+        acc = m if acc is None else _accumulate(acc, m)
+    return acc
+
+
 def evaluate(
     params, state, data, *, model: Layer | Callable | None = None, eval_step=None,
     loss: str | Callable = "cross_entropy", batch_size: int = 256, top_k: Sequence[int] = (),
@@ -263,11 +301,29 @@ def evaluate(
         eval_step = make_eval_step(model, loss, top_k=top_k)
     if isinstance(data, (tuple, list)):
         data = ArrayLoader(tuple(data), min(batch_size, len(data[0])), last_batch="pad")
-    acc = None
-    for batch in data.epoch_batches(0):
-        m = eval_step(params, state, batch)
-        acc = m if acc is None else _accumulate(acc, m)
-    return summarize(acc)
+    return summarize(_evaluate_sums(params, state, data, eval_step))
+
+
+@dataclasses.dataclass
+class _EpochRecord:
+    """What an epoch's row is made of, on the device until :func:`fit` fetches it."""
+
+    epoch: int
+    step: int  # the global step count at the end of the epoch
+    first: int  # the batch the epoch started at (> 0 when resumed mid-epoch)
+    seen: int  # batches run in this call
+    t0: float  # perf_counter when the epoch's steps were dispatched
+    sums: Any  # the train metric sums (device) or None
+    eval_sums: Any  # the evaluation metric sums (device) or None
+    lr: Any  # the learning rate at the end of the epoch (device scalar, float or None)
+
+
+def _hashable(x) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 @jax.jit
@@ -426,7 +482,17 @@ def fit(
     if eval_step is None and eval_loader is not None:
         eval_step = make_eval_step(model, loss, top_k=top_k)
 
-    params, state, opt_state = _prepare(optimizer, params, state, opt_state)
+    indexed = _indexed_step(train_step) if train_loader.indexable_on_device else None
+    # On the device path the copy of params/state and optimizer.init run in the first epoch's
+    # first gather call (one dispatch fewer before the first step; see _jitted_start).
+    deferred = None
+    if (indexed is not None and opt_state is None and not resume
+            and train_loader.epoch < epochs and train_loader.batch < len(train_loader)
+            and _hashable(optimizer.init)
+            and all(isinstance(x, jax.Array) for x in jax.tree.leaves((params, state)))):
+        deferred = (optimizer.init, params, state)
+    else:
+        params, state, opt_state = _prepare(optimizer, params, state, opt_state)
     step = 0
     history = History()
     epoch_sums = None
@@ -486,8 +552,6 @@ def fit(
         except ImportError:
             tqdm = None
 
-    indexed = _indexed_step(train_step) if train_loader.indexable_on_device else None
-
     def after_step(epoch, bar, metrics) -> None:
         if callback is not None:
             callback(step, metrics)
@@ -503,100 +567,159 @@ def fit(
             save_checkpoint()
 
     best_value, best_tree, bad_epochs, stopped_early = None, None, 0, False
+    last_done = 0.0  # when the previous epoch's steps were done (perf_counter)
+
+    def epoch_record(epoch: int, first: int, seen: int, t0: float, lagged: bool) -> _EpochRecord:
+        """Dispatch what the epoch's row needs from the device (evaluation, learning rate)
+        without waiting for it."""
+        eval_sums = None
+        if eval_loader is not None:
+            eval_sums = _evaluate_sums(params, state, eval_loader, eval_step)
+        lr = _current_lr(opt_state)
+        if lagged and isinstance(lr, jax.Array):
+            lr = jnp.copy(lr)  # the next step donates opt_state
+        return _EpochRecord(epoch, step, first, seen, t0, epoch_sums, eval_sums, lr)
+
+    def finish(rec: _EpochRecord) -> bool:
+        """Fetch the epoch's metrics, record, log and print them, early-stop, checkpoint and
+        plot; True to stop training."""
+        nonlocal best_value, best_tree, bad_epochs, last_done
+        row: dict[str, Any] = {"epoch": rec.epoch + 1, "step": rec.step}
+        host_sums = lr = None
+        if rec.sums is not None:  # one fetch: waits for the epoch's steps
+            host_sums, lr = jax.device_get((rec.sums, rec.lr))
+        t_done = time.perf_counter()
+        t0 = max(rec.t0, last_done)  # a lagged epoch's steps start when the previous ones end
+        last_done = t_done
+        n_real = None
+        if host_sums is not None:
+            row.update(summarize(host_sums, "train_"))
+            if rec.first == 0:
+                n_real = float(host_sums["count"])
+        if rec.eval_sums is not None:
+            row.update({f"test_{k}": v for k, v in summarize(rec.eval_sums).items()})
+        if rec.seen and n_real is not None:
+            row["examples_per_sec"] = n_real / max(t_done - t0, 1e-9)
+        row["time"] = time.perf_counter() - t0
+        if lr is None and rec.lr is not None:
+            lr = jax.device_get(rec.lr)
+        if lr is not None:
+            row["lr"] = float(lr)
+        history.append(row)
+        log({"type": "epoch", **row})
+        if print_fn is not None:
+            say(_fmt(row))
+        if early_stopping is not None:
+            value = row.get(early_stopping.monitor)
+            if value is None:
+                raise ValueError(
+                    f"EarlyStopping: monitor {early_stopping.monitor!r} not in the epoch "
+                    f"record; available: {sorted(row)}"
+                )
+            if early_stopping.improved(value, best_value):
+                best_value, bad_epochs = value, 0
+                if early_stopping.restore_best:
+                    best_tree = (_copy(params), _copy(state))
+            else:
+                bad_epochs += 1
+        if manager is not None and checkpoint_every and (rec.epoch + 1) % checkpoint_every == 0:
+            save_checkpoint()
+        if plot:
+            plot_history(history, plot)
+        if early_stopping is not None and bad_epochs >= early_stopping.patience:
+            say(f"early stopping: {early_stopping.monitor} has not improved for "
+                f"{bad_epochs} epochs (best {best_value:.4f})")
+            return True
+        return False
+
     nb = len(train_loader)
     ahead = None  # the next epoch's batches, gathered ahead (device path)
+    # An epoch whose row needs nothing before the next epoch starts (no early stopping, no
+    # checkpoint at its end) is finished after the next epoch's first step is dispatched:
+    # fetching its metrics, printing, logging and plotting then overlap that step instead of
+    # leaving the device idle between epochs.
+    pending = None
+    epoch = first = seen = 0
+    bar = None
+
+    def dispatched(metrics) -> None:
+        """After each step's dispatch: the previous epoch's row (first step only), the
+        progress bar, logging, callbacks and step checkpoints."""
+        nonlocal pending, bar
+        if pending is not None:
+            rec, pending = pending, None
+            finish(rec)
+        if bar is None and tqdm is not None:
+            bar = tqdm(total=nb, initial=first + seen - 1,
+                       desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       file=sys.stderr, dynamic_ncols=True)
+        after_step(epoch, bar, metrics)
+
     try:
-        for epoch in range(train_loader.epoch, epochs):
-            t0 = time.perf_counter()
-            first = train_loader.batch
-            if first == 0:
-                epoch_sums = None
-            bar = None
-            if tqdm is not None:
-                bar = tqdm(total=nb, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
-                           leave=False, file=sys.stderr, dynamic_ncols=True)
-            seen = 0
-            if indexed is not None:
-                # the epoch's batches are gathered on the device a chunk ahead (the next
-                # epoch's first gather was dispatched before the previous epoch's metrics were
-                # fetched); one compiled call per step for the key, the step and the metric
-                # sums (the table starts at the loader's position, so this resumes mid-epoch)
-                fused, zeros_cache = indexed
-                if ahead is None or (ahead.epoch, ahead.start) != (epoch, first):
-                    ahead = _DeviceEpoch(train_loader, epoch, first)
-                batches, ahead = ahead, None
-                counter = np.uint32(step)
-                sums = epoch_sums
-                for batch in batches:
-                    if sums is None:
-                        sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
-                                             key, train_loader)
-                    params, state, opt_state, sums, metrics, counter = fused(
-                        params, state, opt_state, sums, counter, batch, key
-                    )
-                    train_loader.batch += 1
-                    step += 1
-                    epoch_sums = sums
-                    seen += 1
-                    after_step(epoch, bar, metrics)
-                if epoch + 1 < epochs:  # before the fetch below waits for this epoch's steps
-                    ahead = _DeviceEpoch(train_loader, epoch + 1, 0)
-                train_loader.epoch, train_loader.batch = epoch + 1, 0
-            else:
-                for batch in train_loader:  # resumes mid-epoch from the loader's position
-                    params, state, opt_state, metrics = train_step(
-                        params, state, opt_state, batch, jax.random.fold_in(key, step)
-                    )
-                    step += 1
-                    epoch_sums = (metrics if epoch_sums is None
-                                  else _accumulate(epoch_sums, metrics))
-                    seen += 1
-                    after_step(epoch, bar, metrics)
-            if bar is not None:
-                bar.close()
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-            n_real = None
-            if epoch_sums is not None:
-                host_sums = jax.device_get(epoch_sums)  # one fetch: waits for the epoch's steps
-                row.update(summarize(host_sums, "train_"))
+        try:
+            for epoch in range(train_loader.epoch, epochs):
+                t0 = time.perf_counter()
+                first = train_loader.batch
                 if first == 0:
-                    n_real = float(host_sums["count"])
-            elapsed = time.perf_counter() - t0
-            if eval_loader is not None:
-                test = evaluate(params, state, eval_loader, eval_step=eval_step)
-                row.update({f"test_{k}": v for k, v in test.items()})
-            if seen and n_real is not None:
-                row["examples_per_sec"] = n_real / max(elapsed, 1e-9)
-            row["time"] = time.perf_counter() - t0
-            lr = _current_lr(opt_state)
-            if lr is not None:
-                row["lr"] = float(lr)
-            history.append(row)
-            log({"type": "epoch", **row})
-            say(_fmt(row))
-            if early_stopping is not None:
-                value = row.get(early_stopping.monitor)
-                if value is None:
-                    raise ValueError(
-                        f"EarlyStopping: monitor {early_stopping.monitor!r} not in the epoch "
-                        f"record; available: {sorted(row)}"
-                    )
-                if early_stopping.improved(value, best_value):
-                    best_value, bad_epochs = value, 0
-                    if early_stopping.restore_best:
-                        best_tree = (_copy(params), _copy(state))
+                    epoch_sums = None
+                bar = None
+                seen = 0
+
+                if indexed is not None:
+                    # the epoch's batches are gathered on the device a chunk ahead (the next
+                    # epoch's first gather was dispatched before the previous epoch's metrics were
+                    # fetched); one compiled call per step for the key, the step and the metric
+                    # sums (the table starts at the loader's position, so this resumes mid-epoch)
+                    fused, zeros_cache = indexed
+                    if ahead is None or (ahead.epoch, ahead.start) != (epoch, first):
+                        ahead = _DeviceEpoch(train_loader, epoch, first, prepare=deferred)
+                        if deferred is not None:
+                            params, state, opt_state = ahead.prepared
+                            deferred = None
+                    batches, ahead = ahead, None
+                    counter = np.uint32(step)
+                    sums = epoch_sums
+                    for batch in batches:
+                        if sums is None:
+                            sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
+                                                 key, train_loader)
+                        params, state, opt_state, sums, metrics, counter = fused(
+                            params, state, opt_state, sums, counter, batch, key
+                        )
+                        train_loader.batch += 1
+                        step += 1
+                        epoch_sums = sums
+                        seen += 1
+                        dispatched(metrics)
+                    if epoch + 1 < epochs:  # before the fetch below waits for this epoch's steps
+                        ahead = _DeviceEpoch(train_loader, epoch + 1, 0)
+                    train_loader.epoch, train_loader.batch = epoch + 1, 0
                 else:
-                    bad_epochs += 1
-            epoch_sums = None
-            if manager is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
-                save_checkpoint()
-            if plot:
-                plot_history(history, plot)
-            if early_stopping is not None and bad_epochs >= early_stopping.patience:
-                say(f"early stopping: {early_stopping.monitor} has not improved for "
-                    f"{bad_epochs} epochs (best {best_value:.4f})")
-                stopped_early = True
-                break
+                    for batch in train_loader:  # resumes mid-epoch from the loader's position
+                        params, state, opt_state, metrics = train_step(
+                            params, state, opt_state, batch, jax.random.fold_in(key, step)
+                        )
+                        step += 1
+                        epoch_sums = (metrics if epoch_sums is None
+                                      else _accumulate(epoch_sums, metrics))
+                        seen += 1
+                        dispatched(metrics)
+                if bar is not None:
+                    bar.close()
+                lag = (epoch + 1 < epochs and early_stopping is None
+                       and not (manager is not None and checkpoint_every
+                                and (epoch + 1) % checkpoint_every == 0))
+                rec = epoch_record(epoch, first, seen, t0, lag)
+                epoch_sums = None
+                if lag:
+                    pending = rec
+                elif finish(rec):
+                    stopped_early = True
+                    break
+        except StopIteration:  # raised by the callback
+            pass
+        if pending is not None:  # stopped before the next epoch's first step
+            finish(pending)
     except KeyboardInterrupt:
         hint = resume_hint or (
             f"fit(..., checkpoint_dir={checkpoint_dir!r}, resume=True)" if checkpoint_dir else None
@@ -608,8 +731,6 @@ def fit(
             say(f"\ninterrupted at step {step}; no checkpoint was written yet"
                 + ("" if checkpoint_dir else " (pass checkpoint_dir= to enable them)"))
         raise
-    except StopIteration:
-        pass
     finally:
         if log_fh is not None:
             log_fh.close()

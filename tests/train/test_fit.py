@@ -160,3 +160,53 @@ def test_chunked_epoch_gather_is_bitwise_the_same(monkeypatch, chunk_batches):
     assert leaves_equal(chunked.params, default.params)
     assert leaves_equal(chunked.opt_state, default.opt_state)
     assert _numbers(chunked.history) == _numbers(default.history)
+
+
+def test_epochs_finished_after_the_next_epochs_first_step_change_nothing(tmp_path):
+    """Without early stopping or an epoch-end checkpoint, an epoch's row is fetched after the
+    next epoch's first step is dispatched; the numbers are those of finishing it at once
+    (forced here by a checkpoint at every epoch end)."""
+    for device_loop in (True, False):
+        with pytest.MonkeyPatch.context() as m:
+            if not device_loop:
+                m.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
+            lagged = _run(epochs=3)
+            at_once = _run(epochs=3, checkpoint_dir=str(tmp_path / str(device_loop)))
+        assert leaves_equal(lagged.params, at_once.params)
+        assert _numbers(lagged.history) == _numbers(at_once.history)
+        for row in lagged.history.rows:
+            assert row["examples_per_sec"] > 0 and row["time"] > 0
+            assert row["lr"] == pytest.approx(0.05)
+
+
+def test_callback_stop_keeps_the_finished_epochs_row():
+    def stop(step, metrics):
+        if step == 4:  # the first step of epoch 2 (3 batches per epoch)
+            raise StopIteration
+
+    res = _run(epochs=3, callback=stop)
+    assert res.steps == 4 and [r["epoch"] for r in res.history.rows] == [1]
+    assert res.history.rows[0]["step"] == 3
+
+
+def test_epoch_metrics_are_fetched_after_the_next_epochs_first_step(monkeypatch):
+    step_fn = make_train_step(MODEL, OPT)
+    _run(train_step=step_fn, eval_data=None, epochs=1)  # builds the fused step
+    fused, cache = step_fn._fdl_indexed
+    calls, fetched_at = [0], []
+
+    def counting(*args):
+        calls[0] += 1
+        return fused(*args)
+
+    real_get = jax.device_get
+
+    def device_get(x):
+        fetched_at.append(calls[0])
+        return real_get(x)
+
+    step_fn._fdl_indexed = (counting, cache)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    res = _run(train_step=step_fn, eval_data=None, epochs=2)
+    assert res.steps == 6
+    assert fetched_at[0] == 4  # epoch 1's sums: after epoch 2's first step was dispatched
