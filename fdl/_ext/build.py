@@ -49,6 +49,7 @@ RNN_TARGETS = {
     "fdl_lstm_bwd_dw": "FdlLstmBwdDw",
     "fdl_gru_fwd": "FdlGruFwd",
     "fdl_gru_bwd": "FdlGruBwd",
+    "fdl_gru_bwd_dw": "FdlGruBwdDw",
 }
 RNN_ONEDNN_SOURCE = Path(__file__).with_name("rnn_onednn.cc")
 RNN_ONEDNN_TARGETS = {

@@ -17,12 +17,15 @@
 //   FdlLstmBwdDw(the same operands, h0 (B,H), ys (T,B,H), xs (T,B,C))
 //     -> dgates, dh0, dc0, d_w_hh (H,4H), d_w_ih (C,4H), d_b (4H)
 //     (single-threaded loop; the weight and bias gradients accumulated by the helper thread
-//     meanwhile, see LstmBwdDwImpl)
+//     meanwhile, see overlapped_dw)
 // GRU (gates [r, z, n]; candidate n = tanh(xn + r * (W_hn h + b_hn))):
 //   FdlGruFwd(xp (T,B,3H) aliased to acts, w_hh (H,3H), b_hh (3H), h0 (B,H))
 //     -> acts (T,B,3H) = [r, z, n], ys (T,B,H), hns (T,B,H) = W_hn h_{t-1} + b_hn
 //   FdlGruBwd(acts aliased to d_xp, w_hh^T (3H,H), h0, ys, hns, d_ys, dh_n)
 //     -> d_xp (T,B,3H) (gradient of x @ w_ih + b_ih), d_hh (T,B,3H) (of h @ w_hh + b_hh), dh0
+//   FdlGruBwdDw(the same operands, xs (T,B,C))
+//     -> d_xp, d_hh, dh0, d_w_hh (H,3H), d_w_ih (C,3H), d_b_ih (3H), d_b_hh (3H)
+//     (the weight and bias gradients overlapped with the loop, see overlapped_dw)
 
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -30,6 +33,7 @@
 #include <x86intrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
 #include <cmath>
@@ -361,80 +365,34 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   return ffi::Error::Success();
 }
 
-// The LSTM backward with the weight and bias gradients (d_w_hh = sum_t h_{t-1}^T dgates_t,
-// d_w_ih = sum_t x_t^T dgates_t, d_b = sum of the dgates rows) computed in the same call,
-// overlapped with the (single-threaded) reverse loop: the helper thread of Team accumulates them
-// over the steps the caller has finished (a progress counter, no
-// barrier on the caller's path; the helper just lags behind and catches up at the end).
-ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
-                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
-                         ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
-                         ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::F32> h0,
-                         ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> xs,
-                         ffi::ResultBuffer<ffi::F32> dgates, ffi::ResultBuffer<ffi::F32> dh0,
-                         ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> d_w_hh,
-                         ffi::ResultBuffer<ffi::F32> d_w_ih, ffi::ResultBuffer<ffi::F32> d_b) {
-  auto d = acts_in.dimensions();
-  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
-  if (G != 4 * H || w_t.dimensions()[0] != G || xs.dimensions().size() != 3)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
-  const int64_t Cin = xs.dimensions()[2];
-  const float* X = xs.typed_data();
-  float* DWI = d_w_ih->typed_data();
-  float* DB = d_b->typed_data();
-  SingleThreadedGemm single;
-  float* A = dgates->typed_data();
-  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
-  const float* WT = w_t.typed_data();
-  const float* C = cs.typed_data();
-  const float* DY = dys.typed_data();
-  const float* Y = ys.typed_data();
-  float* DW = d_w_hh->typed_data();
-  float* dh = dh0->typed_data();
-  float* dc = dc0->typed_data();
-  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
-  std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
-  std::vector<float> dh_tot(B * H);
+// The weight and bias gradients of a backward loop, accumulated over the steps the loop has
+// finished, overlapped with the (single-threaded) reverse loop: `loop(step_done)` runs on the
+// caller and calls step_done() after each step whose gate gradients are final (t = T-1 down to
+// 0); the helper thread of Team meanwhile calls `accumulate(lo, hi, acc)` (acc: one pointer per
+// output) for the finished steps (a progress counter, no barrier on the loop's path; the helper
+// lags behind and catches up). Steps [top, T) are claimed by the helper (downwards, as they
+// finish), [0, bottom) by the caller once its loop is over (upwards): the two share whatever the
+// helper has not reached, the caller into its own accumulators (added at the end), so a helper
+// that got no core costs no more than doing the work after the loop. The outputs are zeroed
+// here (by the helper, before its first accumulate).
+struct DwOut {
+  float* data;
+  int64_t n;
+};
+
+template <size_t N, class Loop, class Accumulate>
+void overlapped_dw(int64_t T, int64_t B, const std::array<DwOut, N>& outs, Loop&& loop,
+                   Accumulate&& accumulate) {
   std::atomic<int> done{0}, sleepers{0};  // steps finished by the caller (from t = T - 1 down)
-  std::atomic<int> status{dnnl_success};
-  // Steps [top, T) are claimed by the helper (downwards, as they finish), [0, bottom) by the
-  // caller once its loop is over (upwards): the two share whatever the helper has not reached,
-  // each into its own accumulators (the caller's are added at the end).
   std::mutex claim_mu;
   int64_t top = T, bottom = 0;
   const int64_t kChunk = std::max<int64_t>(1, 128 / B);  // steps per claim (~128 rows)
-  std::vector<float> mine;  // the caller's accumulators: [d_w_hh | d_w_ih | d_b]
-  // acc += the weight/bias gradients of steps [t_lo, t_hi]
-  auto accumulate = [&](int64_t t_lo, int64_t t_hi, float* dw, float* dwi, float* db) {
-    const int64_t a = std::max<int64_t>(t_lo, 1);
-    if (a <= t_hi) {  // d_w_hh += h_{t-1}^T dgates_t
-      dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, (t_hi - a + 1) * B, 1.f,
-                                    Y + (a - 1) * B * H, H, A + a * B * G, G, 1.f, dw, G);
-      if (st != dnnl_success) status = st;
-    }
-    if (t_lo == 0) {
-      dnnl_status_t st = dnnl_sgemm('T', 'N', H, G, B, 1.f, h0.typed_data(), H, A, G, 1.f,
-                                    dw, G);
-      if (st != dnnl_success) status = st;
-    }
-    // d_w_ih += x_t^T dgates_t and d_b += the dgates_t rows
-    const int64_t rows = (t_hi - t_lo + 1) * B;
-    dnnl_status_t st = dnnl_sgemm('T', 'N', Cin, G, rows, 1.f, X + t_lo * B * Cin, Cin,
-                                  A + t_lo * B * G, G, 1.f, dwi, G);
-    if (st != dnnl_success) status = st;
-    for (int64_t r = 0; r < rows; ++r) acc_into(G, db, A + (t_lo * B + r) * G);
-  };
+  std::vector<float> mine;  // the caller's accumulators, the outputs back to back
+  auto step_done = [&] { notify(done, sleepers); };
   Team::get().run([&](int k) {
     if (k == 0) {
-      for (int64_t t = T - 1; t >= 0; --t) {
-        add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
-        const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
-        float* g = A + t * B * G;
-        lstm_bwd_step(B, H, 0, H, g, C + t * B * H, cp, dh_tot.data(), dc);
-        notify(done, sleepers);  // dgates_t is final
-        dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
-        if (st != dnnl_success) status = st;
-      }
+      loop(step_done);
+      std::array<float*, N> acc{};
       for (;;) {  // help with what the helper has not claimed yet
         int64_t lo, hi;
         {
@@ -444,15 +402,26 @@ ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_
           hi = std::min(top, bottom + kChunk) - 1;
           bottom = hi + 1;
         }
-        if (mine.empty()) mine.assign(H * G + Cin * G + G, 0.f);
-        accumulate(lo, hi, mine.data(), mine.data() + H * G, mine.data() + H * G + Cin * G);
+        if (mine.empty()) {
+          int64_t total = 0;
+          for (const DwOut& o : outs) total += o.n;
+          mine.assign(total, 0.f);
+          int64_t off = 0;
+          for (size_t i = 0; i < N; ++i) {
+            acc[i] = mine.data() + off;
+            off += outs[i].n;
+          }
+        }
+        accumulate(lo, hi, acc);
       }
       return;
     }
     omp_set_num_threads(1);
-    std::memset(DW, 0, sizeof(float) * H * G);
-    std::memset(DWI, 0, sizeof(float) * Cin * G);
-    std::memset(DB, 0, sizeof(float) * G);
+    std::array<float*, N> acc{};
+    for (size_t i = 0; i < N; ++i) {
+      std::memset(outs[i].data, 0, sizeof(float) * outs[i].n);
+      acc[i] = outs[i].data;
+    }
     int seen = 0;
     for (;;) {
       int64_t lo, hi;
@@ -474,14 +443,94 @@ ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_
         if (lo > hi) continue;
         top = lo;
       }
-      accumulate(lo, hi, DW, DWI, DB);
+      accumulate(lo, hi, acc);
     }
   });
   if (!mine.empty()) {
-    acc_into(H * G, DW, mine.data());
-    acc_into(Cin * G, DWI, mine.data() + H * G);
-    acc_into(G, DB, mine.data() + H * G + Cin * G);
+    int64_t off = 0;
+    for (const DwOut& o : outs) {
+      acc_into(o.n, o.data, mine.data() + off);
+      off += o.n;
+    }
   }
+}
+
+// d_w += sum over steps [t_lo, t_hi] of h_{t-1}^T dg_t (h_{-1} = h0, h_t = Y[t]): (H, G)
+dnnl_status_t acc_dw_hh(int64_t t_lo, int64_t t_hi, int64_t B, int64_t H, int64_t G,
+                        const float* h0, const float* Y, const float* DG, float* dw) {
+  dnnl_status_t st = dnnl_success;
+  const int64_t a = std::max<int64_t>(t_lo, 1);
+  if (a <= t_hi)
+    st = dnnl_sgemm('T', 'N', H, G, (t_hi - a + 1) * B, 1.f, Y + (a - 1) * B * H, H,
+                    DG + a * B * G, G, 1.f, dw, G);
+  if (t_lo == 0 && st == dnnl_success)
+    st = dnnl_sgemm('T', 'N', H, G, B, 1.f, h0, H, DG, G, 1.f, dw, G);
+  return st;
+}
+
+// d_w += sum over steps [t_lo, t_hi] of x_t^T dg_t: (Cin, G); and d_b += the dg rows, if d_b
+dnnl_status_t acc_dw_ih(int64_t t_lo, int64_t t_hi, int64_t B, int64_t Cin, int64_t G,
+                        const float* X, const float* DG, float* dw, float* db) {
+  const int64_t rows = (t_hi - t_lo + 1) * B;
+  dnnl_status_t st = dnnl_sgemm('T', 'N', Cin, G, rows, 1.f, X + t_lo * B * Cin, Cin,
+                                DG + t_lo * B * G, G, 1.f, dw, G);
+  if (db != nullptr)
+    for (int64_t r = 0; r < rows; ++r) acc_into(G, db, DG + (t_lo * B + r) * G);
+  return st;
+}
+
+// The LSTM backward with the weight and bias gradients (d_w_hh = sum_t h_{t-1}^T dgates_t,
+// d_w_ih = sum_t x_t^T dgates_t, d_b = sum of the dgates rows) computed in the same call,
+// overlapped with the reverse loop (overlapped_dw).
+ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
+                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
+                         ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
+                         ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::F32> h0,
+                         ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> xs,
+                         ffi::ResultBuffer<ffi::F32> dgates, ffi::ResultBuffer<ffi::F32> dh0,
+                         ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> d_w_hh,
+                         ffi::ResultBuffer<ffi::F32> d_w_ih, ffi::ResultBuffer<ffi::F32> d_b) {
+  auto d = acts_in.dimensions();
+  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
+  if (G != 4 * H || w_t.dimensions()[0] != G || xs.dimensions().size() != 3)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
+  const int64_t Cin = xs.dimensions()[2];
+  const float* X = xs.typed_data();
+  SingleThreadedGemm single;
+  float* A = dgates->typed_data();
+  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  const float* WT = w_t.typed_data();
+  const float* C = cs.typed_data();
+  const float* DY = dys.typed_data();
+  const float* Y = ys.typed_data();
+  float* dh = dh0->typed_data();
+  float* dc = dc0->typed_data();
+  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
+  std::vector<float> dh_tot(B * H);
+  std::atomic<int> status{dnnl_success};
+  const std::array<DwOut, 3> outs{DwOut{d_w_hh->typed_data(), H * G},
+                                  DwOut{d_w_ih->typed_data(), Cin * G},
+                                  DwOut{d_b->typed_data(), G}};
+  overlapped_dw(
+      T, B, outs,
+      [&](auto&& step_done) {
+        for (int64_t t = T - 1; t >= 0; --t) {
+          add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
+          const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
+          float* g = A + t * B * G;
+          lstm_bwd_step(B, H, 0, H, g, C + t * B * H, cp, dh_tot.data(), dc);
+          step_done();  // dgates_t is final
+          dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
+          if (st != dnnl_success) status = st;
+        }
+      },
+      [&](int64_t lo, int64_t hi, const std::array<float*, 3>& acc) {
+        dnnl_status_t st = acc_dw_hh(lo, hi, B, H, G, h0.typed_data(), Y, A, acc[0]);
+        if (st != dnnl_success) status = st;
+        st = acc_dw_ih(lo, hi, B, Cin, G, X, A, acc[1], acc[2]);
+        if (st != dnnl_success) status = st;
+      });
   if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
   return ffi::Error::Success();
 }
@@ -607,6 +656,65 @@ ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   return ffi::Error::Success();
 }
 
+// The GRU backward with the weight and bias gradients computed in the same call, overlapped
+// with the reverse loop (overlapped_dw): d_w_hh = sum_t h_{t-1}^T d_hh_t, d_b_hh = the d_hh
+// rows (d_hh: gradient of h @ w_hh + b_hh, whose candidate block is d_an * r because b_hn sits
+// inside r * (W_hn h + b_hn)); d_w_ih = sum_t x_t^T d_xp_t, d_b_ih = the d_xp rows.
+ffi::Error GruBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
+                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> ys,
+                        ffi::Buffer<ffi::F32> hns, ffi::Buffer<ffi::F32> dys,
+                        ffi::Buffer<ffi::F32> dh_n, ffi::Buffer<ffi::F32> xs,
+                        ffi::ResultBuffer<ffi::F32> d_xp, ffi::ResultBuffer<ffi::F32> d_hh,
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> d_w_hh,
+                        ffi::ResultBuffer<ffi::F32> d_w_ih, ffi::ResultBuffer<ffi::F32> d_b_ih,
+                        ffi::ResultBuffer<ffi::F32> d_b_hh) {
+  auto d = acts_in.dimensions();
+  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
+  if (G != 3 * H || w_t.dimensions()[0] != G || xs.dimensions().size() != 3)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru bwd: bad shapes");
+  const int64_t Cin = xs.dimensions()[2];
+  const float* X = xs.typed_data();
+  SingleThreadedGemm single;
+  float* A = d_xp->typed_data();
+  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  float* Q = d_hh->typed_data();
+  const float* WT = w_t.typed_data();
+  const float* Y = ys.typed_data();
+  const float* HN = hns.typed_data();
+  const float* DY = dys.typed_data();
+  float* dh = dh0->typed_data();
+  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  std::vector<float> dh_tot(B * H);
+  std::atomic<int> status{dnnl_success};
+  const std::array<DwOut, 4> outs{
+      DwOut{d_w_hh->typed_data(), H * G}, DwOut{d_w_ih->typed_data(), Cin * G},
+      DwOut{d_b_ih->typed_data(), G}, DwOut{d_b_hh->typed_data(), G}};
+  overlapped_dw(
+      T, B, outs,
+      [&](auto&& step_done) {
+        for (int64_t t = T - 1; t >= 0; --t) {
+          add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
+          const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
+          float* q = Q + t * B * G;
+          gru_bwd_step(B, H, A + t * B * G, q, HN + t * B * H, hp, dh_tot.data(), dh);
+          step_done();  // d_xp_t and d_hh_t are final
+          // dh_{t-1} = dh * z + d_hh_t @ W^T
+          dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, q, G, WT, H, 1.f, dh, H);
+          if (st != dnnl_success) status = st;
+        }
+      },
+      [&](int64_t lo, int64_t hi, const std::array<float*, 4>& acc) {
+        dnnl_status_t st = acc_dw_hh(lo, hi, B, H, G, h0.typed_data(), Y, Q, acc[0]);
+        if (st != dnnl_success) status = st;
+        st = acc_dw_ih(lo, hi, B, Cin, G, X, A, acc[1], acc[2]);
+        if (st != dnnl_success) status = st;
+        const int64_t rows = (hi - lo + 1) * B;
+        for (int64_t r = 0; r < rows; ++r) acc_into(G, acc[3], Q + (lo * B + r) * G);
+      });
+  if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmFwd, LstmFwdImpl,
@@ -668,6 +776,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruBwd, GruBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruBwdDw, GruBwdDwImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

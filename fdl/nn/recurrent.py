@@ -252,7 +252,9 @@ def run_direction(
 #   whole gate row (``sigmoid(x) = (tanh(x/2) + 1)/2``), so no slice/concatenate per step;
 # - backward: the reverse loop computes only the gate gradients and ``dgates @ w_hh.T``; the
 #   gradients of ``w_hh``, ``w_ih`` and both biases are one matmul (sum) over all T*B rows after
-#   the loop, written as plain ``(K, T*B) @ (T*B, G*H)`` products.
+#   the loop, written as plain ``(K, T*B) @ (T*B, G*H)`` products (the native LSTM/GRU loops
+#   instead accumulate them on a helper thread while the loop runs, unless
+#   ``FDL_RNN_OVERLAP_DW=0``).
 
 
 def _gate_vec(n_h: int, values, dtype) -> jax.Array:
@@ -463,9 +465,10 @@ def rnn_threads() -> int:
     per step; used when ``H`` is even, ``H >= 64`` and ``B*H >= 4096``; the backward loop is
     split only with ``FDL_RNN_OVERLAP_DW=0``). Read when a function is traced.
 
-    Independently of it, the native LSTM backward computes ``d w_hh`` on a helper thread,
-    overlapped with its reverse loop, unless ``FDL_RNN_OVERLAP_DW=0`` (then XLA computes it
-    after the loop)."""
+    Independently of it, the native LSTM and GRU backward compute the weight and bias
+    gradients (``d w_hh``, ``d w_ih``, ``d b_ih``, ``d b_hh``) on a helper thread, overlapped
+    with the reverse loop, unless ``FDL_RNN_OVERLAP_DW=0`` (then XLA computes them after the
+    loop)."""
     v = os.environ.get("FDL_RNN_THREADS", "1").strip() or "1"
     if v not in ("1", "2"):
         raise ValueError(f"FDL_RNN_THREADS must be 1 or 2, got {v!r}")
@@ -488,9 +491,13 @@ def _lstm_native_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
     return (ys[-1], cs[-1]), ys, (acts, cs)
 
 
+def _overlap_dw() -> bool:
+    return os.environ.get("FDL_RNN_OVERLAP_DW", "1").strip() != "0"
+
+
 def _lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys, xs=None):
     acts, cs = aux
-    if xs is not None and os.environ.get("FDL_RNN_OVERLAP_DW", "1").strip() != "0":
+    if xs is not None and _overlap_dw():
         # the weight and bias gradients accumulated in the same call by a helper thread,
         # overlapped with the loop (FDL_RNN_OVERLAP_DW=0: computed by XLA after the loop)
         w_ih_shape = (xs.shape[-1], w_hh.shape[1])
@@ -499,7 +506,7 @@ def _lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys, xs=None)
                                     (w_hh.shape[1],)),
             input_output_aliases={0: 0}, vmap_method="sequential")(
             acts, w_hh.T, c0, cs, d_ys, d_carry[0], d_carry[1], h0, ys, xs)
-        return (dh0, dc0), dg, dg, {"w_hh": d_w_hh, "w_ih": d_w_ih, "b": d_b}
+        return (dh0, dc0), dg, dg, {"w_hh": d_w_hh, "w_ih": d_w_ih, "b_ih": d_b, "b_hh": d_b}
     dg, dh0, dc0 = _native_call("fdl_lstm_bwd", (acts.shape, h0.shape, h0.shape), acts, w_hh.T,
                                 c0, cs, d_ys, d_carry[0], d_carry[1],
                                 threads=np.int64(rnn_threads()))
@@ -515,8 +522,19 @@ def _gru_native_forward(unroll, w_ih, w_hh, b_ih, b_hh, xs, h0):
     return ys[-1], ys, (acts, hns)
 
 
-def _gru_native_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
+def _gru_native_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys, xs=None):
     acts, hns = aux
+    if xs is not None and _overlap_dw():
+        # the weight and bias gradients accumulated in the same call by a helper thread,
+        # overlapped with the loop (FDL_RNN_OVERLAP_DW=0: computed by XLA after the loop)
+        g = w_hh.shape[1]
+        d_xp, d_hh, dh0, d_w_hh, d_w_ih, d_b_ih, d_b_hh = jax.ffi.ffi_call(
+            "fdl_gru_bwd_dw", _f32(acts.shape, acts.shape, h0.shape, w_hh.shape,
+                                   (xs.shape[-1], g), (g,), (g,)),
+            input_output_aliases={0: 0}, vmap_method="sequential")(
+            acts, w_hh.T, h0, ys, hns, d_ys, d_h, xs)
+        return dh0, d_xp, d_hh, {"w_hh": d_w_hh, "w_ih": d_w_ih, "b_ih": d_b_ih,
+                                 "b_hh": d_b_hh}
     d_xp, d_hh, dh0 = _native_call("fdl_gru_bwd", (acts.shape, acts.shape, h0.shape), acts,
                                    w_hh.T, h0, ys, hns, d_ys, d_h)
     return dh0, d_xp, d_hh
@@ -562,8 +580,12 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
                                                 d_ys)
     elif kind == "gru":
         h0 = carry0
-        bwd = _gru_native_backward if native else _gru_dir_backward
-        d0, d_xp, d_hh = bwd(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
+        if native:
+            d0, d_xp, d_hh, *rest = _gru_native_backward(unroll, w_hh, h0, ys, aux, d_carry,
+                                                         d_ys, xs=xs)
+            done = rest[0] if rest else None
+        else:
+            d0, d_xp, d_hh = _gru_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
     else:
         h0 = carry0
         d0, d_xp, d_hh = _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
@@ -572,8 +594,7 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
     d_hh2 = d_hh.reshape(rows, -1)
     # h_{t-1} for every step: h0 for t = 0, then ys[:-1] (split so no (T, B, H) concatenate)
     if done is not None:
-        d_params = {"w_ih": done["w_ih"], "w_hh": done["w_hh"], "b_ih": done["b"],
-                    "b_hh": done["b"]}
+        d_params = done
     else:
         d_w_hh = h0.T @ d_hh2[:batch] + ys[:-1].reshape(rows - batch, n_h).T @ d_hh2[batch:]
         d_b_ih = jnp.sum(d_xp2, 0)

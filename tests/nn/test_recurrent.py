@@ -394,6 +394,40 @@ def test_native_lstm_threads_equal_xla(shape, threads, overlap, monkeypatch):
         R.rnn_threads()
 
 
+@pytest.mark.parametrize("shape", [(7, 64, 5, 64), (3, 32, 4, 130), (2, 4, 3, 8), (1, 32, 3, 64),
+                                   (35, 32, 28, 256)])
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_native_gru_overlap_equal_xla(shape, overlap, monkeypatch):
+    """The native GRU backward with the weight and bias gradients accumulated on a helper
+    thread during the loop (FDL_RNN_OVERLAP_DW=1, the default) and computed by XLA after it
+    (FDL_RNN_OVERLAP_DW=0) gives the XLA loop's values and gradients (b_ih and b_hh differ:
+    b_hn sits inside r * (W_hn h + b_hn))."""
+    _native_or_skip()
+    t_len, batch, n_in, n_h = shape
+    p = R.init_direction_params(jax.random.key(0), "gru", n_in, n_h)
+    rng = np.random.default_rng(1)
+    p = {k: v + jnp.asarray(rng.normal(size=v.shape) * 0.1, jnp.float32) for k, v in p.items()}
+    xs = jnp.asarray(rng.normal(size=(t_len, batch, n_in)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(batch, n_h)) * 0.3, jnp.float32)
+
+    def loss(p, xs, h0):
+        h, ys = R.fused_direction("gru", p, xs, h0)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(jnp.cos(h))
+
+    out = {}
+    monkeypatch.setenv("FDL_RNN_OVERLAP_DW", overlap)
+    for backend in ("native", "xla"):
+        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        text = f.lower(p, xs, h0).as_text()
+        assert ("fdl_gru_bwd_dw" in text) == (backend == "native" and overlap == "1")
+        assert ("fdl_gru_bwd" in text) == (backend == "native")
+        out[backend] = f(p, xs, h0)
+    np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
+    # atol 1e-4: the (35, 32, 28, 256) case sums 1120 rows into gradients of size up to ~100
+    _allclose(out["native"][1], out["xla"][1], rtol=2e-4, atol=1e-4)
+
+
 def _onednn_or_skip():
     from fdl._ext import build
 
