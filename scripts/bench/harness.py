@@ -2,8 +2,18 @@
 
 Timing discipline (per workload): every implementation is built (set-up, not timed); its first
 ``step()`` is timed as the compile (first-call) time; one more untimed warm-up step follows; then
-the timed steps run interleaved, ``A B C A B C ...``, so drift on a shared machine hits every
-implementation alike. Steps block until their results are ready (the builders' contract, see
+the timed steps run interleaved in blocks of :data:`BLOCK` consecutive steps per implementation,
+``AAAAA BBBBB CCCCC, BBBBB CCCCC AAAAA, ...`` (the order rotating every round), so drift on a
+shared machine hits every implementation alike while each one is timed in the conditions of its
+own training loop (back-to-back steps), not in the wake of another library's step. Why blocks
+and not ``A B C A B C``: a step can leave work running after it returns -- PyTorch's OpenMP
+workers spin for ~10 ms after each step (measured 2026-11-30: 8-9 ms of extra process CPU time
+in the 10-100 ms after a PyTorch char-LM step, < 0.4 ms after a JAX library's) -- and with one
+step per turn that is charged to whichever row comes next, always the same one in a rotated
+cyclic order (the row after the last): the char-LM GRU step of fdl took 8.9 ms after a PyTorch
+step and 6.4 ms after its own, Flax's 14.4 vs 10.6 ms. In a block only the first step pays for
+what the previous library left behind (caches, spinning threads); the median is the library's
+own steady state. Steps block until their results are ready (the builders' contract, see
 :mod:`scripts.bench.api`). Reported: median, min and max step time, GFLOP/s from the workload's
 ``flops`` (one count for every implementation), GB/s from ``bytes``, fractions of the machine's
 measured limits, and ``x fastest`` = median / fastest *reference* (non-``fdl``) median.
@@ -72,6 +82,7 @@ class WorkloadResult:
     flops: float | None = None
     flops_note: str = ""
     steps: int = 0
+    block: int = 1
 
     def fastest_reference_ms(self) -> float | None:
         refs = [r.median_ms for r in self.rows if r.ok and not r.is_fdl and not r.is_bound]
@@ -114,11 +125,18 @@ def discover(only: str | None = None, package: str = "scripts.bench.workloads") 
 # ----------------------------------------------------------------------------- timing
 
 
+BLOCK = 5
+"""Consecutive timed steps of one implementation per turn (see the module docstring)."""
+
+
 def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = None,
-                     log: Log = _default_log) -> WorkloadResult:
-    """Build, compile, warm up and time every implementation of ``w`` (interleaved)."""
+                     block: int = BLOCK, log: Log = _default_log) -> WorkloadResult:
+    """Build, compile, warm up and time every implementation of ``w`` (interleaved, in blocks
+    of ``block`` consecutive steps per implementation, the order rotating every round)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     n_steps = steps if steps is not None else (w.quick_steps if quick else w.steps)
-    res = WorkloadResult(w, [], steps=n_steps)
+    res = WorkloadResult(w, [], steps=n_steps, block=block)
     res.flops, res.flops_note = w.flops, w.flops_note
     if res.flops is None and w.flops_fn is not None:
         try:
@@ -144,20 +162,24 @@ def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = No
             log(f"  [{w.name}] {impl}: FAILED {row.error}")
             log(traceback.format_exc(limit=3))
     rows = {r.impl: r for r in res.rows}
-    for round_ in range(n_steps):
+    for round_ in range(math.ceil(n_steps / block)):
         # rotate the order every round (A B C, B C A, C A B, ...): the first call after another
-        # implementation's step pays for the caches it evicted, so a fixed order would always
-        # charge that cost to the same row (seen: 1-2% on the memory-bound optimizer updates)
+        # implementation's step pays for the caches it evicted (and for threads it left
+        # spinning), so a fixed order would always charge that cost to the same row (seen: 1-2%
+        # on the memory-bound optimizer updates); blocks keep it to one step in `block`
         order = list(live)
         k = round_ % len(order) if order else 0
+        n = min(block, n_steps - round_ * block)
         for impl in order[k:] + order[:k]:
-            try:
-                t0 = time.perf_counter()
-                live[impl]()
-                rows[impl].times_ms.append((time.perf_counter() - t0) * 1e3)
-            except Exception as e:  # noqa: BLE001
-                rows[impl].error = f"failed during timing: {_err(e)}"
-                del live[impl]
+            for _ in range(n):
+                try:
+                    t0 = time.perf_counter()
+                    live[impl]()
+                    rows[impl].times_ms.append((time.perf_counter() - t0) * 1e3)
+                except Exception as e:  # noqa: BLE001
+                    rows[impl].error = f"failed during timing: {_err(e)}"
+                    del live[impl]
+                    break
     for r in res.rows:
         if r.ok:
             log(f"  [{w.name}] {r.impl}: median {r.median_ms:.2f} ms")
@@ -223,9 +245,11 @@ HOW_TO_READ = """\
 # How to read this
 
 * Every number below was measured **in this one run**, on the machine described under "Run"
-  and "Machine limits", with all implementations of a workload timed **interleaved**
-  (A B C, B C A, C A B, ...: the order rotates every round, so neither drift on a shared
-  machine nor the cache state left by the previous row favours one implementation). Read
+  and "Machine limits", with all implementations of a workload timed **interleaved** in
+  blocks of 5 consecutive steps each (A×5 B×5 C×5, B×5 C×5 A×5, ...: the order rotates every
+  round, so neither drift on a shared machine nor the state left by the previous row -- its
+  caches, threads still spinning after its step -- favours one implementation; within a block
+  each library runs as in its own training loop). Read
   the **ratios**, not the absolute times: the machine is shared (2 cores; other jobs may
   have been running, so numbers are noisy: see the load averages under "Run"). On a loaded
   machine PyTorch suffers far more than the JAX libraries (its OpenMP threads wait for each
@@ -318,7 +342,8 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
         if w.bytes:
             out += [f"Bytes per step (memory traffic): {w.bytes / 1e6:.1f} MB.", ""]
         if res.rows:
-            out += [f"Timed steps per implementation: {res.steps}.", ""]
+            out += [f"Timed steps per implementation: {res.steps} (in blocks of "
+                    f"{min(res.block, res.steps)} consecutive steps).", ""]
             out += render_table(res, info)
             out.append("")
     if results_dir:
@@ -365,14 +390,15 @@ def refresh_results(out_path: str, results_dir: str = "docs/results") -> None:
 
 
 def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = False,
-        steps: int | None = None, measure_machine: bool = True,
+        steps: int | None = None, block: int = BLOCK, measure_machine: bool = True,
         machine_kwargs: dict | None = None, command: str | None = None,
         results_dir: str | None = "docs/results", log: Log = _default_log) -> str:
     """Measure the machine and every workload; write the markdown to ``out_path``; return it.
 
     ``steps`` overrides every workload's number of timed steps (default: ``quick_steps`` with
-    ``quick`` else ``steps``). ``machine_kwargs`` go to :func:`scripts.bench.machine.measure`
-    (``n``, ``copy_mib``, ``reps``).
+    ``quick`` else ``steps``); ``block`` is the number of consecutive steps of one
+    implementation per turn (see the module docstring). ``machine_kwargs`` go to
+    :func:`scripts.bench.machine.measure` (``n``, ``copy_mib``, ``reps``).
     """
     t_start = time.perf_counter()
     load_start = _machine.load_average()
@@ -406,7 +432,7 @@ def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = Fa
     results: list[WorkloadResult] = []
     for w in workloads:
         log(f"workload {w.name} ({len(w.impls)} implementations)")
-        results.append(measure_workload(w, quick=quick, steps=steps, log=log))
+        results.append(measure_workload(w, quick=quick, steps=steps, block=block, log=log))
         if len(results) < len(workloads):
             write(results, done=False)  # a partial file survives an interrupted run
     if measure_machine and workloads:

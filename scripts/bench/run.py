@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", metavar="NAME", help="run only the workload(s) matching NAME")
     p.add_argument("--out", default="BENCHMARKS.md", help="output markdown (default BENCHMARKS.md)")
     p.add_argument("--steps", type=int, default=None, help="override the timed steps per impl")
+    p.add_argument("--block", type=int, default=harness.BLOCK,
+                   help="consecutive timed steps of one implementation per turn (default "
+                        f"{harness.BLOCK}; 1 = the old one-step rotation)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--no-machine", action="store_true", help="skip measuring the machine limits")
     p.add_argument("--refresh-results", action="store_true",
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no workload matches {args.only!r}", file=sys.stderr)
         return 2
     argv_s = " ".join(argv if argv is not None else sys.argv[1:])
-    harness.run(workloads, args.out, quick=args.quick, steps=args.steps,
+    harness.run(workloads, args.out, quick=args.quick, steps=args.steps, block=args.block,
                 measure_machine=not args.no_machine,
                 command=f"python -m scripts.bench {argv_s}".strip())
     return 0

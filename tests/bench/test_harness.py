@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import jax
@@ -106,6 +107,45 @@ def test_harness_end_to_end(tmp_path):
 
     assert "**Pending:** fdl.nowhere does not exist" in secs["tiny_pending"]
     assert not _table(secs["tiny_pending"])
+
+
+def test_timing_blocks_rotate_and_count():
+    """Timed steps run in blocks of ``block`` consecutive steps per implementation, the order
+    rotating every round; every implementation gets exactly ``steps`` timed steps (the last
+    block may be short); one failing during timing drops out without stopping the others."""
+    calls = []
+
+    def impl(name, fail_at=None):
+        def build():
+            n = [0]
+
+            def step():
+                n[0] += 1
+                if fail_at is not None and n[0] == fail_at:
+                    raise RuntimeError("boom")
+                calls.append(name)
+
+            return step
+
+        return build
+
+    w = Workload(name="order", description="d",
+                 impls={"a": impl("a"), "b": impl("b"), "c": impl("c", fail_at=2 + 7)})
+    res = harness.measure_workload(w, steps=12, block=5, log=lambda m: None)
+    timed = calls[6:]  # after the compile + warm-up calls (2 per impl)
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(timed)]
+    # round 2 starts with "a" again (c is gone, the order is [a, b] rotated by 2 % 2)
+    assert runs == [("a", 5), ("b", 5), ("c", 5), ("b", 5), ("c", 1), ("a", 5 + 2), ("b", 2)]
+    by = {r.impl: r for r in res.rows}
+    assert len(by["a"].times_ms) == len(by["b"].times_ms) == 12 and by["a"].error is None
+    assert len(by["c"].times_ms) == 6 and "failed during timing" in by["c"].error
+    assert res.block == 5
+    one = harness.measure_workload(Workload(name="one", description="d",
+                                            impls={"a": impl("x"), "b": impl("y")}),
+                                   steps=3, block=1, log=lambda m: None)
+    assert calls[-6:] == ["x", "y", "y", "x", "x", "y"] and one.block == 1
+    with pytest.raises(ValueError, match="block"):
+        harness.measure_workload(w, steps=2, block=0, log=lambda m: None)
 
 
 def test_discover_workload_modules_are_well_formed():
