@@ -28,6 +28,7 @@
 //     (the weight and bias gradients overlapped with the loop, see overlapped_dw)
 
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <x86intrin.h>
@@ -70,12 +71,17 @@ struct SingleThreadedGemm {
 // The LSTM loops can run on two threads: the caller (an XLA worker) and one helper thread owned
 // by this library. Each thread owns half of the hidden units (all four gate columns of them):
 // per step it runs its own single-threaded sgemm(s) and elementwise pass, and the two meet at
-// one barrier per step. Waiting spins briefly (kSpinCycles) and then sleeps on a futex, so a
-// descheduled partner (a loaded machine) costs a context switch, not a spinning time slice, and
-// nothing spins after a call (unlike OpenMP's workers, which spin for milliseconds).
+// one barrier per step. Waiting spins briefly and then sleeps on a futex, so a descheduled
+// partner (a loaded machine) costs a context switch, not a spinning time slice, and nothing
+// spins long after a call (unlike OpenMP's workers, which spin for ~10 ms).
+//
+// How long: ~60 us (kSpinCycles). With ~6 us, a waiter often went to sleep, and each wake-up
+// costs tens of us -- per step at the barrier, and per step for the backward's helper waiting
+// for the loop's progress; the char-LM LSTM step (35 steps, H 256, FDL_RNN_THREADS=2) took
+// 6.42-7.09 ms median with ~6 us and 5.83-5.97 ms with ~60 us (2026-11-30, A/B in one process,
+// with the helper kept off the caller's CPU, see Team::avoid_cpu).
 
-
-constexpr uint64_t kSpinCycles = 20000;  // ~6 us
+constexpr uint64_t kSpinCycles = 200000;  // ~60 us
 
 long futex(std::atomic<int>* addr, int op, int val) {
   return syscall(SYS_futex, reinterpret_cast<int*>(addr), op, val, nullptr, nullptr, 0);
@@ -113,6 +119,7 @@ class Team {
   void run(const std::function<void(int)>& fn) {
     std::lock_guard<std::mutex> lock(mu_);
     fn_ = &fn;
+    caller_cpu_ = sched_getcpu();
     notify(job_, job_sleepers_);
     fn(0);
     barrier();  // join
@@ -135,10 +142,29 @@ class Team {
     for (;;) {
       wait_change(job_, seen, job_sleepers_);
       seen = job_.load();
+      avoid_cpu(caller_cpu_);
       (*fn_)(1);
       barrier();  // join
     }
   }
+  // Keep the helper off the caller's CPU (its affinity: all of the process's CPUs but the one
+  // the caller ran on at the start of the call; changed only when that CPU changes). Without
+  // it, a helper woken by a futex was often placed on the caller's CPU (the scheduler's wake
+  // affinity), the two time-sharing one core for a while: the char-LM LSTM step with
+  // FDL_RNN_THREADS=2 was bimodal, 5.6 or ~10 ms, median 8.1-8.4 ms; with it 5.83-5.97 ms
+  // (2026-11-30, A/B in one process).
+  void avoid_cpu(int cpu) {
+    if (cpu < 0 || cpu == avoided_) return;
+    cpu_set_t all, set;
+    if (sched_getaffinity(0, sizeof(all), &all) != 0) return;
+    if (avoided_ < 0) all_ = all;
+    set = all_;
+    CPU_CLR(cpu, &set);
+    if (CPU_COUNT(&set) == 0) return;
+    if (sched_setaffinity(0, sizeof(set), &set) == 0) avoided_ = cpu;
+  }
+  int caller_cpu_ = -1, avoided_ = -1;
+  cpu_set_t all_;
   std::mutex mu_;
   const std::function<void(int)>* fn_ = nullptr;
   std::atomic<int> job_{0}, job_sleepers_{0};

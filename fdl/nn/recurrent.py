@@ -39,12 +39,12 @@ Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_stat
 :func:`fused_direction` -- input projection + recurrence under one hand-written VJP; for float32
 LSTM/GRU the time loop itself runs in the optional C++ extension (``fdl/_ext/rnn_cpu.cc``: one
 oneDNN ``sgemm`` + one vectorised elementwise pass per step instead of ~12 XLA thunks; compiled
-on first use like the convolution extension; ``FDL_RNN_THREADS=2`` splits the LSTM loop over
-two threads, see :func:`rnn_threads`), otherwise in a ``lax.scan``. ``FDL_RNN_BACKEND=onednn``
-runs the whole float32 LSTM/GRU direction (projection, recurrence and every gradient) through
-oneDNN's RNN primitives instead (``fdl/_ext/rnn_onednn.cc``); see :func:`rnn_backend`.
-``"scan"`` differentiates :func:`scan_cell` by autodiff (also forward mode). With
-``seq_lengths`` the scan path is used.
+on first use like the convolution extension; by default, ``FDL_RNN_THREADS=2``, the LSTM
+forward loop is split over two threads, see :func:`rnn_threads`), otherwise in a
+``lax.scan``. ``FDL_RNN_BACKEND=onednn`` runs the whole float32 LSTM/GRU direction
+(projection, recurrence and every gradient) through oneDNN's RNN primitives instead
+(``fdl/_ext/rnn_onednn.cc``); see :func:`rnn_backend`. ``"scan"`` differentiates
+:func:`scan_cell` by autodiff (also forward mode). With ``seq_lengths`` the scan path is used.
 """
 
 from __future__ import annotations
@@ -460,16 +460,19 @@ def _f32(*shapes):
 
 
 def rnn_threads() -> int:
-    """Threads of the native LSTM loops from ``FDL_RNN_THREADS`` (``1``, the default, or ``2``:
-    the caller and one helper thread each take half of the hidden units, meeting at one barrier
-    per step; used when ``H`` is even, ``H >= 64`` and ``B*H >= 4096``; the backward loop is
-    split only with ``FDL_RNN_OVERLAP_DW=0``). Read when a function is traced.
+    """Threads of the native LSTM loops from ``FDL_RNN_THREADS``: ``2`` (the default since
+    2026-11-30, later session) -- the caller and one helper thread each take half of the hidden
+    units, meeting at one barrier per step; used when ``H`` is even, ``H >= 64`` and
+    ``B*H >= 4096``; the backward loop is split only with ``FDL_RNN_OVERLAP_DW=0`` -- or ``1``
+    (single-threaded loops). Char-LM LSTM step: 5.83-5.97 ms with 2 vs 7.27-7.57 with 1 on an
+    otherwise idle machine, 8.0-9.8 vs 8.2-9.0 with another process busy on one of the 2 cores
+    (docs/results/sequence_lm.md). Read when a function is traced.
 
     Independently of it, the native LSTM and GRU backward compute the weight and bias
     gradients (``d w_hh``, ``d w_ih``, ``d b_ih``, ``d b_hh``) on a helper thread, overlapped
     with the reverse loop, unless ``FDL_RNN_OVERLAP_DW=0`` (then XLA computes them after the
     loop)."""
-    v = os.environ.get("FDL_RNN_THREADS", "1").strip() or "1"
+    v = os.environ.get("FDL_RNN_THREADS", "2").strip() or "2"
     if v not in ("1", "2"):
         raise ValueError(f"FDL_RNN_THREADS must be 1 or 2, got {v!r}")
     return int(v)
