@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
+#include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -171,6 +172,57 @@ class Team {
   std::atomic<int> gen_{0}, gen_sleepers_{0}, count_{0};
 };
 
+// C (M,N) = A (M,K; row stride lda) @ W (K,N), W packed once per call into oneDNN's blocked
+// layout and the product run by a matmul primitive with a user scratchpad: unlike dnnl_sgemm,
+// which allocates its packing buffer on every call (under fdl's single malloc arena the two
+// threads of the 2-thread loop collided on that lock every step), a step allocates nothing
+// large. One per thread (thread_local: a primitive runs on the thread that created it).
+struct PackedGemm {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::stream strm{eng};
+  int64_t M = -1, N = -1, K = -1, lda = -1;
+  dnnl::matmul prim;
+  dnnl::memory w_mem, src_mem, dst_mem, scr_mem;
+  std::vector<uint8_t> scratch;
+  std::vector<float> wbuf;
+
+  void setup(int64_t m, int64_t n, int64_t k, int64_t ld) {
+    if (m == M && n == N && k == K && ld == lda) return;
+    using md = dnnl::memory::desc;
+    using dt = dnnl::memory::data_type;
+    md src({m, k}, dt::f32, dnnl::memory::dims{ld, 1});
+    md w_any({k, n}, dt::f32, dnnl::memory::format_tag::any);
+    md dst({m, n}, dt::f32, dnnl::memory::format_tag::ab);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, w_any, dst), attr, eng);
+    prim = dnnl::matmul(pd);
+    scratch.assign(pd.scratchpad_desc().get_size() + 64, 0);
+    scr_mem = dnnl::memory(pd.scratchpad_desc(), eng, scratch.data());
+    wbuf.assign(pd.weights_desc().get_size() / sizeof(float) + 16, 0.f);
+    w_mem = dnnl::memory(pd.weights_desc(), eng, wbuf.data());
+    src_mem = dnnl::memory(src, eng, DNNL_MEMORY_NONE);
+    dst_mem = dnnl::memory(dst, eng, DNNL_MEMORY_NONE);
+    M = m, N = n, K = k, lda = ld;
+  }
+  void pack(const float* w) {  // w (K,N) row-major, contiguous
+    dnnl::memory user({{K, N}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab}, eng,
+                      const_cast<float*>(w));
+    dnnl::reorder(user, w_mem).execute(strm, user, w_mem);
+  }
+  void run(const float* a, float* c) {
+    src_mem.set_data_handle(const_cast<float*>(a));
+    dst_mem.set_data_handle(c);
+    prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, w_mem},
+                        {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scr_mem}});
+  }
+};
+
+PackedGemm& thread_gemm() {
+  thread_local PackedGemm g;
+  return g;
+}
+
 // `threads` is the handler's attribute (FDL_RNN_THREADS on the JAX side).
 bool use_two_threads(int64_t threads, int64_t B, int64_t H) {
   return threads >= 2 && H % 2 == 0 && H >= 64 && B * H >= 4096;
@@ -295,16 +347,34 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
     const int64_t Hh = H / 2;
     std::atomic<int> status{dnnl_success};
     Team::get().run([&](int k) {
-      const int64_t j0 = k * Hh;
+      const int64_t j0 = k * Hh, N = 4 * Hh;
+      // this thread's gate columns of w_hh, contiguous (H, 4*Hh), packed (PackedGemm); per
+      // step one product into sk, added into the gate buffer's columns of this thread
+      std::vector<float> wk(H * N), sk(B * N);
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t q = 0; q < 4; ++q)
+          std::memcpy(wk.data() + r * N + q * Hh, W + r * G + q * H + j0, sizeof(float) * Hh);
+      PackedGemm& pg = thread_gemm();
+      try {
+        pg.setup(B, N, H, H);
+        pg.pack(wk.data());
+      } catch (const dnnl::error&) {
+        status = dnnl_runtime_error;
+      }
       for (int64_t t = 0; t < T; ++t) {
         const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
         const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
         float* g = A + t * B * G;
-        for (int64_t q = 0; q < 4; ++q) {
-          dnnl_status_t st = dnnl_sgemm('N', 'N', B, Hh, H, 1.f, hp, H, W + q * H + j0, G, 1.f,
-                                        g + q * H + j0, G);
-          if (st != dnnl_success) status = st;
+        if (status == dnnl_success) {
+          try {
+            pg.run(hp, sk.data());
+          } catch (const dnnl::error&) {
+            status = dnnl_runtime_error;
+          }
         }
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t q = 0; q < 4; ++q)
+            acc_into(Hh, g + b * G + q * H + j0, sk.data() + b * N + q * Hh);
         lstm_fwd_step(B, H, j0, j0 + Hh, g, cp, C + t * B * H, Y + t * B * H);
         Team::get().barrier();  // h_t complete before step t + 1 reads it
       }
