@@ -33,3 +33,9 @@ class Workload:
     # analysis of a reference step. ``flops_note`` says how the count was obtained.
     flops_fn: Callable[[], float] | None = None
     flops_note: str = ""
+    # Time each implementation in a process of its own (scripts/bench/isolate.py: fdl's import-time
+    # settings, e.g. its allocator, must not touch the references). False for workloads whose
+    # rows must share one process (e.g. fdl's fit against a bare loop of the same fdl step).
+    isolate: bool = True
+    # "package.module" defining this workload (set by discovery; a worker process imports it)
+    module: str = ""

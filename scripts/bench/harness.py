@@ -13,10 +13,14 @@ step per turn that is charged to whichever row comes next, always the same one i
 cyclic order (the row after the last): the char-LM GRU step of fdl took 8.9 ms after a PyTorch
 step and 6.4 ms after its own, Flax's 14.4 vs 10.6 ms. In a block only the first step pays for
 what the previous library left behind (caches, spinning threads); the median is the library's
-own steady state. Steps block until their results are ready (the builders' contract, see
-:mod:`scripts.bench.api`). Reported: median, min and max step time, GFLOP/s from the workload's
-``flops`` (one count for every implementation), GB/s from ``bytes``, fractions of the machine's
-measured limits, and ``x fastest`` = median / fastest *reference* (non-``fdl``) median.
+own steady state. Each implementation runs in a worker process of its own
+(:mod:`scripts.bench.isolate`; not for workloads with ``isolate=False``), the references with
+glibc's default allocator: fdl's import-time allocator setting made ``torch.compile``'s ResNet-18
+step 9% slower when all libraries shared one process. Steps block until their results are
+ready (the builders' contract, see :mod:`scripts.bench.api`). Reported: median, min and max
+step time, GFLOP/s from the workload's ``flops`` (one count for every implementation), GB/s
+from ``bytes``, fractions of the machine's measured limits, and ``x fastest`` = median /
+fastest *reference* (non-``fdl``) median.
 
 A failing implementation never stops the run: its error is recorded in its table row.
 
@@ -40,6 +44,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
+from scripts.bench import isolate
 from scripts.bench import machine as _machine
 from scripts.bench.api import Workload
 
@@ -83,6 +88,7 @@ class WorkloadResult:
     flops_note: str = ""
     steps: int = 0
     block: int = 1
+    isolated: bool = False
 
     def fastest_reference_ms(self) -> float | None:
         refs = [r.median_ms for r in self.rows if r.ok and not r.is_fdl and not r.is_bound]
@@ -114,6 +120,8 @@ def discover(only: str | None = None, package: str = "scripts.bench.workloads") 
         except Exception as e:  # noqa: BLE001 - a broken module must not kill the run
             wls = [Workload(name=mod_name, description=f"module `{package}.{mod_name}`",
                             impls={}, pending=f"the workload module failed to import: {_err(e)}")]
+        for w in wls:
+            w.module = w.module or f"{package}.{mod_name}"
         found += [(mod_name, w) for w in wls]
     if only:
         key = only.lower()
@@ -129,14 +137,41 @@ BLOCK = 5
 """Consecutive timed steps of one implementation per turn (see the module docstring)."""
 
 
+def _in_process(builder: Callable[[], Callable[[], object]]):
+    """``(run, compile_s, close)`` for an implementation built in this process."""
+    step = builder()
+    t0 = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - t0
+    step()  # warm-up, not timed
+
+    def run(n: int, times: list[float]) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+
+    return run, compile_s, lambda: None
+
+
+def _in_worker(w: Workload, impl: str):
+    """``(run, compile_s, close)`` for an implementation built in a worker process."""
+    worker = isolate.Worker(w.module, w.name, impl, reference=not impl.startswith("fdl"))
+    return (lambda n, times: times.extend(worker.run(n))), worker.compile_s, worker.close
+
+
 def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = None,
-                     block: int = BLOCK, log: Log = _default_log) -> WorkloadResult:
+                     block: int = BLOCK, isolated: bool = True,
+                     log: Log = _default_log) -> WorkloadResult:
     """Build, compile, warm up and time every implementation of ``w`` (interleaved, in blocks
-    of ``block`` consecutive steps per implementation, the order rotating every round)."""
+    of ``block`` consecutive steps per implementation, the order rotating every round); each
+    in a process of its own when ``isolated`` and the workload allows it (``w.isolate``, a
+    discovered module), see :mod:`scripts.bench.isolate`."""
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     n_steps = steps if steps is not None else (w.quick_steps if quick else w.steps)
     res = WorkloadResult(w, [], steps=n_steps, block=block)
+    res.isolated = bool(isolated and w.isolate and w.module)
     res.flops, res.flops_note = w.flops, w.flops_note
     if res.flops is None and w.flops_fn is not None:
         try:
@@ -145,22 +180,38 @@ def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = No
             log(f"  [{w.name}] flops {res.flops / 1e9:.3f} GFLOP ({time.perf_counter() - t0:.1f}s)")
         except Exception as e:  # noqa: BLE001
             res.flops_note = f"FLOP count failed: {_err(e)}"
-    live: dict[str, Callable[[], object]] = {}
+    # impl -> run(n, times): time n consecutive steps, appending to times (ms)
+    live: dict[str, Callable[[int, list[float]], None]] = {}
+    closers: list[Callable[[], None]] = []
     for impl, builder in w.impls.items():
         row = ImplResult(impl)
         res.rows.append(row)
         try:
-            step = builder()
-            t0 = time.perf_counter()
-            step()
-            row.compile_s = time.perf_counter() - t0
-            step()  # warm-up, not timed
-            live[impl] = step
+            run, row.compile_s, close = (_in_worker(w, impl) if res.isolated
+                                         else _in_process(builder))
+            closers.append(close)
+            live[impl] = run
             log(f"  [{w.name}] {impl}: first call {row.compile_s:.2f}s")
         except Exception as e:  # noqa: BLE001
             row.error = _err(e)
             log(f"  [{w.name}] {impl}: FAILED {row.error}")
-            log(traceback.format_exc(limit=3))
+            log(getattr(e, "trace", "") or traceback.format_exc(limit=3))
+    try:
+        _time_interleaved(res, live, n_steps, block)
+    finally:
+        for close in closers:
+            close()
+    for r in res.rows:
+        if r.ok:
+            log(f"  [{w.name}] {r.impl}: median {r.median_ms:.2f} ms")
+    live.clear()
+    gc.collect()
+    return res
+
+
+def _time_interleaved(res: WorkloadResult,
+                      live: dict[str, Callable[[int, list[float]], None]],
+                      n_steps: int, block: int) -> None:
     rows = {r.impl: r for r in res.rows}
     for round_ in range(math.ceil(n_steps / block)):
         # rotate the order every round (A B C, B C A, C A B, ...): the first call after another
@@ -171,21 +222,11 @@ def measure_workload(w: Workload, *, quick: bool = False, steps: int | None = No
         k = round_ % len(order) if order else 0
         n = min(block, n_steps - round_ * block)
         for impl in order[k:] + order[:k]:
-            for _ in range(n):
-                try:
-                    t0 = time.perf_counter()
-                    live[impl]()
-                    rows[impl].times_ms.append((time.perf_counter() - t0) * 1e3)
-                except Exception as e:  # noqa: BLE001
-                    rows[impl].error = f"failed during timing: {_err(e)}"
-                    del live[impl]
-                    break
-    for r in res.rows:
-        if r.ok:
-            log(f"  [{w.name}] {r.impl}: median {r.median_ms:.2f} ms")
-    live.clear()
-    gc.collect()
-    return res
+            try:
+                live[impl](n, rows[impl].times_ms)
+            except Exception as e:  # noqa: BLE001
+                rows[impl].error = f"failed during timing: {_err(e)}"
+                del live[impl]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -249,7 +290,9 @@ HOW_TO_READ = """\
   blocks of 5 consecutive steps each (A×5 B×5 C×5, B×5 C×5 A×5, ...: the order rotates every
   round, so neither drift on a shared machine nor the state left by the previous row -- its
   caches, threads still spinning after its step -- favours one implementation; within a block
-  each library runs as in its own training loop). Read
+  each library runs as in its own training loop). Each implementation runs in **a process of
+  its own** (except where a section says otherwise), so no library inherits another's
+  process-wide settings (fdl's allocator setting, a shared OpenMP runtime). Read
   the **ratios**, not the absolute times: the machine is shared (2 cores; other jobs may
   have been running, so numbers are noisy: see the load averages under "Run"). On a loaded
   machine PyTorch suffers far more than the JAX libraries (its OpenMP threads wait for each
@@ -342,8 +385,10 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
         if w.bytes:
             out += [f"Bytes per step (memory traffic): {w.bytes / 1e6:.1f} MB.", ""]
         if res.rows:
+            where = ("each implementation in a process of its own" if res.isolated
+                     else "all implementations in one process")
             out += [f"Timed steps per implementation: {res.steps} (in blocks of "
-                    f"{min(res.block, res.steps)} consecutive steps).", ""]
+                    f"{min(res.block, res.steps)} consecutive steps; {where}).", ""]
             out += render_table(res, info)
             out.append("")
     if results_dir:
@@ -390,14 +435,16 @@ def refresh_results(out_path: str, results_dir: str = "docs/results") -> None:
 
 
 def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = False,
-        steps: int | None = None, block: int = BLOCK, measure_machine: bool = True,
-        machine_kwargs: dict | None = None, command: str | None = None,
-        results_dir: str | None = "docs/results", log: Log = _default_log) -> str:
+        steps: int | None = None, block: int = BLOCK, isolated: bool = True,
+        measure_machine: bool = True, machine_kwargs: dict | None = None,
+        command: str | None = None, results_dir: str | None = "docs/results",
+        log: Log = _default_log) -> str:
     """Measure the machine and every workload; write the markdown to ``out_path``; return it.
 
     ``steps`` overrides every workload's number of timed steps (default: ``quick_steps`` with
     ``quick`` else ``steps``); ``block`` is the number of consecutive steps of one
-    implementation per turn (see the module docstring). ``machine_kwargs`` go to
+    implementation per turn (see the module docstring); ``isolated`` runs each implementation
+    of a workload in a process of its own (:mod:`scripts.bench.isolate`). ``machine_kwargs`` go to
     :func:`scripts.bench.machine.measure` (``n``, ``copy_mib``, ``reps``).
     """
     t_start = time.perf_counter()
@@ -432,7 +479,8 @@ def run(workloads: Sequence[Workload], out_path: str | None, *, quick: bool = Fa
     results: list[WorkloadResult] = []
     for w in workloads:
         log(f"workload {w.name} ({len(w.impls)} implementations)")
-        results.append(measure_workload(w, quick=quick, steps=steps, block=block, log=log))
+        results.append(measure_workload(w, quick=quick, steps=steps, block=block,
+                                        isolated=isolated, log=log))
         if len(results) < len(workloads):
             write(results, done=False)  # a partial file survives an interrupted run
     if measure_machine and workloads:

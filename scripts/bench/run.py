@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=harness.BLOCK,
                    help="consecutive timed steps of one implementation per turn (default "
                         f"{harness.BLOCK}; 1 = the old one-step rotation)")
+    p.add_argument("--in-process", action="store_true",
+                   help="time every implementation in this process (default: each in a worker "
+                        "process of its own, see scripts/bench/isolate.py)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("--no-machine", action="store_true", help="skip measuring the machine limits")
     p.add_argument("--refresh-results", action="store_true",
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     argv_s = " ".join(argv if argv is not None else sys.argv[1:])
     harness.run(workloads, args.out, quick=args.quick, steps=args.steps, block=args.block,
+                isolated=not args.in_process,
                 measure_machine=not args.no_machine,
                 command=f"python -m scripts.bench {argv_s}".strip())
     return 0

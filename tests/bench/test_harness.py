@@ -157,3 +157,22 @@ def test_discover_workload_modules_are_well_formed():
         assert w.steps >= 20 and w.quick_steps >= 20
         assert w.pending is None or w.pending.strip()
     assert harness.discover(only="no-such-workload-xyz") == []
+
+
+def test_isolated_workers_time_each_implementation_in_its_own_process():
+    """Each implementation runs in a worker process; references get ``FDL_MALLOC=default``
+    (their builder checks it); a broken builder's error comes back as its row's error."""
+    from scripts.bench.smoke_workloads import WORKLOADS
+
+    (w,) = WORKLOADS
+    logs = []
+    res = harness.measure_workload(w, steps=7, block=3, log=logs.append)
+    assert res.isolated
+    rows = {r.impl: r for r in res.rows}
+    assert rows["fdl"].ok and rows["numpy"].ok, logs
+    assert len(rows["fdl"].times_ms) == len(rows["numpy"].times_ms) == 7
+    assert rows["fdl"].compile_s is not None
+    assert "is broken" in rows["broken ref"].error
+    in_process = harness.measure_workload(w, steps=2, block=1, isolated=False, log=logs.append)
+    assert not in_process.isolated
+    assert "FDL_MALLOC=default" in {r.impl: r for r in in_process.rows}["numpy"].error

@@ -151,6 +151,7 @@ WORKLOADS = [
         # samples than the default 20; one call is cheap (~0.1 s per pair)
         quick_steps=40,
         steps=60,
+        isolate=False,  # fit and the bare loops run the same fdl step in one process
         extra={"examples_per_step": _N},
     ),
     Workload(
@@ -167,6 +168,7 @@ WORKLOADS = [
         pending=_PENDING,
         quick_steps=20,  # ~0.4 s per step (10 epochs)
         steps=20,
+        isolate=False,
         extra={"examples_per_step": 10 * (_N // _BATCH) * _BATCH},
     ),
 ]
