@@ -153,7 +153,13 @@ def _gather(data, rows, mask):
     ``(k, batch)`` int32, ``mask`` ``(k, batch)`` or ``None``; returns a list of ``k`` batches
     ``(x, y[, mask])``, each its own buffer (a step may donate or drop it)."""
     k, bs = rows.shape
-    flat = tuple(a[rows.reshape(-1)] for a in data)
+    # rows of a 2-D view, indices in bounds by construction (the loader's index table): a
+    # plain row copy, without the negative-index and clamping logic of ``a[rows]``
+    flat = tuple(
+        a.reshape(a.shape[0], -1).at[rows.reshape(-1)].get(mode="promise_in_bounds")
+        .reshape((k * bs, *a.shape[1:]))
+        for a in data
+    )
     batches = []
     for i in range(k):
         batch = tuple(a[i * bs:(i + 1) * bs] for a in flat)
@@ -179,14 +185,16 @@ def _jitted_start(init_fn):
     return jax.jit(start)
 
 
-def _chunks(n_rows: int, batch_bytes: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``n_rows`` batches: the first batch alone (the first
-    step waits only for a one-batch gather), then chunks of at most ``GATHER_CHUNK_BYTES`` of
-    examples, equal except the last (an epoch compiles at most three gathers)."""
+def _chunks(n_rows: int, batch_bytes: int, first_alone: bool) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``n_rows`` batches in chunks of at most
+    ``GATHER_CHUNK_BYTES`` of examples, equal except the last; with ``first_alone`` the first
+    batch is a chunk of its own (a step waits only for a one-batch gather). An epoch compiles
+    at most three gathers."""
     if n_rows == 0:
         return []
     per = max(1, GATHER_CHUNK_BYTES // max(batch_bytes, 1))
-    return [(0, 1)] + [(i, min(i + per, n_rows)) for i in range(1, n_rows, per)]
+    head = [(0, 1)] if first_alone else []
+    return head + [(i, min(i + per, n_rows)) for i in range(len(head), n_rows, per)]
 
 
 class _DeviceEpoch:
@@ -204,7 +212,11 @@ class _DeviceEpoch:
         self.data = loader.device_arrays()
         self.idx, self.mask = loader.index_table(epoch, start)
         per_example = sum(a.nbytes // max(len(a), 1) for a in self.data)
-        self.spans = _chunks(self.idx.shape[0], per_example * self.idx.shape[1])
+        # the first call of a fit (prepare) gathers the whole first chunk: the device is idle
+        # until it is done anyway (one dispatch fewer; 1.034 vs 1.053 of the bare loop's epoch,
+        # 2026-11-30, 50 interleaved rounds)
+        self.spans = _chunks(self.idx.shape[0], per_example * self.idx.shape[1],
+                             first_alone=prepare is None)
         self.prepared = None
         if prepare is not None and self.spans:
             init_fn, params, state = prepare

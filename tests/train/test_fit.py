@@ -154,8 +154,10 @@ def test_chunked_epoch_gather_is_bitwise_the_same(monkeypatch, chunk_batches):
     default = _run(eval_data=None, batch_size=4)  # 5 batches per epoch
     batch_bytes = 4 * (np.asarray(TRAIN[0])[0].nbytes + np.asarray(TRAIN[1])[0].nbytes)
     monkeypatch.setattr(loop, "GATHER_CHUNK_BYTES", chunk_batches * batch_bytes)
-    assert [hi - lo for lo, hi in loop._chunks(5, batch_bytes)] == (
+    assert [hi - lo for lo, hi in loop._chunks(5, batch_bytes, True)] == (
         [1, 1, 1, 1, 1] if chunk_batches == 1 else [1, 2, 2])
+    assert [hi - lo for lo, hi in loop._chunks(5, batch_bytes, False)] == (
+        [1, 1, 1, 1, 1] if chunk_batches == 1 else [2, 2, 1])
     chunked = _run(eval_data=None, batch_size=4)
     assert leaves_equal(chunked.params, default.params)
     assert leaves_equal(chunked.opt_state, default.opt_state)
