@@ -676,7 +676,6 @@ def fit(
                     epoch_sums = None
                 bar = None
                 seen = 0
-
                 if indexed is not None:
                     # the epoch's batches are gathered on the device a chunk ahead (the next
                     # epoch's first gather was dispatched before the previous epoch's metrics were
