@@ -720,6 +720,30 @@ ffi::Error GruFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
+// The GRU's reverse loop, shared by GruBwdImpl and GruBwdDwImpl: for t = T-1 .. 0 the gate
+// gradients d_xp_t (in A, in place) and d_hh_t (Q), then step_done(), then
+// dh_{t-1} = dh * z + d_hh_t @ W^T. Returns the first sgemm error (the loop still finishes, so
+// a helper thread waiting on step_done is never left behind).
+template <typename StepDone>
+dnnl_status_t gru_reverse_loop(int64_t T, int64_t B, int64_t H, float* A, float* Q,
+                               const float* WT, const float* HN, const float* Y,
+                               const float* h0, const float* DY, float* dh,
+                               StepDone&& step_done) {
+  const int64_t G = 3 * H;
+  std::vector<float> dh_tot(B * H);
+  dnnl_status_t status = dnnl_success;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
+    const float* hp = t == 0 ? h0 : Y + (t - 1) * B * H;
+    float* q = Q + t * B * G;
+    gru_bwd_step(B, H, A + t * B * G, q, HN + t * B * H, hp, dh_tot.data(), dh);
+    step_done();  // d_xp_t and d_hh_t are final
+    dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, q, G, WT, H, 1.f, dh, H);
+    if (st != dnnl_success && status == dnnl_success) status = st;
+  }
+  return status;
+}
+
 ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> ys,
                       ffi::Buffer<ffi::F32> hns, ffi::Buffer<ffi::F32> dys,
@@ -739,16 +763,8 @@ ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   const float* DY = dys.typed_data();
   float* dh = dh0->typed_data();
   std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
-  std::vector<float> dh_tot(B * H);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
-    const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
-    float* q = Q + t * B * G;
-    gru_bwd_step(B, H, A + t * B * G, q, HN + t * B * H, hp, dh_tot.data(), dh);
-    // dh_{t-1} = dh * z + d_hh_t @ W^T
-    dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, q, G, WT, H, 1.f, dh, H);
-    if (st != dnnl_success) return sgemm_error(st);
-  }
+  dnnl_status_t st = gru_reverse_loop(T, B, H, A, Q, WT, HN, Y, h0.typed_data(), DY, dh, [] {});
+  if (st != dnnl_success) return sgemm_error(st);
   return ffi::Error::Success();
 }
 
@@ -780,7 +796,6 @@ ffi::Error GruBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t
   const float* DY = dys.typed_data();
   float* dh = dh0->typed_data();
   std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
-  std::vector<float> dh_tot(B * H);
   std::atomic<int> status{dnnl_success};
   const std::array<DwOut, 4> outs{
       DwOut{d_w_hh->typed_data(), H * G}, DwOut{d_w_ih->typed_data(), Cin * G},
@@ -788,16 +803,9 @@ ffi::Error GruBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t
   overlapped_dw(
       T, B, outs,
       [&](auto&& step_done) {
-        for (int64_t t = T - 1; t >= 0; --t) {
-          add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
-          const float* hp = t == 0 ? h0.typed_data() : Y + (t - 1) * B * H;
-          float* q = Q + t * B * G;
-          gru_bwd_step(B, H, A + t * B * G, q, HN + t * B * H, hp, dh_tot.data(), dh);
-          step_done();  // d_xp_t and d_hh_t are final
-          // dh_{t-1} = dh * z + d_hh_t @ W^T
-          dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, q, G, WT, H, 1.f, dh, H);
-          if (st != dnnl_success) status = st;
-        }
+        dnnl_status_t st =
+            gru_reverse_loop(T, B, H, A, Q, WT, HN, Y, h0.typed_data(), DY, dh, step_done);
+        if (st != dnnl_success) status = st;
       },
       [&](int64_t lo, int64_t hi, const std::array<float*, 4>& acc) {
         dnnl_status_t st = acc_dw_hh(lo, hi, B, H, G, h0.typed_data(), Y, Q, acc[0]);
