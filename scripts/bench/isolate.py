@@ -97,7 +97,11 @@ class Worker:
         )
         os.close(w)
         self.replies = os.fdopen(r)
-        self.compile_s = float(self._read()["compile_s"])
+        try:
+            self.compile_s = float(self._read()["compile_s"])
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> dict:
         line = self.replies.readline()
