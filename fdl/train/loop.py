@@ -171,6 +171,11 @@ def _gather(data, rows, mask):
 _gather_batches = jax.jit(_gather)
 
 
+def _fresh_copies(init_fn, params, state):
+    """``(params, state, init_fn(params))`` with params and state in fresh buffers (traced)."""
+    return jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), init_fn(params)
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted_start(init_fn):
     """``start(params, state, data, rows, mask) -> ((params, state, opt_state), batches)``:
@@ -178,9 +183,7 @@ def _jitted_start(init_fn):
     compiled call (the device is idle until the first step: every dispatch before it counts)."""
 
     def start(params, state, data, rows, mask):
-        prepared = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state),
-                    init_fn(params))
-        return prepared, _gather(data, rows, mask)
+        return _fresh_copies(init_fn, params, state), _gather(data, rows, mask)
 
     return jax.jit(start)
 
@@ -361,10 +364,7 @@ def _jitted_init(init_fn):
 
 @functools.lru_cache(maxsize=64)
 def _jitted_prepare(init_fn):
-    def prepare(params, state):
-        return (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), init_fn(params))
-
-    return jax.jit(prepare)
+    return jax.jit(functools.partial(_fresh_copies, init_fn))
 
 
 def _prepare(optimizer, params, state, opt_state):

@@ -511,14 +511,22 @@ def test_native_backend_choice(monkeypatch):
         assert "fdl_lstm" not in text
 
 
-def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
-    """No compiler/oneDNN: ``auto`` quietly uses the XLA loop, ``native`` says why it can't."""
+def _without_compiler(monkeypatch, tmp_path):
+    """The RNN extensions unloaded, an empty build cache and no usable compiler; backend
+    ``auto``. Returns ``fdl._ext.build``."""
     from fdl._ext import build
 
     monkeypatch.setattr(build, "_rnn_state", {"loaded": None, "reason": ""})
+    monkeypatch.setattr(build, "_rnn_onednn_state", {"loaded": None, "reason": "", "dll": None})
     monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "definitely-not-a-compiler")
     monkeypatch.setenv("FDL_RNN_BACKEND", "auto")
+    return build
+
+
+def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
+    """No compiler/oneDNN: ``auto`` quietly uses the XLA loop, ``native`` says why it can't."""
+    build = _without_compiler(monkeypatch, tmp_path)
     layer = nn.gru(3)
     x = jnp.ones((2, 4, 3), jnp.float32)
     _, p, _ = layer.init(jax.random.key(0), x.shape)
@@ -534,13 +542,7 @@ def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
 def test_onednn_fallback_when_extension_unavailable(monkeypatch, tmp_path):
     """No compiler/oneDNN: ``auto`` quietly uses another LSTM loop, ``onednn`` says why it
     can't."""
-    from fdl._ext import build
-
-    monkeypatch.setattr(build, "_rnn_state", {"loaded": None, "reason": ""})
-    monkeypatch.setattr(build, "_rnn_onednn_state", {"loaded": None, "reason": "", "dll": None})
-    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "definitely-not-a-compiler")
-    monkeypatch.setenv("FDL_RNN_BACKEND", "auto")
+    build = _without_compiler(monkeypatch, tmp_path)
     layer = nn.lstm(3)
     x = jnp.ones((2, 4, 3), jnp.float32)
     _, p, _ = layer.init(jax.random.key(0), x.shape)
