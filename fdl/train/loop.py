@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from fdl.data.loader import ArrayLoader
 from fdl.nn.core import Layer
@@ -143,139 +144,91 @@ def _zeros_like_metrics(metrics_shape) -> dict:
     return {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
 
 
-# bytes of batches gathered per compiled call (``_gather_batches``): one call per epoch for
-# small datasets, bounded device memory for large ones
-GATHER_CHUNK_BYTES = 64 << 20
-
-
-def _gather(data, rows, mask):
-    """Batches ``rows[0], rows[1], ...`` of the device-resident ``data``: ``rows`` is
-    ``(k, batch)`` int32, ``mask`` ``(k, batch)`` or ``None``; returns a list of ``k`` batches
-    ``(x, y[, mask])``, each its own buffer (a step may donate or drop it)."""
-    k, bs = rows.shape
-    # rows of a 2-D view, indices in bounds by construction (the loader's index table): a
-    # plain row copy, without the negative-index and clamping logic of ``a[rows]``
-    flat = tuple(
-        a.reshape(a.shape[0], -1).at[rows.reshape(-1)].get(mode="promise_in_bounds")
-        .reshape((k * bs, *a.shape[1:]))
-        for a in data
-    )
-    batches = []
-    for i in range(k):
-        batch = tuple(a[i * bs:(i + 1) * bs] for a in flat)
-        batches.append(batch if mask is None else (*batch, mask[i]))
-    return batches
-
-
-# an epoch's batches in one compiled call (per chunk, see ``_chunks``)
-_gather_batches = jax.jit(_gather)
-
-
 def _fresh_copies(init_fn, params, state):
     """``(params, state, init_fn(params))`` with params and state in fresh buffers (traced)."""
     return jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), init_fn(params)
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_start(init_fn):
-    """``start(params, state, data, rows, mask) -> ((params, state, opt_state), batches)``:
-    fresh copies of ``params`` and ``state``, ``init_fn(params)`` and the first gather, in one
-    compiled call (the device is idle until the first step: every dispatch before it counts)."""
+def _device_steps(train_step):
+    """``(run, zeros_cache)``: ``train_step``'s pure function looped on the device, cached on
+    ``train_step``; ``None`` for a step that does not expose its pure function
+    (``make_train_step(..., jit=True)`` does).
 
-    def start(params, state, data, rows, mask):
-        return _fresh_copies(init_fn, params, state), _gather(data, rows, mask)
+    ``run(params, state, opt_state, sums, step, data, table, masks, lo, n, key)`` runs the
+    ``n`` steps ``lo, lo+1, ...`` of an epoch in one compiled call: step ``i`` gathers its
+    batch, row ``table[i]`` (``(batches, batch)`` int32) of every array of the
+    device-resident ``data`` (with ``masks[i]`` appended when ``masks`` is not ``None``),
+    trains on it with the key ``fold_in(key, step)`` and adds its metrics to ``sums``. It
+    returns ``(params, state, opt_state, sums, last_metrics, step + n)``.
 
-    return jax.jit(start)
+    ``lo`` and ``n`` are traced (a ``while`` loop with a run-time trip count), so one
+    executable serves every chunk length: a call of 1 step and a call of a whole epoch compute
+    bitwise the same steps, and resuming mid-epoch compiles nothing new.
 
-
-def _chunks(n_rows: int, batch_bytes: int, first_alone: bool) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``n_rows`` batches in chunks of at most
-    ``GATHER_CHUNK_BYTES`` of examples, equal except the last; with ``first_alone`` the first
-    batch is a chunk of its own (a step waits only for a one-batch gather). An epoch compiles
-    at most three gathers."""
-    if n_rows == 0:
-        return []
-    per = max(1, GATHER_CHUNK_BYTES // max(batch_bytes, 1))
-    head = [(0, 1)] if first_alone else []
-    return head + [(i, min(i + per, n_rows)) for i in range(len(head), n_rows, per)]
-
-
-class _DeviceEpoch:
-    """The batches ``start, start+1, ...`` of ``epoch``, gathered on the device from the
-    loader's device-resident data, a chunk per compiled call (:func:`_chunks`). Creating it
-    dispatches the first gather; iterating dispatches each next chunk's gather right after
-    the first step of the current chunk, so it runs while that chunk trains.
-
-    With ``prepare=(init_fn, params, state)`` the first gather also copies ``params`` and
-    ``state`` and initializes the optimizer (one compiled call, :func:`_jitted_start`); the
-    result is ``self.prepared = (params, state, opt_state)``."""
-
-    def __init__(self, loader: ArrayLoader, epoch: int, start: int, prepare=None):
-        self.epoch, self.start = epoch, start
-        self.data = loader.device_arrays()
-        self.idx, self.mask = loader.index_table(epoch, start)
-        per_example = sum(a.nbytes // max(len(a), 1) for a in self.data)
-        # the first call of a fit (prepare) gathers the whole first chunk: the device is idle
-        # until it is done anyway (one dispatch fewer; 1.034 vs 1.053 of the bare loop's epoch,
-        # 2026-11-30, 50 interleaved rounds)
-        self.spans = _chunks(self.idx.shape[0], per_example * self.idx.shape[1],
-                             first_alone=prepare is None)
-        self.prepared = None
-        if prepare is not None and self.spans:
-            init_fn, params, state = prepare
-            lo, hi = self.spans[0]
-            self.prepared, self.first = _jitted_start(init_fn)(
-                params, state, self.data, self.idx[lo:hi],
-                None if self.mask is None else self.mask[lo:hi])
-        else:
-            self.first = self._gather(self.spans[0]) if self.spans else []
-
-    def _gather(self, span: tuple[int, int]) -> list:
-        lo, hi = span
-        return _gather_batches(self.data, self.idx[lo:hi],
-                               None if self.mask is None else self.mask[lo:hi])
-
-    def __iter__(self):
-        nxt, self.first = self.first, []
-        for c in range(len(self.spans)):
-            batches, nxt = nxt, None
-            for j, batch in enumerate(batches):
-                yield batch  # the caller dispatches its step before asking for the next one
-                if j == 0 and c + 1 < len(self.spans):
-                    nxt = self._gather(self.spans[c + 1])
-            del batches
-
-
-def _indexed_step(train_step):
-    """``(step, zeros_cache)``: ``train_step`` compiled together with its key
-    ``fold_in(key, step)`` and the sum of the epoch's metrics, cached on ``train_step``; ``None``
-    for a step that does not expose its pure function (``make_train_step(..., jit=True)`` does).
-
-    The batches are gathered outside the step, many per compiled call
-    (:func:`_gather_batches`): a gather compiled into the step made the LeNet/digits step
-    itself slower (oneDNN convolutions; medians 102 vs 91 ms per 7 steps on the 2-core
-    machine), and one gather call per step cost ~8% of a 35 ms epoch against ~2% for one call
-    per epoch (2026-11-30, 100 interleaved rounds)."""
+    One call per epoch rather than one per step: on the 2-core machine the LeNet/digits epoch
+    (7 steps) took 0.94-0.95 of the bare Python loop over the same compiled step with
+    pre-gathered batches, against 1.03 for one call per step with the gather inside and
+    1.04-1.06 for the former one-gather-call-per-epoch design (2026-11-30, 25 interleaved
+    rounds of 5; the per-step gather inside the loop also beat gathering the epoch in one
+    copy first)."""
     fn = getattr(train_step, "fdl_step_fn", None)
     if fn is None:
         return None
-    cached = getattr(train_step, "_fdl_indexed", None)
+    cached = getattr(train_step, "_fdl_device_steps", None)
     if cached is not None:
         return cached
 
-    def indexed(params, state, opt_state, sums, step, batch, key):
-        params, state, opt_state, metrics = fn(params, state, opt_state, batch,
-                                               jax.random.fold_in(key, step))
-        sums = jax.tree.map(jnp.add, sums, metrics)
-        return params, state, opt_state, sums, metrics, step + 1
+    def run(params, state, opt_state, sums, step, data, table, masks, lo, n, key):
+        flat = tuple(a.reshape(a.shape[0], -1) for a in data)
+
+        def body(i, carry):
+            params, state, opt_state, sums, _, step = carry
+            rows = lax.dynamic_index_in_dim(table, i, keepdims=False)
+            # rows of a 2-D view, in bounds by construction (the loader's index table): a
+            # plain row copy, without the clamping of ``a[rows]``
+            batch = tuple(f.at[rows].get(mode="promise_in_bounds").reshape(
+                (rows.shape[0], *a.shape[1:])) for f, a in zip(flat, data, strict=True))
+            if masks is not None:
+                batch = (*batch, lax.dynamic_index_in_dim(masks, i, keepdims=False))
+            params, state, opt_state, metrics = fn(params, state, opt_state, batch,
+                                                   jax.random.fold_in(key, step))
+            sums = jax.tree.map(jnp.add, sums, metrics)
+            return params, state, opt_state, sums, metrics, step + 1
+
+        carry = (params, state, opt_state, sums, sums, step)
+        return lax.fori_loop(lo, lo + n, body, carry)
 
     donate = (0, 1, 2) if getattr(train_step, "fdl_donate", True) else ()
-    cached = (jax.jit(indexed, donate_argnums=donate), {})
+    cached = (jax.jit(run, donate_argnums=donate), {})
     try:
-        train_step._fdl_indexed = cached
+        train_step._fdl_device_steps = cached
     except AttributeError:
         pass
     return cached
+
+
+def _epoch_table(loader: ArrayLoader, epoch: int, start: int):
+    """``((epoch, start), table, masks)``: the loader's index table for batches ``start, ...``
+    of ``epoch`` (and its pad masks or ``None``), on the device."""
+    idx, mask = loader.index_table(epoch, start)
+    table, masks = jax.device_put((idx, mask))
+    return (epoch, start), table, masks
+
+
+def _calls(step: int, n: int, per_call: int, every: Sequence[int]) -> list[int]:
+    """Lengths of the compiled calls that run ``n`` steps from global step ``step``: at most
+    ``per_call`` each, and a call ends at every multiple of each of ``every`` (the steps at
+    which fit logs or checkpoints), so those happen at exactly the same steps for any
+    ``per_call``."""
+    out = []
+    while n > 0:
+        k = min(n, per_call)
+        for e in every:
+            k = min(k, e - step % e)
+        out.append(k)
+        step += k
+        n -= k
+    return out
 
 
 def _metric_zeros(train_step, zeros_cache, params, state, opt_state, key, loader):
@@ -442,6 +395,7 @@ def fit(
     metadata: dict[str, Any] | None = None,
     callback: Callable[[int, dict], None] | None = None,
     resume_hint: str | None = None,
+    steps_per_call: int | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; evaluate on ``eval_data`` after each.
 
@@ -476,6 +430,10 @@ def fit(
         raise ValueError(f"fit: epochs must be an integer >= 1, got {epochs!r}")
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit: log_every must be an integer >= 1, got {log_every!r}")
+    if steps_per_call is not None and (not isinstance(steps_per_call, int)
+                                       or isinstance(steps_per_call, bool) or steps_per_call < 1):
+        raise ValueError(f"fit: steps_per_call must be an integer >= 1 or None, got "
+                         f"{steps_per_call!r}")
     if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
         raise ValueError("fit: checkpoint_every_steps must be >= 1 or None")
     if resume and checkpoint_dir is None and not isinstance(resume, str):
@@ -494,17 +452,8 @@ def fit(
     if eval_step is None and eval_loader is not None:
         eval_step = make_eval_step(model, loss, top_k=top_k)
 
-    indexed = _indexed_step(train_step) if train_loader.indexable_on_device else None
-    # On the device path the copy of params/state and optimizer.init run in the first epoch's
-    # first gather call (one dispatch fewer before the first step; see _jitted_start).
-    deferred = None
-    if (indexed is not None and opt_state is None and not resume
-            and train_loader.epoch < epochs and train_loader.batch < len(train_loader)
-            and _hashable(optimizer.init)
-            and all(isinstance(x, jax.Array) for x in jax.tree.leaves((params, state)))):
-        deferred = (optimizer.init, params, state)
-    else:
-        params, state, opt_state = _prepare(optimizer, params, state, opt_state)
+    device_steps = _device_steps(train_step) if train_loader.indexable_on_device else None
+    params, state, opt_state = _prepare(optimizer, params, state, opt_state)
     step = 0
     history = History()
     epoch_sums = None
@@ -564,11 +513,11 @@ def fit(
         except ImportError:
             tqdm = None
 
-    def after_step(epoch, bar, metrics) -> None:
+    def after_step(epoch, bar, metrics, n) -> None:
         if callback is not None:
             callback(step, metrics)
         if bar is not None:
-            bar.update(1)
+            bar.update(n)
         if step % log_every == 0 and (bar is not None or log_fh is not None):
             s = summarize(epoch_sums, "train_")
             if bar is not None:
@@ -645,27 +594,39 @@ def fit(
         return False
 
     nb = len(train_loader)
-    ahead = None  # the next epoch's batches, gathered ahead (device path)
+    # Device path: steps per compiled call. A call ends at every step where fit logs (progress
+    # bar postfix, log_file) or checkpoints, so those see exactly the steps they see with one
+    # step per call.
+    if steps_per_call is None:
+        per_call = 1 if callback is not None else max(1, nb // 20) if tqdm is not None else nb
+    else:
+        per_call = steps_per_call
+    cut_at = [log_every] if (tqdm is not None or log_fh is not None) else []
+    if checkpoint_every_steps:
+        cut_at.append(checkpoint_every_steps)
+    data = train_loader.device_arrays() if device_steps is not None else None
+    ahead = None  # the next epoch's index table, on the device ahead of time (device path)
+    counter = None
     # An epoch whose row needs nothing before the next epoch starts (no early stopping, no
-    # checkpoint at its end) is finished after the next epoch's first step is dispatched:
-    # fetching its metrics, printing, logging and plotting then overlap that step instead of
+    # checkpoint at its end) is finished after the next epoch's first call is dispatched:
+    # fetching its metrics, printing, logging and plotting then overlap that call instead of
     # leaving the device idle between epochs.
     pending = None
     epoch = first = seen = 0
     bar = None
 
-    def dispatched(metrics) -> None:
-        """After each step's dispatch: the previous epoch's row (first step only), the
-        progress bar, logging, callbacks and step checkpoints."""
+    def dispatched(metrics, n: int = 1) -> None:
+        """After each call's dispatch (``n`` steps): the previous epoch's row (first call
+        only), the progress bar, logging, callbacks and step checkpoints."""
         nonlocal pending, bar
         if pending is not None:
             rec, pending = pending, None
             finish(rec)
         if bar is None and tqdm is not None:
-            bar = tqdm(total=nb, initial=first + seen - 1,
+            bar = tqdm(total=nb, initial=first + seen - n,
                        desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                        file=sys.stderr, dynamic_ncols=True)
-        after_step(epoch, bar, metrics)
+        after_step(epoch, bar, metrics, n)
 
     try:
         try:
@@ -676,34 +637,34 @@ def fit(
                     epoch_sums = None
                 bar = None
                 seen = 0
-                if indexed is not None:
-                    # the epoch's batches are gathered on the device a chunk ahead (the next
-                    # epoch's first gather was dispatched before the previous epoch's metrics were
-                    # fetched); one compiled call per step for the key, the step and the metric
-                    # sums (the table starts at the loader's position, so this resumes mid-epoch)
-                    fused, zeros_cache = indexed
-                    if ahead is None or (ahead.epoch, ahead.start) != (epoch, first):
-                        ahead = _DeviceEpoch(train_loader, epoch, first, prepare=deferred)
-                        if deferred is not None:
-                            params, state, opt_state = ahead.prepared
-                            deferred = None
-                    batches, ahead = ahead, None
-                    counter = np.uint32(step)
+                if device_steps is not None:
+                    # runs of steps in one compiled call each (``_device_steps``), gathering
+                    # their batches from the device-resident data by the epoch's index table
+                    # (moved to the device during the previous epoch; it starts at the loader's
+                    # position, so this resumes mid-epoch)
+                    run, zeros_cache = device_steps
+                    if ahead is None or ahead[0] != (epoch, first):
+                        ahead = _epoch_table(train_loader, epoch, first)
+                    (_, table, masks), ahead = ahead, None
+                    if counter is None:  # then the device copy of ``step`` the calls return
+                        counter = np.uint32(step)
                     sums = epoch_sums
-                    for batch in batches:
-                        if sums is None:
-                            sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
-                                                 key, train_loader)
-                        params, state, opt_state, sums, metrics, counter = fused(
-                            params, state, opt_state, sums, counter, batch, key
-                        )
-                        train_loader.batch += 1
-                        step += 1
+                    if sums is None and first < nb:
+                        sums = _metric_zeros(train_step, zeros_cache, params, state, opt_state,
+                                             key, train_loader)
+                    lo = 0
+                    for n in _calls(step, nb - first, per_call, cut_at):
+                        params, state, opt_state, sums, metrics, counter = run(
+                            params, state, opt_state, sums, counter, data, table, masks,
+                            np.int32(lo), np.int32(n), key)
+                        lo += n
+                        train_loader.batch += n
+                        step += n
+                        seen += n
                         epoch_sums = sums
-                        seen += 1
-                        dispatched(metrics)
+                        dispatched(metrics, n)
                     if epoch + 1 < epochs:  # before the fetch below waits for this epoch's steps
-                        ahead = _DeviceEpoch(train_loader, epoch + 1, 0)
+                        ahead = _epoch_table(train_loader, epoch + 1, 0)
                     train_loader.epoch, train_loader.batch = epoch + 1, 0
                 else:
                     for batch in train_loader:  # resumes mid-epoch from the loader's position

@@ -127,14 +127,16 @@ def test_bad_input(tmp_path):
 
 
 def test_indexed_step_matches_host_batches_one_compile(monkeypatch):
-    """The one-dispatch path (batch gather, key and metric sums compiled into the step) gives
-    the numbers of the per-batch host path, and later calls (and epochs) do not recompile."""
+    """The device path (batch gather, key and metric sums compiled into a loop of steps) gives
+    the numbers of the per-batch host path, and later calls, epochs and other numbers of steps
+    per call do not recompile."""
     step = make_train_step(MODEL, OPT)
     fast = _run(train_step=step, eval_data=None)
-    fused = step._fdl_indexed[0]
-    size = fused._cache_size()  # first step takes a NumPy step counter, then a device one
+    run = step._fdl_device_steps[0]
+    size = run._cache_size()  # first call takes a NumPy step counter, then a device one
     _run(train_step=step, eval_data=None, epochs=2)
-    assert fused._cache_size() == size <= 2
+    _run(train_step=step, eval_data=None, epochs=2, steps_per_call=2)
+    assert run._cache_size() == size <= 2
     with monkeypatch.context() as m:
         m.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
         slow = _run(train_step=step, eval_data=None)
@@ -145,23 +147,46 @@ def test_indexed_step_matches_host_batches_one_compile(monkeypatch):
         assert ra["train_acc"] == rb["train_acc"]
 
 
-@pytest.mark.parametrize("chunk_batches", [1, 2])
-def test_chunked_epoch_gather_is_bitwise_the_same(monkeypatch, chunk_batches):
-    """Gathering an epoch's batches in more compiled calls (a dataset larger than
-    ``GATHER_CHUNK_BYTES``) trains bitwise the same as the default chunks (first batch, rest)."""
-    from fdl.train import loop
+def test_calls_end_where_fit_logs_or_checkpoints():
+    from fdl.train.loop import _calls
 
-    default = _run(eval_data=None, batch_size=4)  # 5 batches per epoch
-    batch_bytes = 4 * (np.asarray(TRAIN[0])[0].nbytes + np.asarray(TRAIN[1])[0].nbytes)
-    monkeypatch.setattr(loop, "GATHER_CHUNK_BYTES", chunk_batches * batch_bytes)
-    assert [hi - lo for lo, hi in loop._chunks(5, batch_bytes, True)] == (
-        [1, 1, 1, 1, 1] if chunk_batches == 1 else [1, 2, 2])
-    assert [hi - lo for lo, hi in loop._chunks(5, batch_bytes, False)] == (
-        [1, 1, 1, 1, 1] if chunk_batches == 1 else [2, 2, 1])
-    chunked = _run(eval_data=None, batch_size=4)
+    assert _calls(0, 7, 7, []) == [7]
+    assert _calls(0, 7, 3, []) == [3, 3, 1]
+    assert _calls(5, 7, 100, [4]) == [3, 4]  # steps 5..11: calls end at steps 8 and 12
+    assert _calls(5, 7, 2, [4, 6]) == [1, 2, 2, 2]  # ends at 6, 8, 10, 12
+    assert _calls(3, 0, 5, [2]) == []
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 4])
+def test_steps_per_call_is_bitwise_the_same(tmp_path, per_call):
+    """Any number of steps per compiled call (one executable with a run-time trip count)
+    trains bitwise the same as the default (a whole epoch per call), with step logs and step
+    checkpoints at the same steps."""
+    kw = dict(eval_data=None, batch_size=4, log_every=3, checkpoint_every_steps=4)  # 5 batches
+    default = _run(**kw, log_file=str(tmp_path / "a.jsonl"), checkpoint_dir=str(tmp_path / "a"))
+    chunked = _run(**kw, log_file=str(tmp_path / "b.jsonl"), checkpoint_dir=str(tmp_path / "b"),
+                   steps_per_call=per_call)
     assert leaves_equal(chunked.params, default.params)
     assert leaves_equal(chunked.opt_state, default.opt_state)
     assert _numbers(chunked.history) == _numbers(default.history)
+    untimed = ("time", "examples_per_sec")
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in untimed}
+             for line in open(tmp_path / f"{n}.jsonl")] for n in "ab"]
+    assert logs[0] == logs[1]
+    steps = [[r["step"] for r in log if r["type"] == "step"] for log in logs]
+    assert steps[0] == steps[1] == [3, 6, 9, 12, 15]
+    saved = [sorted(os.listdir(tmp_path / n)) for n in "ab"]
+    assert saved[0] == saved[1]
+
+
+def test_callback_runs_once_per_call():
+    seen = []
+    res = _run(eval_data=None, batch_size=4, epochs=2, steps_per_call=2,
+               callback=lambda step, metrics: seen.append(step))
+    assert res.steps == 10 and seen == [2, 4, 5, 7, 9, 10]  # 5 batches per epoch
+    seen.clear()
+    _run(eval_data=None, batch_size=4, epochs=1, callback=lambda step, m: seen.append(step))
+    assert seen == [1, 2, 3, 4, 5]  # a callback alone means one step per call
 
 
 def test_epochs_finished_after_the_next_epochs_first_step_change_nothing(tmp_path):
@@ -194,12 +219,12 @@ def test_callback_stop_keeps_the_finished_epochs_row():
 def test_epoch_metrics_are_fetched_after_the_next_epochs_first_step(monkeypatch):
     step_fn = make_train_step(MODEL, OPT)
     _run(train_step=step_fn, eval_data=None, epochs=1)  # builds the fused step
-    fused, cache = step_fn._fdl_indexed
+    run, cache = step_fn._fdl_device_steps
     calls, fetched_at = [0], []
 
     def counting(*args):
         calls[0] += 1
-        return fused(*args)
+        return run(*args)
 
     real_get = jax.device_get
 
@@ -207,8 +232,12 @@ def test_epoch_metrics_are_fetched_after_the_next_epochs_first_step(monkeypatch)
         fetched_at.append(calls[0])
         return real_get(x)
 
-    step_fn._fdl_indexed = (counting, cache)
+    step_fn._fdl_device_steps = (counting, cache)
     monkeypatch.setattr(jax, "device_get", device_get)
-    res = _run(train_step=step_fn, eval_data=None, epochs=2)
+    res = _run(train_step=step_fn, eval_data=None, epochs=2, steps_per_call=1)
     assert res.steps == 6
     assert fetched_at[0] == 4  # epoch 1's sums: after epoch 2's first step was dispatched
+    calls[0], fetched_at[:] = 0, []
+    res = _run(train_step=step_fn, eval_data=None, epochs=2)  # one call per epoch
+    assert res.steps == 6 and calls[0] == 2
+    assert fetched_at[0] == 2
