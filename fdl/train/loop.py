@@ -7,12 +7,15 @@ dispatch runs ahead of the computation.
 
 No host work per batch: when the step comes from ``make_train_step`` (single device) and the
 loader can keep its data on the device (``ArrayLoader.indexable_on_device``: the default for
-datasets up to 1 GiB), the dataset is transferred once and each step is one compiled call: the
-step compiled together with its key ``fold_in(key, step)`` and the sum of the epoch's metrics.
-The batches are gathered from the device-resident data in one compiled call per epoch (per
-64 MiB of examples for larger datasets, dispatched a chunk ahead). Other steps (data-parallel ones,
-your own functions) get host batches from the loader, a ``fold_in`` and a jitted metric sum per
-step, as a Python loop would.
+datasets up to 1 GiB), the dataset is transferred once and a whole run of steps is one compiled
+call (a loop on the device): each step gathers its batch from the device-resident data by the
+epoch's index table, trains with the key ``fold_in(key, step)`` and adds its metrics to the
+epoch's sums. By default a call runs the whole epoch; with a progress bar, about a twentieth of
+it; with a ``callback``, one step (``steps_per_call`` overrides this). A call always ends at the
+steps where fit logs or checkpoints, and every call length runs the same executable, so the
+numbers do not depend on the call length (bitwise on CPU). Other steps (data-parallel ones, your
+own functions) get host batches from the loader, a ``fold_in`` and a jitted metric sum per step,
+as a Python loop would.
 
 Resume: with ``checkpoint_dir`` set, fit saves ``{params, state, opt_state, key, step, loader
 position, epoch metric sums}`` (and the history, as JSON metadata) every ``checkpoint_every``
@@ -21,8 +24,9 @@ and continues: every step uses the key ``fold_in(key, step)`` and the loader's o
 function of ``(data key, epoch)``, so a resumed run computes exactly what an uninterrupted run
 computes (bitwise on CPU).
 
-Ctrl-C: the loop stops between steps, leaves the newest checkpoint as it was (checkpoint writes
-are atomic) and prints how to resume, then re-raises ``KeyboardInterrupt``.
+Ctrl-C: the loop stops between steps (between calls on the device path), leaves the newest
+checkpoint as it was (checkpoint writes are atomic) and prints how to resume, then re-raises
+``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -142,11 +146,6 @@ def _accumulate(acc, metrics):
 
 def _zeros_like_metrics(metrics_shape) -> dict:
     return {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
-
-
-def _fresh_copies(init_fn, params, state):
-    """``(params, state, init_fn(params))`` with params and state in fresh buffers (traced)."""
-    return jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), init_fn(params)
 
 
 def _device_steps(train_step):
@@ -315,6 +314,11 @@ def _jitted_init(init_fn):
     return jax.jit(init_fn)
 
 
+def _fresh_copies(init_fn, params, state):
+    """``(params, state, init_fn(params))`` with params and state in fresh buffers (traced)."""
+    return jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), init_fn(params)
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted_prepare(init_fn):
     return jax.jit(functools.partial(_fresh_copies, init_fn))
@@ -420,9 +424,13 @@ def fit(
         fresh if there is none), or a checkpoint path.
       early_stopping: an :class:`EarlyStopping`.
       metadata: extra JSON stored in every checkpoint (e.g. the model name for ``fdl eval``).
-      callback: ``callback(step, metrics_sums)`` after every step (on-device sums); raising
-        ``StopIteration`` ends training.
+      callback: ``callback(step, metrics)`` after every step with that step's metrics (device
+        arrays); raising ``StopIteration`` ends training. With ``steps_per_call`` > 1 it runs
+        after every call instead, with the metrics of the call's last step.
       resume_hint: the command printed after Ctrl-C (default: a Python hint).
+      steps_per_call: at most this many steps per compiled call on the device path (see the
+        module docstring); ``None`` chooses: the whole epoch, ``len(loader) // 20`` with a
+        progress bar, 1 with a ``callback``. Ctrl-C and ``StopIteration`` act between calls.
 
     Returns a :class:`FitResult`.
     """

@@ -126,7 +126,7 @@ def test_bad_input(tmp_path):
     assert os.path.exists(res.checkpoint)
 
 
-def test_indexed_step_matches_host_batches_one_compile(monkeypatch):
+def test_device_path_matches_host_batches_one_compile(monkeypatch):
     """The device path (batch gather, key and metric sums compiled into a loop of steps) gives
     the numbers of the per-batch host path, and later calls, epochs and other numbers of steps
     per call do not recompile."""
