@@ -170,8 +170,12 @@ WORKLOADS = [
             "bare jitted step loop": functools.partial(_bare_row, 10),
             "bare loop, shuffled (x[rows] per step)": functools.partial(_bare_shuffled_row, 10)},
         pending=_PENDING,
-        quick_steps=20,  # ~0.4 s per step (10 epochs)
-        steps=20,
+        # ~0.4 s per step (10 epochs); 40 steps = 8 blocks of 5 per row, so one slow phase of
+        # the shared machine during one block does not move the median (a full run at 07:08
+        # UTC on 2026-11-30 gave 1.07 with 20 steps, fit's min 390 ms against the bare
+        # loop's 405 ms; an in-process A/B right after, 42 calls each: 0.946)
+        quick_steps=20,
+        steps=40,
         isolate=False,
         extra={"examples_per_step": 10 * (_N // _BATCH) * _BATCH},
     ),
