@@ -285,14 +285,6 @@ class _EpochRecord:
     lr: Any  # the learning rate at the end of the epoch (device scalar, float or None)
 
 
-def _hashable(x) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True
-
-
 @jax.jit
 def _copy_arrays(tree):
     return jax.tree.map(jnp.copy, tree)
