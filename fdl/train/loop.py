@@ -148,6 +148,19 @@ def _zeros_like_metrics(metrics_shape) -> dict:
     return {k: jnp.zeros((), jnp.float32) for k in metrics_shape}
 
 
+def _table_batch(data, table, masks, i):
+    """Batch ``i`` of an index table (traced): row ``table[i]`` of every array of ``data``,
+    with ``masks[i]`` appended when ``masks`` is not ``None``."""
+    rows = lax.dynamic_index_in_dim(table, i, keepdims=False)
+    # rows of a 2-D view, in bounds by construction (the loader's index table): a plain row
+    # copy, without the clamping of ``a[rows]``
+    batch = tuple(a.reshape(a.shape[0], -1).at[rows].get(mode="promise_in_bounds")
+                  .reshape((rows.shape[0], *a.shape[1:])) for a in data)
+    if masks is not None:
+        batch = (*batch, lax.dynamic_index_in_dim(masks, i, keepdims=False))
+    return batch
+
+
 def _device_steps(train_step):
     """``(run, zeros_cache)``: ``train_step``'s pure function looped on the device, cached on
     ``train_step``; ``None`` for a step that does not expose its pure function
@@ -178,17 +191,9 @@ def _device_steps(train_step):
         return cached
 
     def run(params, state, opt_state, sums, step, data, table, masks, lo, n, key):
-        flat = tuple(a.reshape(a.shape[0], -1) for a in data)
-
         def body(i, carry):
             params, state, opt_state, sums, _, step = carry
-            rows = lax.dynamic_index_in_dim(table, i, keepdims=False)
-            # rows of a 2-D view, in bounds by construction (the loader's index table): a
-            # plain row copy, without the clamping of ``a[rows]``
-            batch = tuple(f.at[rows].get(mode="promise_in_bounds").reshape(
-                (rows.shape[0], *a.shape[1:])) for f, a in zip(flat, data, strict=True))
-            if masks is not None:
-                batch = (*batch, lax.dynamic_index_in_dim(masks, i, keepdims=False))
+            batch = _table_batch(data, table, masks, i)
             params, state, opt_state, metrics = fn(params, state, opt_state, batch,
                                                    jax.random.fold_in(key, step))
             sums = jax.tree.map(jnp.add, sums, metrics)
@@ -247,8 +252,52 @@ def _metric_zeros(train_step, zeros_cache, params, state, opt_state, key, loader
     return zeros
 
 
+def _device_eval(eval_step):
+    """``run(params, state, data, table, masks, zeros)``: the sum of ``eval_step``'s metrics
+    over every batch of an index table, in one compiled call (a loop on the device; the sums
+    start from ``zeros``), cached on ``eval_step``; ``None`` for a step that does not expose
+    its pure function (``make_eval_step(..., jit=True)`` does). The sums are bitwise those of
+    adding the batches' metrics one call at a time (``0 + x == x``). For 10,000 examples of
+    LeNet in batches of 256: 111 vs 157 ms per evaluation (2026-11-30)."""
+    fn = getattr(eval_step, "fdl_eval_fn", None)
+    if fn is None:
+        return None
+    cached = getattr(eval_step, "_fdl_device_eval", None)
+    if cached is not None:
+        return cached
+
+    def run(params, state, data, table, masks, zeros):
+        def body(i, sums):
+            metrics = fn(params, state, _table_batch(data, table, masks, i))
+            return jax.tree.map(jnp.add, sums, metrics)
+
+        return lax.fori_loop(0, table.shape[0], body, zeros)
+
+    cached = (jax.jit(run), {})
+    try:
+        eval_step._fdl_device_eval = cached
+    except AttributeError:
+        pass
+    return cached
+
+
 def _evaluate_sums(params, state, loader: ArrayLoader, eval_step):
-    """The summed metrics of ``eval_step`` over ``loader`` (device arrays, not waited for)."""
+    """The summed metrics of ``eval_step`` over ``loader`` (device arrays, not waited for):
+    one compiled call when the loader's data can stay on the device, else one per batch."""
+    device_eval = _device_eval(eval_step) if loader.indexable_on_device else None
+    if device_eval is not None and len(loader):
+        run, zeros_cache = device_eval
+        table, masks = jax.device_put(loader.index_table(0))
+        sig = (table.shape, masks is not None, jax.tree.structure((params, state)),
+               tuple((a.shape[1:], a.dtype.str) for a in loader.arrays))
+        zeros = zeros_cache.get(sig)
+        if zeros is None:
+            batch = jax.eval_shape(lambda d, t, m: _table_batch(d, t, m, 0),
+                                   loader.device_arrays(), table, masks)
+            shapes = jax.eval_shape(eval_step.fdl_eval_fn, params, state, batch)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            zeros_cache[sig] = zeros
+        return run(params, state, loader.device_arrays(), table, masks, zeros)
     acc = None
     for batch in loader.epoch_batches(0):
         m = eval_step(params, state, batch)

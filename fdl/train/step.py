@@ -123,8 +123,8 @@ def make_train_step(
         return train_step
     jitted = jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else ())
     if axis_name is None:
-        # lets ``fit`` compile the step together with the batch gather, the per-step key and
-        # the metric accumulation (one dispatch per step); see ``fdl.train.loop``
+        # lets ``fit`` loop over steps on the device, each with its batch gather, per-step key
+        # and metric accumulation (one dispatch per run of steps); see ``fdl.train.loop``
         jitted.fdl_step_fn = train_step  # type: ignore[attr-defined]
         jitted.fdl_donate = donate  # type: ignore[attr-defined]
     return jitted
@@ -151,7 +151,13 @@ def make_eval_step(
             metrics = lax.psum(metrics, axis_name)
         return metrics
 
-    return jax.jit(eval_step) if jit else eval_step
+    if not jit:
+        return eval_step
+    jitted = jax.jit(eval_step)
+    if axis_name is None:
+        # lets ``fit``/``evaluate`` loop over a device-resident eval set in one compiled call
+        jitted.fdl_eval_fn = eval_step  # type: ignore[attr-defined]
+    return jitted
 
 
 def make_predict_fn(model: Layer | Callable, *, jit: bool = True) -> Callable:

@@ -147,6 +147,22 @@ def test_device_path_matches_host_batches_one_compile(monkeypatch):
         assert ra["train_acc"] == rb["train_acc"]
 
 
+@pytest.mark.parametrize("batch_size", [4, 5, 12])  # 12 examples: full, padded, one batch
+def test_device_evaluation_is_bitwise_the_host_loop(monkeypatch, batch_size):
+    from fdl.train import evaluate
+
+    params, state = init(MODEL)
+    step = make_eval_step(MODEL)
+    fast = evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
+    run = step._fdl_device_eval[0]
+    evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
+    assert run._cache_size() == 1
+    with monkeypatch.context() as m:
+        m.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
+        slow = evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
+    assert fast == slow and {"loss", "acc", "perplexity"} <= set(fast)
+
+
 def test_calls_end_where_fit_logs_or_checkpoints():
     from fdl.train.loop import _calls
 
