@@ -13,9 +13,10 @@ epoch's index table, trains with the key ``fold_in(key, step)`` and adds its met
 epoch's sums. By default a call runs the whole epoch; with a progress bar, about a twentieth of
 it; with a ``callback``, one step (``steps_per_call`` overrides this). A call always ends at the
 steps where fit logs or checkpoints, and every call length runs the same executable, so the
-numbers do not depend on the call length (bitwise on CPU). Other steps (data-parallel ones, your
-own functions) get host batches from the loader, a ``fold_in`` and a jitted metric sum per step,
-as a Python loop would.
+numbers do not depend on the call length (bitwise on CPU). Evaluation (``eval_data``,
+:func:`evaluate`) with a step from ``make_eval_step`` is likewise one call over the whole eval
+set. Other steps (data-parallel ones, your own functions) get host batches from the loader, a
+``fold_in`` and a jitted metric sum per step, as a Python loop would.
 
 Resume: with ``checkpoint_dir`` set, fit saves ``{params, state, opt_state, key, step, loader
 position, epoch metric sums}`` (and the history, as JSON metadata) every ``checkpoint_every``
