@@ -10,7 +10,11 @@ costs no device work (a 1792-example permutation: ~20 us; ``jax.random.permutati
 The final partial batch is dropped (``last_batch="drop"``), yielded smaller (``"keep"``,
 one extra compilation), or padded to full size with a mask (``"pad"``: every batch then carries
 a float32 ``mask`` of shape ``(batch_size,)``, 1 for real examples and 0 for padding, so every
-step has the same shapes).
+step has the same shapes). The padding cycles the batch's real examples (``[a, b, c]`` padded to
+8 is ``[a, b, c, a, b, c, a, b]``): the loss ignores it through the mask, but batch statistics
+(BatchNorm in training mode) see every row, and cycling keeps them close to the real examples'
+(equal when the batch size is a multiple of the real count), where repeating one example would
+pull them toward it. For exact partial-batch statistics use ``"keep"`` or ``"drop"``.
 """
 
 from __future__ import annotations
@@ -199,8 +203,8 @@ class ArrayLoader:
             if self.last_batch != "pad":
                 raise ValueError("ArrayLoader.index_table: the last batch is partial "
                                  "(last_batch='keep'); use 'drop' or 'pad'")
-            # padded with its first example, as iteration pads it
-            order = np.concatenate([order, np.full(nb * bs - self.n, order[full * bs])])
+            # padded by cycling its real examples, as iteration pads it
+            order = np.concatenate([order[:full * bs], np.resize(order[full * bs:], bs)])
         # one reshape, no per-batch Python work: fit calls this with the device idle
         idx = order[:nb * bs].reshape(nb, bs)[start:].astype(np.int32)
         mask = None
@@ -217,10 +221,8 @@ class ArrayLoader:
             m = len(idx)
             mask = np.zeros(self.batch_size, np.float32)
             mask[:m] = 1.0
-            if m < self.batch_size:
-                fill = np.zeros(self.batch_size - m, dtype=idx.dtype)  # repeat example 0
-                full = np.concatenate([idx, idx[fill]])
-                out = tuple(a[full] for a in self.arrays)
+            if m < self.batch_size:  # cycle the real examples (see the module docstring)
+                out = tuple(a[np.resize(idx, self.batch_size)] for a in self.arrays)
             out = (*out, mask)
         return out
 

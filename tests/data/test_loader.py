@@ -53,6 +53,12 @@ def test_pad_and_mask():
     assert xb.shape == (3, 2) and mb.dtype == np.float32
     assert mb.tolist() == [1.0, 0.0, 0.0] and yb[0] == 6
     assert batches[0][2].tolist() == [1.0, 1.0, 1.0]
+    # the padding cycles the real examples: BatchNorm's batch statistics of [8, 9, 8, 9] are
+    # those of [8, 9]
+    x, y = _data(10)
+    xb, yb, mb = _epoch(ArrayLoader((x, y), 4, last_batch="pad", prefetch=0))[-1]
+    assert yb.tolist() == [8, 9, 8, 9] and mb.tolist() == [1.0, 1.0, 0.0, 0.0]
+    np.testing.assert_array_equal(xb, x[[8, 9, 8, 9]])
 
 
 def test_resume_position():
