@@ -67,6 +67,16 @@ struct SingleThreadedGemm {
   ~SingleThreadedGemm() { omp_set_num_threads(saved); }
 };
 
+// The backward's prologue. It overwrites the forward's gate activations with their gradients
+// in place, in the output buffer (XLA usually aliases it with the input; otherwise the
+// activations are copied there first), and keeps its running carries (dh, dc) in the outputs
+// for h0 / c0, seeded with the incoming gradients of h_n / c_n.
+float* in_place(const ffi::Buffer<ffi::F32>& in, ffi::ResultBuffer<ffi::F32>& out) {
+  float* p = out->typed_data();
+  if (p != in.typed_data()) std::memcpy(p, in.typed_data(), sizeof(float) * in.element_count());
+  return p;
+}
+
 // ---------------------------------------------------------------------------------- 2 threads
 //
 // The LSTM loops can run on two threads: the caller (an XLA worker) and one helper thread owned
@@ -405,15 +415,12 @@ ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   if (G != 4 * H || w_t.dimensions()[0] != G)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
   SingleThreadedGemm single;
-  float* A = dgates->typed_data();
-  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  float* A = in_place(acts_in, dgates);
   const float* WT = w_t.typed_data();
   const float* C = cs.typed_data();
   const float* DY = dys.typed_data();
-  float* dh = dh0->typed_data();  // running carries live in the outputs
-  float* dc = dc0->typed_data();
-  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
-  std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
+  float* dh = in_place(dh_n, dh0);
+  float* dc = in_place(dc_n, dc0);
   std::vector<float> dh_tot(B * H);
   if (use_two_threads(threads, B, H)) {
     // thread k: hidden units [j0, j0 + H/2): their gate gradients, and the partial product
@@ -593,16 +600,13 @@ ffi::Error LstmBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_
   const int64_t Cin = xs.dimensions()[2];
   const float* X = xs.typed_data();
   SingleThreadedGemm single;
-  float* A = dgates->typed_data();
-  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  float* A = in_place(acts_in, dgates);
   const float* WT = w_t.typed_data();
   const float* C = cs.typed_data();
   const float* DY = dys.typed_data();
   const float* Y = ys.typed_data();
-  float* dh = dh0->typed_data();
-  float* dc = dc0->typed_data();
-  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
-  std::memcpy(dc, dc_n.typed_data(), sizeof(float) * B * H);
+  float* dh = in_place(dh_n, dh0);
+  float* dc = in_place(dc_n, dc0);
   std::vector<float> dh_tot(B * H);
   std::atomic<int> status{dnnl_success};
   const std::array<DwOut, 3> outs{DwOut{d_w_hh->typed_data(), H * G},
@@ -754,15 +758,13 @@ ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
   if (G != 3 * H || w_t.dimensions()[0] != G)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru bwd: bad shapes");
   SingleThreadedGemm single;
-  float* A = d_xp->typed_data();
-  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  float* A = in_place(acts_in, d_xp);
   float* Q = d_hh->typed_data();
   const float* WT = w_t.typed_data();
   const float* Y = ys.typed_data();
   const float* HN = hns.typed_data();
   const float* DY = dys.typed_data();
-  float* dh = dh0->typed_data();
-  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  float* dh = in_place(dh_n, dh0);
   dnnl_status_t st = gru_reverse_loop(T, B, H, A, Q, WT, HN, Y, h0.typed_data(), DY, dh, [] {});
   if (st != dnnl_success) return sgemm_error(st);
   return ffi::Error::Success();
@@ -787,15 +789,13 @@ ffi::Error GruBwdDwImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t
   const int64_t Cin = xs.dimensions()[2];
   const float* X = xs.typed_data();
   SingleThreadedGemm single;
-  float* A = d_xp->typed_data();
-  if (A != acts_in.typed_data()) std::memcpy(A, acts_in.typed_data(), sizeof(float) * T * B * G);
+  float* A = in_place(acts_in, d_xp);
   float* Q = d_hh->typed_data();
   const float* WT = w_t.typed_data();
   const float* Y = ys.typed_data();
   const float* HN = hns.typed_data();
   const float* DY = dys.typed_data();
-  float* dh = dh0->typed_data();
-  std::memcpy(dh, dh_n.typed_data(), sizeof(float) * B * H);
+  float* dh = in_place(dh_n, dh0);
   std::atomic<int> status{dnnl_success};
   const std::array<DwOut, 4> outs{
       DwOut{d_w_hh->typed_data(), H * G}, DwOut{d_w_ih->typed_data(), Cin * G},
