@@ -32,7 +32,7 @@ import numpy as np
 from fdl.interop.state_dict import StateDictError, load_state_dict
 from fdl.models import vision
 from fdl.nn.core import Layer
-from fdl.nn.tree import flatten_dict, unflatten_dict
+from fdl.tree import flatten_dict, unflatten_dict
 
 __all__ = ["SUPPORTED", "torchvision_model", "from_torchvision", "to_torchvision",
            "torchvision_key_map"]

@@ -1,4 +1,4 @@
-"""One-line optimizers built from the blocks in :mod:`fdl.optim.transforms`.
+"""One-line optimizers built from the building blocks (:mod:`fdl.optim.transforms`).
 
 Defaults and arithmetic follow ``torch.optim`` (tested to 1e-6 over 100 steps in float64);
 each docstring gives the update and names where other conventions differ. ``lr`` may be a
@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from fdl.optim.adaptive import scale_by_adadelta, scale_by_adagrad, scale_by_adam, scale_by_rms
 from fdl.optim.base import GradientTransformation, Schedule, chain, check_lr, check_range
-from fdl.optim.transforms import (
-    add_decayed_weights,
-    scale_by_adadelta,
-    scale_by_adagrad,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_rms,
-    trace,
-)
+from fdl.optim.masking import add_decayed_weights
+from fdl.optim.momentum import trace
+from fdl.optim.scaling import scale_by_learning_rate
 
 __all__ = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 

@@ -7,7 +7,7 @@ A :class:`GradientTransformation` holds two pure functions::
 
 ``updates`` has the structure of ``grads``; :func:`apply_updates` adds them to the params.
 States are NamedTuples (pytrees) whose step counters are int32 scalars, so whole optimizer
-steps can be ``jit``-ed, checkpointed (``fdl.nn.tree.flatten_dict``) and resumed.
+steps can be ``jit``-ed, checkpointed (``fdl.tree.flatten_dict``) and resumed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fdl.nn.tree import tree_paths
+from fdl.tree import tree_paths
 
 __all__ = [
     "GradientTransformation",
@@ -208,8 +208,9 @@ def check_lr(lr, where: str = "") -> None:
 
 
 def _find_lr(state) -> Any:
-    # Imported lazily: transforms depends on base.
-    from fdl.optim.transforms import InjectHyperparamsState, ScaleByLearningRateState
+    # Imported lazily: these modules depend on base.
+    from fdl.optim.inject import InjectHyperparamsState
+    from fdl.optim.scaling import ScaleByLearningRateState
 
     if isinstance(state, ScaleByLearningRateState):
         return state.lr

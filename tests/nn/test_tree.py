@@ -103,3 +103,27 @@ def test_map_with_path():
     scaled = T.map_with_path(lambda p, x: x * (0.0 if p.startswith("head") else 1.0), PARAMS)
     assert float(scaled["head"]["w"].sum()) == 0.0
     assert float(scaled["features"]["conv1"]["w"].sum()) == 36.0
+
+
+def test_nn_tree_is_an_alias_of_fdl_tree():
+    import fdl.tree
+
+    for name in T.__all__:
+        assert getattr(T, name) is getattr(fdl.tree, name)
+
+
+def test_optim_does_not_depend_on_nn():
+    import ast
+    import pathlib
+
+    import fdl.optim
+
+    for path in pathlib.Path(fdl.optim.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n == "fdl.nn" or n.startswith("fdl.nn.") for n in names), path

@@ -47,7 +47,7 @@ def resnet50_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def make_tree(seed: int, scale: float = 1.0) -> dict:
-    from fdl.nn.tree import unflatten_dict
+    from fdl.tree import unflatten_dict
 
     flat = {}
     key = jax.random.key(seed)
