@@ -6,23 +6,37 @@ format itself (it is ~20 lines), so checkpoints need no extra package and bfloat
 safetensors reader can open them. The header's ``__metadata__["fdl"]`` entry is a JSON document
 describing the tree::
 
-    {"format": "fdl-checkpoint", "version": 1,
-     "leaves": [{"path": "params/conv1/w", "name": "params/conv1/w", "shape": [3, 3, 1, 6],
-                 "dtype": "float32", "kind": "array"},          # or "key" (+ "impl"), "int", ...
+    {"format": "fdl-checkpoint", "version": 2,
+     "leaves": [{"path": "params/conv1/w", "shape": [3, 3, 1, 6], "dtype": "float32",
+                 "kind": "array"},          # or "key" (+ "impl"), "int", ...
                 ...],
-     "sha256": "<hash of the data section>", "metadata": {...user JSON...}}
+     "metadata": {...user JSON...}}
+
+and ``__metadata__["fdl_sha256"]``, the first entry of the header (at a fixed byte offset), is
+the SHA-256 of the *whole file* (length prefix, header and data) with those 64 hex digits
+replaced by zeros: any change to a dtype, a shape, an offset, the tree description, the user
+metadata or a data byte fails verification. Version-1 files (the checksum covered the data only)
+are still read, with every header entry cross-checked against the tree description.
 
 Paths are the ``/``-joined pytree paths (dict keys, NamedTuple field names, list indices), so a
 checkpoint of ``{"params": ..., "opt_state": AdamState(...)}`` reads ``opt_state/0/mu/conv1/w``.
 Typed PRNG keys are stored as their ``jax.random.key_data`` with the key implementation's name.
 
 A path ending in ``.npz`` writes a NumPy ``.npz`` instead (arrays + the same JSON document as a
-``uint8`` array; read with ``allow_pickle=False``). Neither format ever uses pickle.
+``uint8`` array, and the SHA-256 of that document and the data; read with
+``allow_pickle=False``). Neither format ever uses pickle.
 
 Writes are atomic: the bytes go to a temporary file in the destination directory, are
 ``fsync``-ed, then ``os.replace``-d over the destination; a crash at any point leaves the previous
-checkpoint untouched. Loads verify the checksum and, given a ``template`` pytree, the structure,
-shapes and dtypes, naming every mismatching path.
+checkpoint untouched. Loads verify the checksum, that every tensor read has the dtype and shape
+the description says and, given a ``template`` pytree, the structure, shapes and dtypes of the
+tensors actually read, naming every mismatching path. Every malformed file raises
+:class:`CheckpointError` naming the file and what is wrong.
+
+In a directory of numbered checkpoints, :func:`latest_valid` returns the newest one that
+verifies, reporting each newer one it skips (corrupt, truncated, a stray zero-byte file); the
+rotation of :class:`CheckpointManager` only ever deletes checkpoints older than the one just
+written.
 """
 
 from __future__ import annotations
@@ -35,8 +49,10 @@ import os
 import re
 import struct
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -50,11 +66,13 @@ __all__ = [
     "load",
     "load_metadata",
     "latest",
+    "latest_valid",
     "list_checkpoints",
+    "verify",
 ]
 
 FORMAT = "fdl-checkpoint"
-VERSION = 1
+VERSION = 2
 _ROOT = "<root>"
 
 # safetensors dtype codes <-> numpy dtype names
@@ -167,8 +185,25 @@ def _atomic_write(path: str, chunks: Iterable[bytes]) -> None:
     _fsync_dir(directory)
 
 
+# The header starts with these bytes, then the 64 hex digits of the file's SHA-256.
+_SHA_PREFIX = b'{"__metadata__":{"fdl_sha256":"'
+_SHA_AT = 8 + len(_SHA_PREFIX)
+_ZERO_SHA = "0" * 64
+
+
+def _file_sha(raw: bytes | bytearray | memoryview) -> str:
+    """SHA-256 of a safetensors file with its checksum digits zeroed."""
+    h = hashlib.sha256()
+    h.update(raw[:_SHA_AT])
+    h.update(_ZERO_SHA.encode())
+    h.update(raw[_SHA_AT + 64 :])
+    return h.hexdigest()
+
+
 def _safetensors_chunks(arrays: list[np.ndarray], names: list[str], doc: dict) -> list[bytes]:
-    header: dict[str, Any] = {"__metadata__": {"fdl": json.dumps(doc, sort_keys=True)}}
+    header: dict[str, Any] = {
+        "__metadata__": {"fdl_sha256": _ZERO_SHA, "fdl": json.dumps(doc, sort_keys=True)}
+    }
     offset = 0
     for name, a in zip(names, arrays, strict=True):
         n = a.nbytes
@@ -180,7 +215,14 @@ def _safetensors_chunks(arrays: list[np.ndarray], names: list[str], doc: dict) -
         offset += n
     hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hbytes += b" " * (-len(hbytes) % 8)
-    return [struct.pack("<Q", len(hbytes)), hbytes, *(a.tobytes() for a in arrays)]
+    first = struct.pack("<Q", len(hbytes)) + hbytes
+    assert first[8:_SHA_AT] == _SHA_PREFIX
+    h = hashlib.sha256(first)
+    data = [a.tobytes() for a in arrays]
+    for d in data:
+        h.update(d)
+    first = first[:_SHA_AT] + h.hexdigest().encode() + first[_SHA_AT + 64 :]
+    return [first, *data]
 
 
 def save(path: str | os.PathLike, tree: Any, metadata: dict[str, Any] | None = None) -> str:
@@ -201,25 +243,21 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict[str, Any] | None = N
         a, desc = _to_numpy(p, leaf)
         arrays.append(a)
         leaves.append(desc)
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(a.tobytes())
     try:
         json.dumps(metadata or {})
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint: metadata must be JSON-serialisable: {e}") from None
-    doc = {
-        "format": FORMAT,
-        "version": VERSION,
-        "leaves": leaves,
-        "sha256": h.hexdigest(),
-        "metadata": metadata or {},
-    }
+    doc = {"format": FORMAT, "version": VERSION, "leaves": leaves, "metadata": metadata or {}}
     names = [d["path"] for d in leaves]
     if path.endswith(".npz"):
+        text = json.dumps(doc, sort_keys=True).encode("utf-8")
+        h = hashlib.sha256(text)
+        for a in arrays:
+            h.update(a.tobytes())
         buf = io.BytesIO()
         payload = {f"t{i}": a for i, a in enumerate(arrays)}
-        payload["__fdl__"] = np.frombuffer(json.dumps(doc).encode("utf-8"), np.uint8)
+        payload["__fdl__"] = np.frombuffer(text, np.uint8)
+        payload["__fdl_sha256__"] = np.frombuffer(h.hexdigest().encode(), np.uint8)
         np.savez(buf, **payload)
         _atomic_write(path, [buf.getvalue()])
     else:
@@ -229,75 +267,199 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict[str, Any] | None = N
 
 # ----------------------------------------------------------------------------- reading
 
-
-def _read_safetensors(path: str) -> tuple[dict, list[np.ndarray]]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8:
-        raise CheckpointError(f"checkpoint '{path}' is truncated ({len(raw)} bytes)")
-    (hlen,) = struct.unpack("<Q", raw[:8])
-    if hlen > len(raw) - 8:
-        raise CheckpointError(f"checkpoint '{path}' is truncated or not a safetensors file")
-    try:
-        header = json.loads(raw[8 : 8 + hlen].decode("utf-8"))
-        doc = json.loads(header["__metadata__"]["fdl"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"checkpoint '{path}': header is corrupt or not written by fdl ({e})"
-        ) from None
-    data = memoryview(raw)[8 + hlen :]
-    arrays = []
-    for desc in doc["leaves"]:
-        entry = header.get(desc["path"])
-        if entry is None:
-            raise CheckpointError(f"checkpoint '{path}': tensor '{desc['path']}' is missing")
-        start, end = entry["data_offsets"]
-        if end > len(data):
-            raise CheckpointError(f"checkpoint '{path}' is truncated at tensor '{desc['path']}'")
-        dt = jnp.dtype(_ST_NAMES[entry["dtype"]])
-        a = np.frombuffer(data[start:end], dtype=dt).reshape(entry["shape"])
-        arrays.append(a)
-    return doc, arrays
+# What a malformed file can raise while being parsed; all become CheckpointError.
+_PARSE_ERRORS = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                 struct.error, UnicodeDecodeError, zipfile.BadZipFile, EOFError, OSError,
+                 zlib.error, NotImplementedError, RecursionError, MemoryError)
 
 
-def _read_npz(path: str) -> tuple[dict, list[np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            doc = json.loads(bytes(z["__fdl__"]).decode("utf-8"))
-            arrays = []
-            for i, d in enumerate(doc["leaves"]):
-                a = np.array(z[f"t{i}"])
-                if a.dtype.name != d["dtype"]:  # e.g. bfloat16 comes back as raw void bytes
-                    a = a.view(jnp.dtype(d["dtype"]))
-                arrays.append(a)
-    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupt or not written by fdl ({e})"
-        ) from None
-    return doc, arrays
+def _fail(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{path}': {what}")
 
 
-def _read(path: str) -> tuple[dict, list[np.ndarray]]:
+def _read_bytes(path: str) -> bytes:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    doc, arrays = _read_npz(path) if path.endswith(".npz") else _read_safetensors(path)
-    if doc.get("format") != FORMAT:
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise _fail(path, f"cannot be read ({e.strerror or e})") from None
+
+
+def _check_leaves(path: str, doc: Any) -> list[dict]:
+    """The tree description's leaves, each checked for the fields and types reading needs."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint '{path}' is not an fdl checkpoint")
+    leaves = doc.get("leaves")
+    if not isinstance(leaves, list):
+        raise _fail(path, "the tree description has no list of leaves")
+    seen = set()
+    for d in leaves:
+        ok = (isinstance(d, dict) and isinstance(d.get("path"), str)
+              and d.get("dtype") in _ST_CODES and isinstance(d.get("shape"), list)
+              and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                      for n in d["shape"])
+              and d.get("kind") in ("array", "key", "int", "float", "bool"))
+        if not ok:
+            raise _fail(path, f"malformed leaf description {d!r}")
+        if d["path"] in seen:
+            raise _fail(path, f"leaf '{d['path']}' is described twice")
+        seen.add(d["path"])
+    if not isinstance(doc.get("metadata", {}), dict):
+        raise _fail(path, "metadata is not a JSON object")
+    return leaves
+
+
+def _parse_header(path: str, raw: bytes) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file."""
+    if len(raw) < 8:
+        raise _fail(path, f"is truncated ({len(raw)} bytes; not even the 8-byte length prefix)")
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    if hlen > len(raw) - 8:
+        raise _fail(path, f"is truncated or not a safetensors file (the header length says "
+                          f"{hlen} bytes, the file has {len(raw) - 8} after the prefix)")
+    try:
+        header = json.loads(raw[8 : 8 + hlen].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _fail(path, f"header is not valid JSON, the file is corrupt ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise _fail(path, "header has no __metadata__: not written by fdl")
+    return header, 8 + hlen
+
+
+def _read_safetensors(path: str) -> tuple[dict, list[np.ndarray]]:
+    raw = _read_bytes(path)
+    header, start = _parse_header(path, raw)
+    meta = header["__metadata__"]
+    if "fdl" not in meta:
+        raise _fail(path, "header has no fdl tree description: not written by fdl")
+    sha = meta.get("fdl_sha256")
+    if sha is not None:  # version 2: the checksum covers the whole file
+        if raw[8:_SHA_AT] != _SHA_PREFIX:
+            raise _fail(path, "is corrupt: the checksum is not where fdl writes it")
+        got = _file_sha(raw)
+        if got != sha:
+            raise _fail(path, f"is corrupt: checksum mismatch (expected sha256 {sha}, got {got})")
+    try:
+        doc = json.loads(meta["fdl"])
+    except (ValueError, TypeError) as e:
+        raise _fail(path, f"tree description is not valid JSON ({e})") from None
+    leaves = _check_leaves(path, doc)
+    if sha is None and doc.get("version", 1) != 1:
+        raise _fail(path, "has no checksum (a version-2 checkpoint always has one)")
+    data = memoryview(raw)[start:]
+    extra = set(header) - {"__metadata__"} - {d["path"] for d in leaves}
+    if extra:
+        raise _fail(path, f"tensors {sorted(extra)} are in the header but not in the tree "
+                          "description")
+    arrays, end_prev = [], 0
+    for d in leaves:
+        arrays.append(_tensor(path, header.get(d["path"]), d, data, end_prev))
+        end_prev = header[d["path"]]["data_offsets"][1]
+    if end_prev != len(data):
+        raise _fail(path, f"has {len(data) - end_prev} bytes after the last tensor (expected "
+                          f"{end_prev} data bytes, found {len(data)})")
+    if sha is None:
+        _check_v1_sum(path, doc, arrays)
+    return doc, arrays
+
+
+def _tensor(path: str, entry: Any, d: dict, data: memoryview, start: int) -> np.ndarray:
+    """The tensor ``d`` describes, after checking its header ``entry`` agrees with ``d``."""
+    name = d["path"]
+    if not isinstance(entry, dict):
+        raise _fail(path, f"tensor '{name}' is missing from the header")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype != _ST_CODES[d["dtype"]]:
+        raise _fail(path, f"tensor '{name}' has dtype {dtype!r} in the header but "
+                          f"{d['dtype']} in the tree description")
+    if shape != d["shape"]:
+        raise _fail(path, f"tensor '{name}' has shape {shape!r} in the header but "
+                          f"{d['shape']} in the tree description")
+    itemsize = np.dtype(jnp.dtype(d["dtype"])).itemsize
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if offsets != [start, start + nbytes]:
+        raise _fail(path, f"tensor '{name}' has data offsets {offsets!r}, expected "
+                          f"{[start, start + nbytes]} ({d['dtype']} {tuple(shape)})")
+    if start + nbytes > len(data):
+        raise _fail(path, f"is truncated at tensor '{name}' (needs bytes up to "
+                          f"{start + nbytes}, the data section has {len(data)})")
+    return np.frombuffer(data[start : start + nbytes], dtype=jnp.dtype(d["dtype"])).reshape(
+        shape)
+
+
+def _check_v1_sum(path: str, doc: dict, arrays: list[np.ndarray]) -> None:
     h = hashlib.sha256()
     for a in arrays:
         h.update(a.tobytes())
     if h.hexdigest() != doc.get("sha256"):
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupt: data checksum mismatch (expected sha256 "
-            f"{doc.get('sha256')}, got {h.hexdigest()})"
-        )
+        raise _fail(path, f"is corrupt: data checksum mismatch (expected sha256 "
+                          f"{doc.get('sha256')}, got {h.hexdigest()})")
+
+
+def _read_npz(path: str) -> tuple[dict, list[np.ndarray]]:
+    raw = _read_bytes(path)
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        text = bytes(z["__fdl__"])
+        sha = bytes(z["__fdl_sha256__"]).decode("ascii") if "__fdl_sha256__" in z.files else None
+        doc = json.loads(text.decode("utf-8"))
+        leaves = _check_leaves(path, doc)
+        arrays = []
+        for i, d in enumerate(leaves):
+            a = np.array(z[f"t{i}"])
+            want = np.dtype(jnp.dtype(d["dtype"]))
+            if a.dtype != want and a.dtype.kind == "V" and a.dtype.itemsize == want.itemsize:
+                a = a.view(want)  # e.g. bfloat16 comes back as raw void bytes
+            if a.dtype != want or list(a.shape) != d["shape"]:
+                raise _fail(path, f"tensor '{d['path']}' is {a.dtype} {a.shape}, the tree "
+                                  f"description says {d['dtype']} {tuple(d['shape'])}")
+            arrays.append(a)
+    if sha is None:
+        if doc.get("version", 1) != 1:
+            raise _fail(path, "has no checksum (a version-2 checkpoint always has one)")
+        _check_v1_sum(path, doc, arrays)
+    else:
+        h = hashlib.sha256(text)
+        for a in arrays:
+            h.update(a.tobytes())
+        if h.hexdigest() != sha:
+            raise _fail(path, f"is corrupt: checksum mismatch (expected sha256 {sha}, got "
+                              f"{h.hexdigest()})")
     return doc, arrays
 
 
-def _restore_leaf(desc: dict, a: np.ndarray):
+def _read(path: str) -> tuple[dict, list[np.ndarray]]:
+    """``(tree description, arrays)`` of a verified checkpoint; :class:`CheckpointError` (or
+    ``FileNotFoundError``) naming ``path`` for anything else."""
+    try:
+        if path.endswith(".npz"):
+            return _read_npz(path)
+        return _read_safetensors(path)
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except _PARSE_ERRORS as e:
+        raise _fail(path, f"is corrupt or not written by fdl ({type(e).__name__}: {e})"
+                    ) from None
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` (``FileNotFoundError`` if absent) unless ``path`` is an
+    intact checkpoint: checksum, header and tree description all agree."""
+    _read(os.fspath(path))
+
+
+def _restore_leaf(path: str, desc: dict, a: np.ndarray):
     kind = desc["kind"]
+    if kind in ("int", "float", "bool") and a.shape != ():
+        raise _fail(path, f"leaf '{desc['path']}' is a Python {kind} but has shape {a.shape}")
     if kind == "key":
-        return jax.random.wrap_key_data(jnp.asarray(a), impl=desc["impl"])
+        try:
+            return jax.random.wrap_key_data(jnp.asarray(a), impl=desc.get("impl"))
+        except (ValueError, TypeError, KeyError) as e:
+            raise _fail(path, f"PRNG key '{desc['path']}' cannot be restored ({e})") from None
     if kind == "int":
         return int(a)
     if kind == "float":
@@ -307,15 +469,19 @@ def _restore_leaf(desc: dict, a: np.ndarray):
     return jnp.asarray(a)
 
 
-def _unflatten_nested(items: list[tuple[str, Any]]) -> Any:
+def _unflatten_nested(path: str, items: list[tuple[str, Any]]) -> Any:
     if len(items) == 1 and items[0][0] == _ROOT:
         return items[0][1]
     out: dict[str, Any] = {}
-    for path, leaf in items:
+    for name, leaf in items:
         node = out
-        parts = path.split("/")
+        parts = name.split("/")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise _fail(path, f"leaf paths collide at '{name}'")
+        if parts[-1] in node:
+            raise _fail(path, f"leaf paths collide at '{name}'")
         node[parts[-1]] = leaf
     return out
 
@@ -333,35 +499,15 @@ def _template_desc(leaf) -> tuple[tuple[int, ...], str, str]:
     return tuple(getattr(leaf, "shape", np.shape(leaf))), _dtype_name(leaf.dtype), "array"
 
 
-def load(path: str | os.PathLike, template: Any = None, *, partial: bool = False) -> Any:
-    """Load a checkpoint written by :func:`save`.
-
-    Without ``template``: a nested dict ``{name: ...}`` following the saved paths (NamedTuples
-    and lists come back as dicts keyed by field name / index). With ``template`` (a pytree of
-    arrays or ``jax.ShapeDtypeStruct`` of the expected structure, e.g. freshly initialised
-    params): the same pytree structure filled with the saved values, after checking that the
-    set of paths, every shape and every dtype agree; on any mismatch raise
-    :class:`CheckpointError` listing each mismatching path. ``partial=True`` ignores saved
-    paths the template lacks (e.g. load only ``{"params", "state"}`` of a training checkpoint).
-    """
-    path = os.fspath(path)
-    doc, arrays = _read(path)
-    saved = {d["path"]: (d, a) for d, a in zip(doc["leaves"], arrays, strict=True)}
-    if template is None:
-        return _unflatten_nested([(d["path"], _restore_leaf(d, a)) for d, a in saved.values()])
-
-    tflat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    tpaths = ["/".join(_key_str(k) for k in p) or _ROOT for p, _ in tflat]
-    problems = []
-    for p in tpaths:
-        if p not in saved:
-            problems.append(f"  {p}: in the template but missing from the checkpoint")
-    tset = set(tpaths)
-    for p in saved:
-        if p not in tset and not partial:
-            problems.append(f"  {p}: in the checkpoint but not in the template")
-    leaves = []
-    for p, (_, tleaf) in zip(tpaths, tflat, strict=True):
+def _template_problems(saved: dict, tpaths: list[str], tleaves: list, partial: bool):
+    """Lines naming every difference between the template and the tensors read."""
+    problems = [f"  {p}: in the template but missing from the checkpoint"
+                for p in tpaths if p not in saved]
+    if not partial:
+        tset = set(tpaths)
+        problems += [f"  {p}: in the checkpoint but not in the template"
+                     for p in saved if p not in tset]
+    for p, tleaf in zip(tpaths, tleaves, strict=True):
         if p not in saved:
             continue
         d, a = saved[p]
@@ -369,21 +515,49 @@ def load(path: str | os.PathLike, template: Any = None, *, partial: bool = False
         if kind == "key" and d["kind"] != "key":
             problems.append(f"  {p}: template expects a PRNG key, checkpoint has an array")
             continue
-        if tuple(d["shape"]) != shape:
-            problems.append(f"  {p}: shape {tuple(d['shape'])} in checkpoint, template {shape}")
-        if kind in ("array", "key") and d["dtype"] != dtype:
-            problems.append(f"  {p}: dtype {d['dtype']} in checkpoint, template {dtype}")
-        leaves.append(_restore_leaf(d, a))
+        if kind != "key" and d["kind"] == "key":
+            problems.append(f"  {p}: checkpoint has a PRNG key, template expects {kind}")
+            continue
+        if tuple(a.shape) != shape:
+            problems.append(f"  {p}: shape {tuple(a.shape)} in checkpoint, template {shape}")
+        if kind in ("array", "key") and a.dtype.name != dtype:
+            problems.append(f"  {p}: dtype {a.dtype.name} in checkpoint, template {dtype}")
+    return problems
+
+
+def load(path: str | os.PathLike, template: Any = None, *, partial: bool = False) -> Any:
+    """Load a checkpoint written by :func:`save`.
+
+    Without ``template``: a nested dict ``{name: ...}`` following the saved paths (NamedTuples
+    and lists come back as dicts keyed by field name / index). With ``template`` (a pytree of
+    arrays or ``jax.ShapeDtypeStruct`` of the expected structure, e.g. freshly initialised
+    params): the same pytree structure filled with the saved values, after checking that the
+    set of paths, and the shape and dtype of every tensor read, agree with it; on any mismatch
+    raise :class:`CheckpointError` listing each mismatching path. ``partial=True`` ignores
+    saved paths the template lacks (e.g. load only ``{"params", "state"}`` of a training
+    checkpoint). A corrupt or malformed file raises :class:`CheckpointError` naming it.
+    """
+    path = os.fspath(path)
+    doc, arrays = _read(path)
+    saved = {d["path"]: (d, a) for d, a in zip(doc["leaves"], arrays, strict=True)}
+    if template is None:
+        return _unflatten_nested(
+            path, [(d["path"], _restore_leaf(path, d, a)) for d, a in saved.values()])
+
+    tflat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    tpaths = ["/".join(_key_str(k) for k in p) or _ROOT for p, _ in tflat]
+    problems = _template_problems(saved, tpaths, [leaf for _, leaf in tflat], partial)
     if problems:
         raise CheckpointError(
             f"checkpoint '{path}' does not match the template ({len(problems)} problem(s); "
             "was it written by a different model or configuration?):\n" + "\n".join(problems)
         )
+    leaves = [_restore_leaf(path, *saved[p]) for p in tpaths]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``metadata`` dict stored by :func:`save` (checksum verified)."""
+    """The ``metadata`` dict stored by :func:`save` (the file is verified first)."""
     doc, _ = _read(os.fspath(path))
     return doc.get("metadata", {})
 
@@ -407,20 +581,45 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 def latest(directory: str | os.PathLike) -> str | None:
-    """Path of the newest checkpoint in ``directory`` (highest step), or ``None``."""
+    """Path of the newest checkpoint in ``directory`` (highest step), or ``None``; not
+    verified (see :func:`latest_valid`)."""
     ckpts = list_checkpoints(directory)
     return ckpts[-1][1] if ckpts else None
+
+
+def _warn_skipped(path: str, reason: str) -> None:
+    warnings.warn(f"skipped a checkpoint that does not verify: {reason}", RuntimeWarning,
+                  stacklevel=3)
+
+
+def latest_valid(directory: str | os.PathLike,
+                 on_skip: Callable[[str, str], None] | None = None) -> str | None:
+    """Path of the newest checkpoint in ``directory`` that verifies (:func:`verify`), or
+    ``None`` if there is none. Every newer one that fails is reported with
+    ``on_skip(path, reason)`` (default: a ``RuntimeWarning``)."""
+    on_skip = on_skip or _warn_skipped
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            verify(path)
+        except (CheckpointError, OSError) as e:
+            on_skip(path, str(e))
+            continue
+        return path
+    return None
 
 
 class CheckpointManager:
     """Numbered checkpoints ``<directory>/ckpt_<step>.safetensors``, keeping the last ``keep``.
 
-    ``save(step, tree, metadata)`` writes atomically, then deletes the oldest beyond ``keep``;
-    ``latest()`` / ``restore(template)`` return the newest.
+    ``save(step, tree, metadata)`` writes atomically, then deletes the oldest checkpoints
+    beyond ``keep`` among those with a *lower* step than the one just written: a checkpoint
+    with a higher step (left by another run in the same directory) is never counted against
+    ``keep``, so the run that is writing never loses its own checkpoints. ``latest()`` is the
+    newest file, ``latest_valid()`` the newest that verifies, ``restore(template)`` loads it.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, suffix: str = ".safetensors"):
-        if not isinstance(keep, int) or keep < 1:
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"CheckpointManager: keep must be an integer >= 1, got {keep!r}")
         if suffix not in (".safetensors", ".npz"):
             raise ValueError(f"suffix must be '.safetensors' or '.npz', got {suffix!r}")
@@ -433,7 +632,8 @@ class CheckpointManager:
 
     def save(self, step: int, tree: Any, metadata: dict[str, Any] | None = None) -> str:
         path = save(self.path_for(step), tree, metadata)
-        for _, old in list_checkpoints(self.directory)[: -self.keep]:
+        older = [p for s, p in list_checkpoints(self.directory) if s < int(step)]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             with contextlib.suppress(OSError):
                 os.remove(old)
         return path
@@ -441,11 +641,16 @@ class CheckpointManager:
     def latest(self) -> str | None:
         return latest(self.directory)
 
+    def latest_valid(self, on_skip: Callable[[str, str], None] | None = None) -> str | None:
+        return latest_valid(self.directory, on_skip)
+
     def all(self) -> list[tuple[int, str]]:
         return list_checkpoints(self.directory)
 
     def restore(self, template: Any = None) -> Any:
-        path = self.latest()
+        """Load the newest checkpoint that verifies (warning about newer ones skipped)."""
+        path = self.latest_valid()
         if path is None:
-            raise FileNotFoundError(f"no checkpoint (ckpt_<step>.*) in '{self.directory}'")
+            raise FileNotFoundError(f"no intact checkpoint (ckpt_<step>.*) in "
+                                    f"'{self.directory}'")
         return load(path, template)
