@@ -20,12 +20,13 @@ from fdl.nn.activation import (
 )
 from fdl.nn.attention import (
     additive_attention,
+    attention_mask,
     causal_mask,
     combine_masks,
     dot_product_attention,
     masked_softmax,
-    multi_head_attention,
     padding_mask,
+    valid_lens_mask,
 )
 from fdl.nn.conv import conv1d, conv2d, conv_transpose2d
 from fdl.nn.core import (
@@ -58,6 +59,7 @@ from fdl.nn.losses import (
     softmax_cross_entropy,
     squared_error,
 )
+from fdl.nn.multi_head import init_kv_cache, multi_head_attention, self_attention
 from fdl.nn.norm import batch_norm, layer_norm
 from fdl.nn.pool import (
     adaptive_avg_pool2d,
@@ -100,8 +102,9 @@ __all__ += [  # convolution and pooling
 ]
 
 __all__ += [  # attention
-    "additive_attention", "causal_mask", "combine_masks", "dot_product_attention",
-    "masked_softmax", "multi_head_attention", "padding_mask",
+    "additive_attention", "attention_mask", "causal_mask", "combine_masks",
+    "dot_product_attention", "init_kv_cache", "masked_softmax", "multi_head_attention",
+    "padding_mask", "self_attention", "valid_lens_mask",
 ]
 
 __all__ += [  # recurrent

@@ -16,10 +16,10 @@ from fdl.nn.attention import (
     dot_product_attention,
     mask_fill_value,
     masked_softmax,
-    multi_head_attention,
     padding_mask,
 )
 from fdl.nn.core import ShapeError
+from fdl.nn.multi_head import multi_head_attention
 
 
 def np_softmax(x):
@@ -74,7 +74,7 @@ def test_fully_masked_row_is_zero_with_finite_gradient():
     # through attention: the output of a fully masked query is the zero vector
     q, k, v = (jnp.ones((1, 2, 3)), jnp.ones((1, 4, 3)), jnp.ones((1, 4, 5)))
     m = jnp.array([[[False] * 4, [True, False, False, False]]])
-    out, wts = dot_product_attention(q, k, v, m)
+    out, wts = dot_product_attention(q, k, v, mask=m)
     assert (np.asarray(out[0, 0]) == 0).all() and (np.asarray(wts[0, 0]) == 0).all()
     np.testing.assert_allclose(out[0, 1], 1.0)
 
@@ -143,7 +143,7 @@ def test_dot_product_attention_gradients(data):
     mask = padding_mask(jnp.array(vl), k_len)[:, None, :]
 
     def f(q, k, v):
-        return dot_product_attention(q, k, v, mask)[0]
+        return dot_product_attention(q, k, v, mask=mask)[0]
 
     ft.check_gradients(f, (q, k, v), order=2, modes=("rev",), dense_check_max_size=0)
 
@@ -155,7 +155,7 @@ def test_causal_attention_has_no_gradient_to_future():
     m = causal_mask(t)
     for i in range(t):
         def out_i(k, v, i=i):
-            return jnp.sum(dot_product_attention(q, k, v, m)[0][0, i])
+            return jnp.sum(dot_product_attention(q, k, v, mask=m)[0][0, i])
 
         gk, gv = jax.grad(out_i, argnums=(0, 1))(k, v)
         assert (np.asarray(gk[0, i + 1:]) == 0).all() and (np.asarray(gv[0, i + 1:]) == 0).all()
@@ -163,7 +163,7 @@ def test_causal_attention_has_no_gradient_to_future():
             assert np.abs(np.asarray(gv[0, : i + 1])).min() > 0
     # self-attention: output i does not depend on inputs after i
     def self_attn(x, i):
-        return jnp.sum(dot_product_attention(x, x, x, m)[0][0, i])
+        return jnp.sum(dot_product_attention(x, x, x, mask=m)[0][0, i])
 
     x = jnp.asarray(rng.normal(size=(1, t, 4)))
     for i in range(t):
@@ -176,11 +176,11 @@ def test_additive_attention_layer_d2l_example(key):
     layer = additive_attention(8, dropout=0.1)
     q, k = jnp.ones((2, 1, 20)), jnp.ones((2, 10, 2))
     v = jnp.tile(jnp.arange(40, dtype=jnp.float32).reshape(1, 10, 4), (2, 1, 1))
-    out_shape, params, state = layer.init(key, (q.shape, k.shape, v.shape, (2,)))
+    out_shape, params, state = layer.init(key, (q.shape, k.shape, v.shape))
     assert out_shape == ((2, 1, 4), (2, 1, 10))
     assert params["w_q"].shape == (20, 8) and params["w_k"].shape == (2, 8)
     assert params["w_v"].shape == (8,)
-    (out, w), _ = layer.apply(params, state, (q, k, v, jnp.array([2, 6])))
+    (out, w), _ = layer.apply(params, state, (q, k, v), valid_lens=jnp.array([2, 6]))
     # identical keys -> uniform weights over the valid ones
     np.testing.assert_allclose(w[0, 0, :2], 0.5, rtol=1e-6)
     np.testing.assert_allclose(w[1, 0, :6], 1 / 6, rtol=1e-6)
@@ -207,7 +207,7 @@ def test_additive_attention_gradients(data):
     mask = padding_mask(jnp.array([2, 3]), 3)[:, None, :]
 
     def f(p, q, k, v):
-        return additive_attention_apply(p, q, k, v, mask)[0]
+        return additive_attention_apply(p, q, k, v, mask=mask)[0]
 
     ft.check_gradients(jax.jit(f), (params, q, k, v), order=1, dense_check_max_size=0)
 
@@ -216,10 +216,10 @@ def test_multi_head_attention_shapes_and_masking(key):
     layer = multi_head_attention(5, 100)
     q, kv = jnp.ones((2, 4, 100)), jnp.ones((2, 6, 100))
     out_shape, params, state = layer.init(key, (q.shape, kv.shape, kv.shape))
-    (out, w), _ = layer.apply(params, state, (q, kv, kv, jnp.array([3, 2])))
+    (out, w), _ = layer.apply(params, state, (q, kv, kv), valid_lens=jnp.array([3, 2]))
     assert out.shape == out_shape[0] == (2, 4, 100) and w.shape == out_shape[1] == (2, 5, 4, 6)
     assert (np.asarray(w[0, ..., 3:]) == 0).all() and (np.asarray(w[1, ..., 2:]) == 0).all()
-    (out_c, w_c), _ = layer.apply(params, state, (kv, kv, kv, causal_mask(6)))
+    (out_c, w_c), _ = layer.apply(params, state, (kv, kv, kv), mask=causal_mask(6))
     assert (np.asarray(w_c[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]]) == 0).all()
     with pytest.raises(ValueError):
         multi_head_attention(3, 100)

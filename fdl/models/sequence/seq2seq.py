@@ -171,7 +171,7 @@ def _attend(params, carry, step_key, train, dropout):
     query = carry["h"][:, -1][:, None, :]  # (B, 1, H)
     enc = carry["enc_outputs"]
     mask = padding_mask(carry["enc_valid_len"], enc.shape[1])[:, None, :]
-    ctx, w = additive_attention_apply(params["attention"], query, enc, enc, mask,
+    ctx, w = additive_attention_apply(params["attention"], query, enc, enc, mask=mask,
                                       dropout_rate=dropout, key=step_key, train=train)
     return ctx[:, 0], w[:, 0]
 
