@@ -47,7 +47,7 @@ from fdl.nn.core import (
     summary,
 )
 from fdl.nn.dropout import dropout
-from fdl.nn.embedding import embedding
+from fdl.nn.embedding import attend_embedding, embedding
 from fdl.nn.linear import dense, flatten
 from fdl.nn.losses import (
     huber_loss,
@@ -91,7 +91,8 @@ __all__ = [
 ]
 
 __all__ += [  # normalisation, dropout, embedding, losses
-    "batch_norm", "dropout", "embedding", "huber_loss", "kl_divergence", "l1_loss", "layer_norm",
+    "attend_embedding", "batch_norm", "dropout", "embedding", "huber_loss", "kl_divergence",
+    "l1_loss", "layer_norm",
     "losses", "multiclass_hinge_loss", "sigmoid_binary_cross_entropy", "smooth_l1_loss",
     "softmax_cross_entropy", "squared_error",
 ]

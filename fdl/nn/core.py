@@ -86,8 +86,16 @@ class Layer:
     children: tuple[tuple[str, Layer], ...] = ()
     config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
-    def __call__(self, params: Params, state: State, x: Any, *, key=None, train: bool = False):
-        return self.apply(params, state, x, key=key, train=train)
+    def __post_init__(self):
+        # A composite (a layer with declared children) opens a scope for its children's
+        # ``shared(...)`` ties: see :func:`shared`.
+        if self.children and not getattr(self.init, "_fdl_scoped", False):
+            object.__setattr__(self, "init", _scoped_init(self.init, self.children))
+            object.__setattr__(self, "apply", _scoped_apply(self.apply, self.children))
+
+    def __call__(self, params: Params, state: State, x: Any, *, key=None, train: bool = False,
+                 **kwargs):
+        return self.apply(params, state, x, key=key, train=train, **kwargs)
 
     def init_params(self, key, in_shape: Shape) -> tuple[Params, State]:
         """Convenience: ``init`` without the output shape."""
@@ -131,16 +139,18 @@ def init_child(name: str, layer: Layer, key, in_shape: Shape):
         raise
     finally:
         _path_stack.pop()
+    _record_init(name, layer, params, state)
     if row is not None:
         path, lname, _, _ = _summary_stack[-1][row]
         _summary_stack[-1][row] = (path, lname, out_shape, _num_params(params))
     return out_shape, params, state
 
 
-def apply_child(name: str, layer: Layer, params, state, x, *, key=None, train=False):
-    """Apply a child layer, prefixing any :class:`ShapeError` with ``name``."""
+def apply_child(name: str, layer: Layer, params, state, x, *, key=None, train=False, **kwargs):
+    """Apply a child layer, prefixing any :class:`ShapeError` with ``name``. Extra keyword
+    arguments (e.g. attention masks) are passed to the child's ``apply``."""
     try:
-        return layer.apply(params, state, x, key=key, train=train)
+        return layer.apply(params, state, x, key=key, train=train, **kwargs)
     except ShapeError as e:
         raise e.with_prefix(name) from None
 
@@ -203,23 +213,136 @@ def _normalise_children(layers: Sequence[Any]) -> tuple[tuple[str, Layer], ...]:
 @dataclasses.dataclass(frozen=True)
 class _SharedRef:
     target: str
+    via: Layer | None = None
 
 
-def shared(target: str) -> Layer:
-    """A child that reuses the params (and state) of an earlier sibling named ``target``.
+@dataclasses.dataclass
+class _Scope:
+    """The children of a composite and their params/state while it runs ``init``/``apply``."""
 
-    Inside :func:`serial`, ``serial(("fc", dense(8)), ("act", relu()), ("fc_again",
-    shared("fc")))`` applies the same ``fc`` weights twice (Gluon's ``params=`` sharing).
-    The shared child owns no params; gradients from both uses add up in ``params["fc"]``.
+    children: dict[str, Layer]
+    params: dict
+    state: dict
+    done: set[str]  # children initialised so far (init) / all of them (apply)
+
+
+_scope_stack: list[_Scope] = []
+
+
+def _scoped_init(init: InitFn, children) -> InitFn:
+    kids = dict(children)
+
+    def scoped(key, in_shape):
+        _scope_stack.append(_Scope(kids, {}, {}, set()))
+        try:
+            return init(key, in_shape)
+        finally:
+            _scope_stack.pop()
+
+    scoped._fdl_scoped = True  # type: ignore[attr-defined]
+    return scoped
+
+
+def _scoped_apply(apply: ApplyFn, children) -> ApplyFn:
+    kids = dict(children)
+
+    def scoped(params, state, x, **kwargs):
+        _scope_stack.append(_Scope(kids, params or {}, state or {}, set(kids)))
+        try:
+            return apply(params, state, x, **kwargs)
+        finally:
+            _scope_stack.pop()
+
+    scoped._fdl_scoped = True  # type: ignore[attr-defined]
+    return scoped
+
+
+def _record_init(name: str, layer: Layer, params, state) -> None:
+    """Make a just-initialised child visible to later ``shared`` siblings (and their children)."""
+    if _scope_stack:
+        scope = _scope_stack[-1]
+        if scope.children.get(name) is layer:
+            scope.done.add(name)
+            if params:
+                scope.params[name] = params
+            if state:
+                scope.state[name] = state
+
+
+def _resolve_shared(target: str) -> tuple[Layer, Any, Any]:
+    """The layer at ``target`` (``"a"`` or ``"a/b/c"``) and its params and state, looked up in
+    the innermost enclosing composite that has a child named ``a``."""
+    first, *rest = target.split("/")
+    for scope in reversed(_scope_stack):
+        layer = scope.children.get(first)
+        if layer is None or _shared_target(layer) is not None:
+            continue
+        if first not in scope.done:
+            raise ValueError(f"shared({target!r}): {first!r} is initialised after the tie; put "
+                             "the owner first (in init order)")
+        params, state = scope.params.get(first, {}), scope.state.get(first, {})
+        for i, part in enumerate(rest):
+            kids = dict(layer.children)
+            if part not in kids:
+                where = "/".join([first, *rest[:i]])
+                raise ValueError(f"shared({target!r}): {layer.name} {where!r} has no child "
+                                 f"{part!r}; its children are {sorted(kids)}")
+            layer, params, state = kids[part], params.get(part, {}), state.get(part, {})
+        return layer, params, state
+    raise ValueError(f"shared({target!r}): no earlier sibling or child of an enclosing "
+                     f"combinator named {first!r}")
+
+
+def shared(target: str, layer: Layer | None = None) -> Layer:
+    """A tie: a child that reuses the params (and state) of the layer at ``target``.
+
+    ``target`` names an earlier sibling (``"fc"``) or a path below a child of any enclosing
+    composite (``"embeddings/token"``), found in the innermost composite that has a child of
+    that first name. Works in every composite that declares its ``children`` (``serial``,
+    ``parallel``, ``residual``, the models). ``serial(("fc", dense(8)), ("act", relu()),
+    ("fc_again", shared("fc")))`` applies the same ``fc`` weights twice (Gluon's ``params=``
+    sharing). With ``layer``, that layer's ``apply`` runs on the target's params instead of the
+    target's own: ``shared("embeddings/token", attend_embedding())`` is an output projection
+    tied to an embedding table (BERT's MLM decoder).
+
+    The tie owns no params; gradients from every use add up in the owner's params. The owner
+    must be initialised before the tie. A stateful owner can be shared only with a sibling in
+    ``serial`` (which threads the state back to the owner); elsewhere its state is refused.
     """
+    if not isinstance(target, str) or not target or any(not p for p in target.split("/")):
+        raise ValueError(f"shared: target must be a child name or path 'a/b', got {target!r}")
+    if layer is not None and not isinstance(layer, Layer):
+        raise TypeError(f"shared: layer must be a Layer or None, got {layer!r}")
 
-    def init(key, in_shape):  # pragma: no cover - serial handles shared children
-        raise TypeError("shared(...) must be used as a child of serial(...)")
+    def resolve():
+        owner, p, st = _resolve_shared(target)
+        if st:
+            raise ValueError(f"shared({target!r}): the owner has state; a stateful layer can "
+                             "only be shared with an earlier sibling inside serial(...)")
+        return (layer or owner), p, st
 
-    def apply(params, state, x, *, key=None, train=False):  # pragma: no cover
-        raise TypeError("shared(...) must be used as a child of serial(...)")
+    def init(key, in_shape):
+        real, p, st = resolve()
+        if layer is None:
+            box = {}
 
-    return Layer(init, apply, name="shared", config={"target": target, "_ref": _SharedRef(target)})
+            def shape_only(k):
+                box["out"], pp, ss = real.init(k, tuple(in_shape))
+                return pp, ss
+
+            jax.eval_shape(shape_only, key)
+            return box["out"], {}, {}
+        x = jax.ShapeDtypeStruct(tuple(in_shape), jnp.float32)
+        out = jax.eval_shape(lambda pp, xx: real.apply(pp, st, xx)[0], p, x)
+        return jax.tree_util.tree_map(lambda a: tuple(a.shape), out), {}, {}
+
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
+        real, p, st = resolve()
+        y, _ = real.apply(p, st, x, key=key, train=train, **kwargs)
+        return y, state
+
+    return Layer(init, apply, name="shared",
+                 config={"target": target, "_ref": _SharedRef(target, layer)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +367,14 @@ def _shared_target(layer: Layer) -> str | None:
     return ref.target if isinstance(ref, _SharedRef) else None
 
 
+def _sibling_owner(layer: Layer, earlier: dict[str, Layer]) -> str | None:
+    """``serial``'s own handling: a plain tie (no ``layer``) to an earlier sibling."""
+    target = _shared_target(layer)
+    if target is None or layer.config["_ref"].via is not None or target not in earlier:
+        return None
+    return target if _shared_target(earlier[target]) is None else None
+
+
 # ----------------------------------------------------------------------------- combinators
 
 
@@ -256,20 +387,20 @@ def serial(*layers: Any) -> Layer:
     ):
         layers = tuple(layers[0])
     children = _normalise_children(layers)
+    owners: dict[str, str | None] = {}
+    for i, (name, layer) in enumerate(children):
+        earlier = dict(children[:i])
+        owners[name] = _sibling_owner(layer, earlier)
+        target = _shared_target(layer)
+        if target is not None and owners[name] is None and "/" not in target and any(
+                n == target for n, _ in children[i:]):
+            raise ValueError(f"shared({target!r}) in serial: no earlier sibling named "
+                             f"{target!r} (it comes later)")
     by_name = dict(children)
 
     def resolve(name: str, layer: Layer) -> tuple[str, Layer]:
-        target = _shared_target(layer)
-        if target is None:
-            return name, layer
-        if target not in by_name or _shared_target(by_name[target]) is not None:
-            raise ValueError(f"shared({target!r}): no earlier sibling named {target!r}")
-        return target, by_name[target]
-
-    for i, (_name, layer) in enumerate(children):
-        target = _shared_target(layer)
-        if target is not None and target not in [n for n, _ in children[:i]]:
-            raise ValueError(f"shared({target!r}) in serial: no earlier sibling named {target!r}")
+        owner = owners[name]
+        return (name, layer) if owner is None else (owner, by_name[owner])
 
     def init(key, in_shape):
         params, state = {}, {}

@@ -9,7 +9,7 @@ import numpy as np
 from fdl.nn import initializers as inits
 from fdl.nn.core import Layer, ShapeError, check_positive_int
 
-__all__ = ["embedding"]
+__all__ = ["embedding", "attend_embedding"]
 
 
 def embedding(
@@ -63,3 +63,26 @@ def embedding(
         init, apply, name="embedding",
         config={"num_embeddings": num_embeddings, "features": features},
     )
+
+
+def attend_embedding() -> Layer:
+    """Logits against an embedding table: ``x (..., features) -> x @ table.T (..., num)``.
+
+    Meant as a tie, ``nn.shared("embed", nn.attend_embedding())``: the output projection reuses
+    the embedding's ``{"table": (num_embeddings, features)}`` (weight tying, as BERT's MLM
+    decoder and tied language models do; Flax's ``Embed.attend``). Used alone it owns nothing
+    and needs a table passed as its params.
+    """
+
+    def init(key, in_shape):  # pragma: no cover - only meaningful as a tie
+        raise ShapeError("attend_embedding", "use it as nn.shared(<embedding path>, "
+                         "nn.attend_embedding()): it has no table of its own")
+
+    def apply(params, state, x, *, key=None, train=False):
+        table = params["table"]
+        if x.shape[-1] != table.shape[1]:
+            raise ShapeError("attend_embedding",
+                             f"expected input (..., {table.shape[1]}), got shape {x.shape}")
+        return x @ table.T.astype(x.dtype), state
+
+    return Layer(init, apply, name="attend_embedding")
