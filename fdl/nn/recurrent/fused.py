@@ -1,0 +1,261 @@
+"""One direction of one built-in layer (input projection + recurrence) under a single
+hand-written VJP: :func:`fused_direction`, with the XLA time loops of the RNN, GRU and LSTM.
+
+The float32 LSTM/GRU loops may instead run in the native C++ extension
+(:mod:`fdl.nn.recurrent.native`) or through oneDNN's RNN primitives
+(:mod:`fdl.nn.recurrent.onednn`); :func:`fused_direction` dispatches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fdl.nn.recurrent.cells import CELL_GATES, CELLS, project_inputs
+from fdl.nn.recurrent.native import (
+    gru_native_backward,
+    gru_native_forward,
+    lstm_native_backward,
+    lstm_native_forward,
+    use_native,
+)
+from fdl.nn.recurrent.onednn import onednn_workspace_bytes, rnn_onednn
+from fdl.nn.recurrent.scan import scan_cell
+
+__all__ = ["fused_direction"]
+
+# ----------------------------------------------------------------------------- fused direction
+#
+# ``fused_direction``: one direction of one layer (input projection + recurrence) under a single
+# custom VJP. What it does differently from differentiating ``scan_cell`` (see
+# docs/results/sequence_lm.md, "Step time (2026-11-29)", for what each part gained):
+#
+# - forward: the projection ``x @ w_ih + b`` for all steps is one matmul; the scan carries that
+#   (T, B, G*H) buffer and overwrites step t with the activated gates in place (no second
+#   (T, B, G*H) buffer, no zero-fill); the LSTM's four activations are one ``tanh`` over the
+#   whole gate row (``sigmoid(x) = (tanh(x/2) + 1)/2``), so no slice/concatenate per step;
+# - backward: the reverse loop computes only the gate gradients and ``dgates @ w_hh.T``; the
+#   gradients of ``w_hh``, ``w_ih`` and both biases are one matmul (sum) over all T*B rows after
+#   the loop, written as plain ``(K, T*B) @ (T*B, G*H)`` products (the native LSTM/GRU loops
+#   instead accumulate them on a helper thread while the loop runs, unless
+#   ``FDL_RNN_OVERLAP_DW=0``).
+
+
+def _gate_vec(n_h: int, values, dtype) -> jax.Array:
+    """A (len(values)*n_h,) vector: ``values[k]`` repeated over gate block k."""
+    return jnp.concatenate([jnp.full((n_h,), v, dtype) for v in values])
+
+
+def _lstm_dir_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
+    t_len, batch, _ = xs.shape
+    n_h = w_hh.shape[0]
+    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, 4 * n_h)
+    # a = tanh(z * s) * s + o  gives sigmoid for i, f, o (s = o = 1/2) and tanh for g (s=1, o=0)
+    scale = _gate_vec(n_h, (0.5, 0.5, 1.0, 0.5), xp.dtype)
+    offset = _gate_vec(n_h, (0.5, 0.5, 0.0, 0.5), xp.dtype)
+
+    def step(carry, t):
+        h, c, buf = carry
+        z = lax.dynamic_index_in_dim(buf, t, 0, keepdims=False) + h @ w_hh
+        a = jnp.tanh(z * scale) * scale + offset
+        i, f, g, o = a[:, :n_h], a[:, n_h : 2 * n_h], a[:, 2 * n_h : 3 * n_h], a[:, 3 * n_h :]
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        return (h, c, lax.dynamic_update_index_in_dim(buf, a, t, 0)), (h, c)
+
+    (h, c, acts), (ys, cs) = lax.scan(step, (h0, c0, xp), jnp.arange(t_len), unroll=unroll)
+    return (h, c), ys, (acts, cs)
+
+
+def _lstm_dir_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys):
+    acts, cs = aux
+    n_h = w_hh.shape[0]
+    w_t = w_hh.T
+    # d a / d z over the gate row: a(1 - a) for the sigmoid gates, 1 - a^2 for g
+    m_const = _gate_vec(n_h, (0.0, 0.0, 1.0, 0.0), acts.dtype)
+    m_lin = _gate_vec(n_h, (1.0, 1.0, 0.0, 1.0), acts.dtype)
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], 0)
+
+    def step(carry, inp):
+        dh, dc = carry
+        dy, a, ct, cp = inp
+        i, f, g, o = a[:, :n_h], a[:, n_h : 2 * n_h], a[:, 2 * n_h : 3 * n_h], a[:, 3 * n_h :]
+        dh = dh + dy
+        tc = jnp.tanh(ct)
+        dc = dc + dh * o * (1 - tc * tc)
+        u = jnp.concatenate([dc, dc, dc, dh], -1)
+        v = jnp.concatenate([g, cp, i, tc], -1)
+        dg = u * v * (m_const + a * (m_lin - a))
+        return (dg @ w_t, dc * f), dg
+
+    d0, dg = lax.scan(step, tuple(d_carry), (d_ys, acts, cs, c_prev), reverse=True,
+                      unroll=unroll)
+    return d0, dg, dg
+
+
+def _gru_dir_forward(unroll, w_ih, w_hh, b_ih, b_hh, xs, h0):
+    t_len, batch, _ = xs.shape
+    n_h = w_hh.shape[0]
+    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b_ih).reshape(t_len, batch, 3 * n_h)
+
+    def step(carry, t):
+        h, buf = carry
+        x = lax.dynamic_index_in_dim(buf, t, 0, keepdims=False)
+        hh = h @ w_hh + b_hh
+        rz = jnp.tanh((x[:, : 2 * n_h] + hh[:, : 2 * n_h]) * 0.5) * 0.5 + 0.5
+        r, z = rz[:, :n_h], rz[:, n_h:]
+        hn = hh[:, 2 * n_h :]
+        n = jnp.tanh(x[:, 2 * n_h :] + r * hn)
+        h = n + z * (h - n)
+        buf = lax.dynamic_update_index_in_dim(buf, jnp.concatenate([rz, n], -1), t, 0)
+        return (h, buf), (h, hn)
+
+    (h, acts), (ys, hns) = lax.scan(step, (h0, xp), jnp.arange(t_len), unroll=unroll)
+    return h, ys, (acts, hns)
+
+
+def _gru_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
+    acts, hns = aux
+    n_h = w_hh.shape[0]
+    w_t = w_hh.T
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], 0)
+
+    def step(dh, inp):
+        dy, a, hn, hp = inp
+        r, z, n = a[:, :n_h], a[:, n_h : 2 * n_h], a[:, 2 * n_h :]
+        dh = dh + dy
+        dan = dh * (1 - z) * (1 - n * n)
+        dar = dan * hn * r * (1 - r)
+        daz = dh * (hp - n) * z * (1 - z)
+        d_hh_t = jnp.concatenate([dar, daz, dan * r], -1)
+        return dh * z + d_hh_t @ w_t, jnp.concatenate([dar, daz, dan], -1)
+
+    d0, d_xp = lax.scan(step, d_h, (d_ys, acts, hns, h_prev), reverse=True, unroll=unroll)
+    # the recurrent gradient differs from the input one only in the candidate block (times r)
+    d_hh = jnp.concatenate([d_xp[..., : 2 * n_h], d_xp[..., 2 * n_h :] * acts[..., :n_h]], -1)
+    return d0, d_xp, d_hh
+
+
+def _rnn_dir_forward(unroll, w_ih, w_hh, b, xs, h0):
+    t_len, batch, _ = xs.shape
+    n_h = w_hh.shape[0]
+    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, n_h)
+
+    def step(h, x):
+        h = jnp.tanh(x + h @ w_hh)
+        return h, h
+
+    h, ys = lax.scan(step, h0, xp, unroll=unroll)
+    return h, ys, ()
+
+
+def _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
+    w_t = w_hh.T
+
+    def step(dh, inp):
+        dy, h = inp
+        da = (dh + dy) * (1 - h * h)
+        return da @ w_t, da
+
+    d0, da = lax.scan(step, d_h, (d_ys, ys), reverse=True, unroll=unroll)
+    return d0, da, da
+
+
+def _dir_forward(kind, unroll, native, params, xs, carry):
+    w_ih, w_hh, b_ih, b_hh = params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"]
+    if kind == "lstm":
+        fwd = lstm_native_forward if native else _lstm_dir_forward
+        return fwd(unroll, w_ih, w_hh, b_ih + b_hh, xs, carry[0], carry[1])
+    if kind == "gru":
+        fwd = gru_native_forward if native else _gru_dir_forward
+        return fwd(unroll, w_ih, w_hh, b_ih, b_hh, xs, carry)
+    return _rnn_dir_forward(unroll, w_ih, w_hh, b_ih + b_hh, xs, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_dir(kind, unroll, native, params, xs, carry):
+    carry, ys, _ = _dir_forward(kind, unroll, native, params, xs, carry)
+    return carry, ys
+
+
+def _fused_dir_fwd(kind, unroll, native, params, xs, carry):
+    carry_n, ys, aux = _dir_forward(kind, unroll, native, params, xs, carry)
+    return (carry_n, ys), (params, xs, carry, ys, aux)
+
+
+def _fused_dir_bwd(kind, unroll, native, res, cts):
+    params, xs, carry0, ys, aux = res
+    d_carry, d_ys = cts
+    w_ih, w_hh = params["w_ih"], params["w_hh"]
+    t_len, batch, n_in = xs.shape
+    n_h = w_hh.shape[0]
+    done = None  # weight/bias gradients the native backward already computed
+    if kind == "lstm":
+        h0 = carry0[0]
+        if native:
+            d0, d_xp, d_hh, *rest = lstm_native_backward(unroll, w_hh, h0, carry0[1], ys, aux,
+                                                          d_carry, d_ys, xs=xs)
+            done = rest[0] if rest else None
+        else:
+            d0, d_xp, d_hh = _lstm_dir_backward(unroll, w_hh, h0, carry0[1], ys, aux, d_carry,
+                                                d_ys)
+    elif kind == "gru":
+        h0 = carry0
+        if native:
+            d0, d_xp, d_hh, *rest = gru_native_backward(unroll, w_hh, h0, ys, aux, d_carry,
+                                                         d_ys, xs=xs)
+            done = rest[0] if rest else None
+        else:
+            d0, d_xp, d_hh = _gru_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
+    else:
+        h0 = carry0
+        d0, d_xp, d_hh = _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
+    rows = t_len * batch
+    d_xp2 = d_xp.reshape(rows, -1)
+    d_hh2 = d_hh.reshape(rows, -1)
+    # h_{t-1} for every step: h0 for t = 0, then ys[:-1] (split so no (T, B, H) concatenate)
+    if done is not None:
+        d_params = done
+    else:
+        d_w_hh = h0.T @ d_hh2[:batch] + ys[:-1].reshape(rows - batch, n_h).T @ d_hh2[batch:]
+        d_b_ih = jnp.sum(d_xp2, 0)
+        d_b_hh = jnp.sum(d_hh2, 0) if kind == "gru" else d_b_ih
+        d_params = {"w_ih": xs.reshape(rows, n_in).T @ d_xp2, "w_hh": d_w_hh, "b_ih": d_b_ih,
+                    "b_hh": d_b_hh}
+    d_xs = (d_xp2 @ w_ih.T).reshape(t_len, batch, n_in)
+    return d_params, d_xs, d0
+
+
+_fused_dir.defvjp(_fused_dir_fwd, _fused_dir_bwd)
+
+
+def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unroll: int = 1
+                    ) -> tuple[Any, jax.Array]:
+    """One direction of one layer -- the input projection and the recurrence of a built-in
+    cell (``kind`` in ``"rnn"``, ``"gru"``, ``"lstm"``) -- on time-major ``xs`` (T, B, in),
+    with a custom VJP (see the comment above). Same values as ``project_inputs`` +
+    :func:`scan_cell`. Returns ``(final_carry, ys (T, B, H))``. Reverse-mode only (no
+    ``jax.jvp``: use ``impl="scan"``). The float32 LSTM/GRU time loop runs in the native
+    extension unless ``FDL_RNN_BACKEND=xla``; with ``FDL_RNN_BACKEND=onednn`` the whole
+    direction runs through oneDNN's LSTM/GRU primitives (see :func:`rnn_backend`)."""
+    if kind not in CELL_GATES:
+        raise ValueError(f"fused_direction: kind must be one of {sorted(CELL_GATES)}, got "
+                         f"{kind!r}")
+    if kind == "lstm":
+        carry = tuple(carry)
+    params = {k: params[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")}
+    if xs.shape[0] == 0:
+        return scan_cell(CELLS[kind], params, project_inputs(kind, params, xs), carry)
+    dtypes = {jnp.result_type(a) for a in (*params.values(), xs,
+                                           *jax.tree_util.tree_leaves(carry))}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype is not None:
+        ws_bytes = onednn_workspace_bytes(kind, dtype, *xs.shape, params["w_hh"].shape[0])
+        if ws_bytes:
+            return rnn_onednn(kind, ws_bytes, params, xs, carry)
+    native = dtype is not None and use_native(kind, dtype)
+    return _fused_dir(kind, int(unroll), native, params, xs, carry)
