@@ -82,7 +82,12 @@ class ArrayLoader:
         dispatch already overlaps preparing the next batch with the running step and a thread
         would only compete for the cores.
       device_put: ``False`` yields NumPy arrays; ``True`` ``jax.device_put``s them, or pass a
-        ``jax.sharding.Sharding`` to place (e.g. batch-shard) each array.
+        ``jax.sharding.Sharding`` to place (e.g. batch-shard) each array. A sharding over the
+        devices of several processes (``fdl.parallel.batch_sharding(mesh)`` in a
+        ``jax.distributed`` run) makes each process gather only the rows of every global batch
+        that its devices hold and assemble the global array from them
+        (``fdl.parallel.global_batch``): every process builds the same global batches, in an
+        order that depends on ``(key, epoch)`` only, never on the process count.
       device_resident: let :func:`~fdl.train.fit` keep the whole dataset on the default device
         (copied once, on first use, and kept by the loader) and gather each batch inside its
         compiled step, instead of gathering on the host and transferring every batch. ``None``
@@ -216,27 +221,44 @@ class ArrayLoader:
 
     # ------------------------------------------------------------------ batches
     def _host_batch(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:
-        out = tuple(a[idx] for a in self.arrays)
+        """The batch of examples ``idx`` (padded), or, when ``device_put`` is a sharding over
+        several processes, only the rows of it that this process's devices hold."""
+        mask = None
         if self.last_batch == "pad":
-            m = len(idx)
             mask = np.zeros(self.batch_size, np.float32)
-            mask[:m] = 1.0
-            if m < self.batch_size:  # cycle the real examples (see the module docstring)
-                out = tuple(a[np.resize(idx, self.batch_size)] for a in self.arrays)
-            out = (*out, mask)
-        return out
+            mask[: len(idx)] = 1.0
+            if len(idx) < self.batch_size:  # cycle the real examples (see the module docstring)
+                idx = np.resize(idx, self.batch_size)
+        rows = self._process_rows(len(idx))
+        if rows is not None:
+            idx = idx[rows]
+            mask = None if mask is None else mask[rows]
+        out = tuple(a[idx] for a in self.arrays)
+        return out if mask is None else (*out, mask)
 
-    def _place(self, batch):
+    def _process_rows(self, n: int):
+        """Rows of an ``n``-row batch this process loads (``None``: all; see ``device_put``)."""
+        if self.device_put in (True, False, None):
+            return None
+        from fdl.distributed.placement import process_rows
+
+        return process_rows(self.device_put, n)
+
+    def _place(self, batch, n: int):
         if self.device_put is False or self.device_put is None:
             return batch
         if self.device_put is True:
             return tuple(jax.device_put(b) for b in batch)
-        return tuple(jax.device_put(b, self.device_put) for b in batch)
+        from fdl.distributed.placement import global_batch
+
+        return global_batch(batch, self.device_put, n)
 
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple]:
         """Batches ``start, start+1, ...`` of ``epoch`` (does not move the position)."""
         idxs = self._batch_rows(epoch)
-        gen = (self._place(self._host_batch(i)) for i in idxs[start:])
+        pad = self.last_batch == "pad"
+        gen = (self._place(self._host_batch(i), self.batch_size if pad else len(i))
+               for i in idxs[start:])
         if self.prefetch > 0:
             return _prefetch(gen, self.prefetch)
         return gen

@@ -32,6 +32,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fdl.distributed.placement import global_batch, put_global
 from fdl.nn.conv_lowering import use_conv_backend
 from fdl.nn.core import Layer
 from fdl.train.step import make_eval_step, make_train_step
@@ -49,6 +50,7 @@ __all__ = [
     "replicate",
     "unreplicate",
     "split_batch",
+    "shard_local_batch",
 ]
 
 
@@ -65,10 +67,25 @@ def _devices(devices: int | Sequence[Any] | None):
     return list(devices)
 
 
+def _mesh_devices(devices: int | Sequence[Any] | None):
+    """Every device of every process (None), the first ``n`` (one process only), or a list."""
+    if jax.process_count() == 1 or not isinstance(devices, int):
+        return _devices(devices) if devices is not None else jax.devices()
+    if devices != jax.device_count():
+        raise ValueError(
+            f"in a run of {jax.process_count()} processes the data mesh spans all "
+            f"{jax.device_count()} devices; got devices={devices} (pass None)")
+    return jax.devices()
+
+
 def data_mesh(devices: int | Sequence[Any] | None = None, axis_name: str = "data"):
-    """A 1-D ``Mesh`` named ``axis_name`` over ``devices`` (default: all local devices; an int
-    takes the first ``n``), with ``AxisType.Auto``."""
-    devs = _devices(devices)
+    """A 1-D ``Mesh`` named ``axis_name`` over ``devices``, with ``AxisType.Auto``.
+
+    Default: every device of every process (``jax.devices()``: the local devices in a
+    single-process run; in a multi-process run, each process's devices one block after the
+    other, so each process holds a contiguous block of every batch). An int takes the first
+    ``n`` devices (single process); a list gives them explicitly."""
+    devs = _mesh_devices(devices)
     return jax.make_mesh((len(devs),), (axis_name,), axis_types=(AxisType.Auto,), devices=devs)
 
 
@@ -82,21 +99,34 @@ def replicated_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_batch(batch, mesh):
-    """``device_put`` every array of ``batch`` split along axis 0 (size divisible by devices)."""
-    n = mesh.devices.size
+def _check_divisible(batch, n: int) -> None:
     for leaf in jax.tree.leaves(batch):
         if leaf.shape[0] % n:
             raise ValueError(
                 f"the batch size {leaf.shape[0]} is not divisible by the {n} devices; use a "
-                f"multiple of {n}"
+                f"multiple of {n} (or pad the batch with a mask: ArrayLoader(last_batch='pad'))"
             )
-    return jax.device_put(batch, batch_sharding(mesh))
+
+
+def shard_batch(batch, mesh):
+    """``device_put`` every array of the global ``batch`` split along axis 0 (size divisible
+    by the devices). In a multi-process run every process passes the whole global batch; to
+    pass only this process's rows use :func:`shard_local_batch`."""
+    _check_divisible(batch, mesh.devices.size)
+    return put_global(batch, batch_sharding(mesh))
+
+
+def shard_local_batch(local_batch, mesh, global_size: int):
+    """The global batch of ``global_size`` rows split over ``mesh``, from this process's rows
+    (``fdl.parallel.process_rows(batch_sharding(mesh), global_size)``; every row with one
+    process)."""
+    return global_batch(local_batch, batch_sharding(mesh), global_size)
 
 
 def replicate_on_mesh(tree, mesh):
-    """``device_put`` ``tree`` replicated over the mesh."""
-    return jax.device_put(tree, replicated_sharding(mesh))
+    """``device_put`` ``tree`` replicated over the mesh (all processes pass the same values;
+    typed PRNG keys allowed)."""
+    return put_global(tree, replicated_sharding(mesh))
 
 
 def make_sharded_train_step(

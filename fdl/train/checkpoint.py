@@ -59,6 +59,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdl.distributed.placement import place_like, to_host
+from fdl.distributed.runtime import is_main_process, write_once
+
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
@@ -125,7 +128,7 @@ def _to_numpy(path: str, leaf) -> tuple[np.ndarray, dict[str, Any]]:
     """Host copy of a leaf plus its description."""
     if _is_key(leaf):
         impl = str(jax.random.key_impl(leaf))
-        data = np.asarray(jax.random.key_data(leaf))
+        data = to_host(jax.random.key_data(leaf))
         desc = {"kind": "key", "impl": impl, "key_shape": list(leaf.shape)}
     elif isinstance(leaf, bool):
         data, desc = np.asarray(leaf, np.bool_), {"kind": "bool"}
@@ -134,7 +137,7 @@ def _to_numpy(path: str, leaf) -> tuple[np.ndarray, dict[str, Any]]:
     elif isinstance(leaf, float):
         data, desc = np.asarray(leaf, np.float64), {"kind": "float"}
     elif isinstance(leaf, (np.ndarray, np.generic, jax.Array)):
-        data, desc = np.asarray(leaf), {"kind": "array"}
+        data, desc = to_host(leaf), {"kind": "array"}
     else:
         raise TypeError(
             f"checkpoint: leaf at '{path}' is a {type(leaf).__name__}; only arrays, PRNG keys, "
@@ -231,6 +234,11 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict[str, Any] | None = N
     ``metadata`` is any JSON-serialisable dict stored in the header (read it back with
     :func:`load_metadata`). Returns the path written. A ``.npz`` suffix selects NumPy's format,
     anything else safetensors.
+
+    In a multi-process run (``jax.distributed``) every process calls ``save`` with the same
+    tree: arrays split over processes are gathered, process 0 alone writes the file, and every
+    process waits at a barrier until it is complete (:func:`fdl.distributed.write_once`; the
+    directory must be on a file system all processes share). Any process can then load it.
     """
     path = os.fspath(path)
     flat = _flatten(tree)
@@ -249,19 +257,23 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict[str, Any] | None = N
         raise TypeError(f"checkpoint: metadata must be JSON-serialisable: {e}") from None
     doc = {"format": FORMAT, "version": VERSION, "leaves": leaves, "metadata": metadata or {}}
     names = [d["path"] for d in leaves]
-    if path.endswith(".npz"):
-        text = json.dumps(doc, sort_keys=True).encode("utf-8")
-        h = hashlib.sha256(text)
-        for a in arrays:
-            h.update(a.tobytes())
-        buf = io.BytesIO()
-        payload = {f"t{i}": a for i, a in enumerate(arrays)}
-        payload["__fdl__"] = np.frombuffer(text, np.uint8)
-        payload["__fdl_sha256__"] = np.frombuffer(h.hexdigest().encode(), np.uint8)
-        np.savez(buf, **payload)
-        _atomic_write(path, [buf.getvalue()])
-    else:
-        _atomic_write(path, _safetensors_chunks(arrays, names, doc))
+
+    def write() -> None:
+        if path.endswith(".npz"):
+            text = json.dumps(doc, sort_keys=True).encode("utf-8")
+            h = hashlib.sha256(text)
+            for a in arrays:
+                h.update(a.tobytes())
+            buf = io.BytesIO()
+            payload = {f"t{i}": a for i, a in enumerate(arrays)}
+            payload["__fdl__"] = np.frombuffer(text, np.uint8)
+            payload["__fdl_sha256__"] = np.frombuffer(h.hexdigest().encode(), np.uint8)
+            np.savez(buf, **payload)
+            _atomic_write(path, [buf.getvalue()])
+        else:
+            _atomic_write(path, _safetensors_chunks(arrays, names, doc))
+
+    write_once(path, write)  # in a multi-process run: process 0 writes, all wait (see above)
     return path
 
 
@@ -552,7 +564,9 @@ def load(path: str | os.PathLike, template: Any = None, *, partial: bool = False
             f"checkpoint '{path}' does not match the template ({len(problems)} problem(s); "
             "was it written by a different model or configuration?):\n" + "\n".join(problems)
         )
-    leaves = [_restore_leaf(path, *saved[p]) for p in tpaths]
+    # each value where its template leaf lives (e.g. replicated over a multi-process mesh)
+    leaves = [place_like(_restore_leaf(path, *saved[p]), t)
+              for p, (_, t) in zip(tpaths, tflat, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -632,6 +646,8 @@ class CheckpointManager:
 
     def save(self, step: int, tree: Any, metadata: dict[str, Any] | None = None) -> str:
         path = save(self.path_for(step), tree, metadata)
+        if not is_main_process():  # process 0 rotates (see ``save``)
+            return path
         older = [p for s, p in list_checkpoints(self.directory) if s < int(step)]
         for old in older[: max(0, len(older) - (self.keep - 1))]:
             with contextlib.suppress(OSError):
