@@ -1,0 +1,126 @@
+"""BERT: the tied MLM decoder, gathered positions, the d2l loss, fine-tuning heads, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdl.models.sequence.bert import (
+    BertConfig,
+    bert_classifier,
+    bert_encoder,
+    bert_pretraining,
+    bert_qa,
+    bert_tagger,
+    gather_positions,
+    pretraining_loss,
+)
+
+CFG = BertConfig.d2l(40, num_hiddens=16, ffn_hiddens=32, num_heads=2, num_layers=2, max_len=12,
+                     dropout=0.1)
+
+
+def _batch(b=3, t=8, p=2, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, 40, size=(b, t)), jnp.int32)
+    segments = jnp.asarray((np.arange(t) >= t // 2).astype(np.int32)[None].repeat(b, 0))
+    valid = jnp.asarray([t, t - 2, 3][:b], jnp.int32)
+    positions = jnp.asarray(np.stack([rng.choice(np.arange(1, 3), p, replace=False)
+                                      for _ in range(b)]), jnp.int32)
+    return tokens, segments, valid, positions
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    model = bert_pretraining(CFG)
+    shapes = ((3, 8), (3, 8), (3,), (3, 2))
+    out_shape, params, state = model.init(jax.random.key(0), shapes)
+    return model, params
+
+
+def test_tied_decoder_and_gathered_positions(model_params):
+    model, params = model_params
+    assert "decoder" not in params["mlm"]  # tied: the token table is the decoder
+    x = _batch()
+    out, _ = model.apply(params, {}, x)
+    assert out.mlm_logits.shape == (3, 2, 40) and out.nsp_logits.shape == (3, 2)
+    # MLM logits at gathered positions = the head on the full sequence, then gathered
+    table = params["bert"]["embeddings"]["token"]["table"]
+    m = params["mlm"]
+    h = jax.nn.relu(out.encoded @ m["dense"]["w"] + m["dense"]["b"])
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    h = (h - mu) / jnp.sqrt(var + 1e-5) * m["norm"]["scale"] + m["norm"]["offset"]
+    full = h @ table.T + m["bias"]
+    np.testing.assert_allclose(out.mlm_logits, gather_positions(full, x[3]), rtol=1e-4,
+                               atol=1e-5)
+    # the tied table gets gradient from the MLM decoder too
+    mlm_y, w, nsp_y = jnp.zeros((3, 2), jnp.int32), jnp.ones((3, 2)), jnp.zeros((3,), jnp.int32)
+
+    def loss(p):
+        o, _ = model.apply(p, {}, x)
+        return pretraining_loss(o, mlm_y, w, nsp_y)[0]
+
+    g = jax.jit(jax.grad(loss))(params)["bert"]["embeddings"]["token"]["table"]
+    unused = np.setdiff1d(np.arange(40), np.asarray(x[0]))
+    assert np.abs(np.asarray(g)[unused]).max() > 0  # rows never looked up: decoder gradient
+
+
+def test_pretraining_loss_is_d2l(model_params):
+    model, params = model_params
+    x = _batch()
+    out, _ = model.apply(params, {}, x)
+    mlm_y = jnp.array([[1, 2], [3, 4], [5, 0]])
+    w = jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    nsp_y = jnp.array([0, 1, 1])
+    total, (mlm, nsp) = pretraining_loss(out, mlm_y, w, nsp_y)
+    lp = np.asarray(jax.nn.log_softmax(out.mlm_logits))
+    ce = -np.take_along_axis(lp, np.asarray(mlm_y)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(mlm, (ce * np.asarray(w)).sum() / np.asarray(w).sum(), rtol=1e-5)
+    nlp = np.asarray(jax.nn.log_softmax(out.nsp_logits))
+    np.testing.assert_allclose(nsp, -nlp[np.arange(3), np.asarray(nsp_y)].mean(), rtol=1e-5)
+    np.testing.assert_allclose(total, mlm + nsp, rtol=1e-6)
+
+
+def test_padding_does_not_leak(model_params):
+    model, params = model_params
+    tokens, seg, valid, pos = _batch()
+    out1, _ = model.apply(params, {}, (tokens, seg, valid, pos))
+    out2, _ = model.apply(params, {}, (tokens.at[2, 3:].set(7), seg, valid, pos))
+    np.testing.assert_allclose(out1.encoded[2, :3], out2.encoded[2, :3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out1.nsp_logits, out2.nsp_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_finetuning_heads(key):
+    tokens, seg, valid, _ = _batch()
+    x = (tokens, seg, valid)
+    shapes = ((3, 8), (3, 8), (3,))
+    for layer, want in ((bert_classifier(CFG, 3), (3, 3)), (bert_tagger(CFG, 5), (3, 8, 5))):
+        out_shape, p, _ = layer.init(key, shapes)
+        y, _ = layer.apply(p, {}, x)
+        assert y.shape == want == tuple(out_shape)
+        assert set(p) == {"bert", "head"}
+        y_tr, _ = layer.apply(p, {}, x, key=jax.random.key(1), train=True)
+        assert y_tr.shape == want
+    qa = bert_qa(CFG)
+    out_shape, p, _ = qa.init(key, shapes)
+    (start, end), _ = qa.apply(p, {}, x)
+    assert start.shape == end.shape == (3, 8) == out_shape[0]
+    # the pretrained encoder's params drop into a fine-tuning model unchanged
+    _, pb, _ = bert_encoder(CFG).init(key, shapes)
+    assert jax.tree_util.tree_structure(pb) == jax.tree_util.tree_structure(p["bert"])
+
+
+def test_bad_input(model_params):
+    model, params = model_params
+    tokens, seg, valid, pos = _batch()
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        model.apply(params, {}, (tokens.at[0, 0].set(40), seg, valid, pos))
+    with pytest.raises(ValueError, match=r"segments.*\[0, 2\)"):
+        model.apply(params, {}, (tokens, seg.at[0, 0].set(2), valid, pos))
+    long = jnp.zeros((1, 13), jnp.int32)
+    with pytest.raises(ValueError, match="max_len 12"):
+        model.apply(params, {}, (long, long, jnp.array([13]), pos[:1]))
+    with pytest.raises(ValueError, match="divisible"):
+        BertConfig(100, num_hiddens=30, num_heads=4)
+    with pytest.raises(ValueError, match="activation"):
+        BertConfig(100, activation="swish")
