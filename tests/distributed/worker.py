@@ -75,19 +75,66 @@ def _setup(one_device: bool):
     return model, params, state, opt, loader, step, mesh
 
 
-def _write(out, params, state, metrics) -> None:
+def _write(out, params, state, metrics, extra=None) -> None:
     import jax
     import numpy as np
 
     if jax.process_index() != 0:
         return
     flat = {}
-    for name, tree in (("params", params), ("state", state), ("metrics", metrics)):
+    for name, tree in (("params", params), ("state", state), ("metrics", metrics),
+                       ("sync_bn", extra or {})):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             flat[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
     tmp = out + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, out)
+
+
+SYNC_REAL = (4, 3, 1, 0, 4, 2, 1, 4)  # real rows of 4 on each of 8 devices (SyncBatchNorm)
+
+
+def _sync_bn_check(mesh) -> dict:
+    """Loss, new state and gradients of SyncBatchNorm under shard_map over ``mesh`` (8
+    devices, unequal real rows), or of batch_norm on the real rows on one device."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    from fdl import nn, parallel
+    from fdl.distributed.placement import to_host
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(32, 3)) * 2 + 3).astype(np.float32)
+    mask = np.concatenate([np.arange(4) < r for r in SYNC_REAL]).astype(np.float32)
+    weights = np.tile(np.arange(1, 13, dtype=np.float32).reshape(4, 3) / 12, (8, 1))
+    layer = parallel.sync_batch_norm("data")
+    _, params, state = layer.init(jax.random.key(0), x.shape)
+    if mesh is None:
+        real = mask > 0
+
+        def loss_fn(p, xx):
+            y, s = nn.batch_norm().apply(p, state, xx, train=True)
+            return jnp.sum((y * weights[real]) ** 2), s
+
+        (loss, s), (gp, gx) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(params, x[real])
+        return {"loss": loss, "state": s, "grad_params": gp, "grad_x": gx}
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data"), P("data"),
+                                                           P("data")), out_specs=(P(), P()))
+    def sharded(p, xx, mm, ww):
+        y, s = layer.apply(p, state, xx, train=True, mask=mm)
+        return jax.lax.psum(jnp.sum(mm[:, None] * (y * ww) ** 2), "data"), s
+
+    bat = parallel.batch_sharding(mesh)
+    xg, mg, wg = (parallel.put_global(a, bat) for a in (x, mask, weights))
+    params = parallel.replicate_on_mesh(params, mesh)
+    (loss, s), (gp, gx) = jax.jit(jax.value_and_grad(sharded, (0, 1), has_aux=True))(
+        params, xg, mg, wg)
+    return {"loss": loss, "state": s, "grad_params": gp, "grad_x": to_host(gx)[mask > 0]}
 
 
 def run_steps(args) -> None:
@@ -110,7 +157,8 @@ def run_steps(args) -> None:
             done += 1
             if done == args.steps:
                 break
-    _write(args.out, params, state, sums)
+    sync = _sync_bn_check(mesh) if mesh is None or mesh.devices.size == 8 else {}
+    _write(args.out, params, state, sums, sync)
 
 
 def run_fit(args) -> None:
