@@ -14,6 +14,13 @@ sequence (padding included) and returns one value per sequence; get it with::
 
     softmax_cross_entropy(logits, labels, weights=mask, reduction="none").mean(axis=1)
 
+**Labels out of range.** Integer class labels must lie in ``[0, K)`` and binary targets in
+``[0, 1]``, except at positions of weight 0 (padding). On concrete arrays (outside ``jit``) a
+label out of range raises ``ValueError`` naming the first one; under ``jit`` the loss of such a
+position is NaN (so the mean is NaN and training visibly fails, where a clamped index would
+silently train on the wrong class). For an error under ``jit``, call :func:`check_labels` in the
+step and wrap the step with ``jax.experimental.checkify.checkify``.
+
 ``weights`` must broadcast to the per-example loss shape without changing it (a mask of shape
 ``(N, T)`` for a loss of shape ``(N, T)``, or ``(N, 1)``); anything else raises ``ValueError``.
 Predictions and targets must have exactly the documented shapes: a ``(N, 1)`` prediction
@@ -27,9 +34,11 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = [
+    "check_labels",
     "softmax_cross_entropy",
     "squared_error",
     "l1_loss",
@@ -124,6 +133,59 @@ def _without(shape, axis):
     return tuple(s for i, s in enumerate(shape) if i != axis)
 
 
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _first_invalid(name: str, labels, lo, hi, weights, what: str) -> None:
+    """Raise ``ValueError`` for the first position of concrete ``labels`` outside
+    ``[lo, hi]`` with nonzero weight (no-op under tracing)."""
+    if not _is_concrete(labels, weights):
+        return
+    y = np.asarray(labels)
+    bad = ~((y >= lo) & (y <= hi))
+    if weights is not None:
+        bad &= np.broadcast_to(np.asarray(weights) != 0, bad.shape)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = np.asarray(labels)[idx]
+        at = idx[0] if len(idx) == 1 else idx
+        raise ValueError(
+            f"{name}: label {value} at index {at} is out of range: {what} "
+            f"({int(bad.sum())} such label(s); give padding positions weight 0)"
+        )
+
+
+def _nan_where_invalid(loss, valid, weights):
+    """``loss`` with NaN where the label is invalid and the weight is nonzero (0 where it
+    is zero), so an out-of-range label under ``jit`` is never silently clamped."""
+    bad = jnp.nan if weights is None else jnp.where(jnp.broadcast_to(weights, loss.shape) != 0,
+                                                   jnp.nan, 0.0)
+    return jnp.where(valid, loss, jnp.asarray(bad, loss.dtype))
+
+
+def check_labels(labels, num_classes: int, *, weights=None, name: str = "check_labels"):
+    """Check that integer ``labels`` lie in ``[0, num_classes)`` wherever ``weights`` (if
+    given) is nonzero. Concrete arrays: raise ``ValueError`` naming the first bad label.
+    Under ``jit``: a ``jax.experimental.checkify`` check, so the step must be wrapped::
+
+        step = checkify.checkify(jax.jit(step))   # err, out = step(...); err.throw()
+
+    Returns ``labels``."""
+    labels = jnp.asarray(labels) if _is_concrete(labels) else labels
+    valid = (labels >= 0) & (labels < num_classes)
+    if weights is not None:
+        valid = valid | (jnp.broadcast_to(weights, labels.shape) == 0)
+    if _is_concrete(labels, weights):
+        _first_invalid(name, labels, 0, num_classes - 1, weights,
+                       f"expected 0 <= label < {num_classes}")
+    else:
+        from jax.experimental import checkify
+
+        checkify.check(jnp.all(valid), f"{name}: a label is out of range [0, {num_classes})")
+    return labels
+
+
 # ----------------------------------------------------------------------------- classification
 
 
@@ -146,7 +208,8 @@ def softmax_cross_entropy(
 
     The kind is decided by dtype; a floating array shaped like indices (or an integer array
     shaped like the logits) raises ``ValueError``. Integer labels outside ``[0, K)`` are
-    clamped under ``jit``; give such (padding) positions weight 0.
+    refused (``ValueError``) on concrete arrays and give a NaN loss under ``jit`` (see the
+    module docstring), except at positions of weight 0 (padding).
 
     ``label_smoothing`` ``eps`` in ``[0, 1]`` mixes the target with the uniform distribution,
     ``t' = (1 - eps) * t + eps / K`` (PyTorch's convention, for indices and probabilities).
@@ -175,6 +238,11 @@ def softmax_cross_entropy(
                 + ("; for probability targets pass a floating array"
                    if tuple(labels.shape) == tuple(logits.shape) else "")
             )
+        k = logits.shape[ax]
+        valid = (labels >= 0) & (labels < k)
+        w = _check_weights(name, weights, example_shape)
+        _first_invalid(name, labels, 0, k - 1, w, f"expected 0 <= label < {k} (the class axis "
+                                               f"{axis} of the logits has {k} classes)")
         idx = jnp.expand_dims(labels, ax)
         picked = jnp.take_along_axis(logp, idx, axis=ax, mode="clip")
         nll = -jnp.squeeze(picked, ax)
@@ -182,6 +250,7 @@ def softmax_cross_entropy(
             loss = (1.0 - eps) * nll - eps * jnp.mean(logp, axis=ax)
         else:
             loss = nll
+        return _reduce(_nan_where_invalid(loss, valid, w), w, reduction)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if tuple(labels.shape) != tuple(logits.shape):
             hint = (
@@ -203,6 +272,10 @@ def softmax_cross_entropy(
         )
     w = _check_weights(name, weights, example_shape)
     return _reduce(loss, w, reduction)
+
+
+# Rounding slack for binary targets (finite differences and soft targets may step just outside).
+_BCE_SLACK = 1e-3
 
 
 def sigmoid_binary_cross_entropy(
@@ -229,10 +302,14 @@ def sigmoid_binary_cross_entropy(
     dt = _float_dtype(logits.dtype)
     x = logits.astype(dt)
     z = labels.astype(dt)
+    w = _check_weights(name, weights, logits.shape)
+    valid = (z >= -_BCE_SLACK) & (z <= 1 + _BCE_SLACK)
+    _first_invalid(name, labels, -_BCE_SLACK, 1 + _BCE_SLACK, w,
+                   "binary targets must lie in [0, 1]")
     # softplus(x) - x * z; logaddexp is stable and, unlike the max/abs spelling, has the
     # right derivative at x == 0 (zero-initialised heads start exactly there).
     loss = jnp.logaddexp(x, 0.0) - x * z
-    return _reduce(loss, _check_weights(name, weights, loss.shape), reduction)
+    return _reduce(_nan_where_invalid(loss, valid, w), w, reduction)
 
 
 def multiclass_hinge_loss(
@@ -266,12 +343,15 @@ def multiclass_hinge_loss(
             f"{tuple(scores.shape)} without the class axis, i.e. {tuple(scores.shape[:-1])}"
         )
     k = scores.shape[-1]
+    w = _check_weights(name, weights, tuple(labels.shape))
+    valid = (labels >= 0) & (labels < k)
+    _first_invalid(name, labels, 0, k - 1, w, f"expected 0 <= label < {k} classes")
     s = scores.astype(_float_dtype(scores.dtype))
     true = jnp.take_along_axis(s, labels[..., None], axis=-1, mode="clip")
     hinge = jnp.maximum(margin - true + s, 0.0)
     not_true = jnp.arange(k) != labels[..., None]
     loss = jnp.sum(jnp.where(not_true, hinge, 0.0), axis=-1) / k
-    return _reduce(loss, _check_weights(name, weights, loss.shape), reduction)
+    return _reduce(_nan_where_invalid(loss, valid, w), w, reduction)
 
 
 def kl_divergence(
