@@ -3,6 +3,7 @@
 from fdl.data import augment  # noqa: F401
 from fdl.data.datasets import (  # noqa: F401  (image datasets)
     DATASETS,
+    DatasetError,
     DatasetNotFoundError,
     default_data_dir,
     download,

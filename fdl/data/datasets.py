@@ -12,6 +12,7 @@ byte then 3072 bytes of 32x32 pixels in CHW order.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -21,11 +22,13 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
 __all__ = [
+    "DatasetError",
     "DatasetNotFoundError",
     "DATASETS",
     "load_digits",
@@ -42,8 +45,13 @@ __all__ = [
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset file is missing or corrupt; the message names the directory and files."""
+class DatasetError(ValueError):
+    """A dataset file that is corrupt, truncated, or not what the dataset declares (image
+    size, label range, counts); the message names the file and what is wrong."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset file is missing; the message names the directory searched and the files."""
 
 
 def default_data_dir() -> str:
@@ -126,6 +134,7 @@ def download(
     if os.path.exists(path) and ok(path):
         return path
     names = [filename, *(expected or [])]
+    created = _missing_parents(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".dl-", dir=directory)
@@ -142,6 +151,7 @@ def download(
             if os.path.exists(tmp):
                 os.remove(tmp)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
+        _remove_empty(created)
         if isinstance(e, DatasetNotFoundError):
             raise
         raise DatasetNotFoundError(
@@ -152,6 +162,25 @@ def download(
     return path
 
 
+def _missing_parents(directory: str) -> list[str]:
+    """The directories ``os.makedirs(directory)`` would create, deepest first."""
+    out, d = [], os.path.abspath(directory)
+    while d and not os.path.exists(d):
+        out.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    return out
+
+
+def _remove_empty(directories: list[str]) -> None:
+    """Remove the directories a failed lookup created (deepest first), if still empty."""
+    for d in directories:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
 # ----------------------------------------------------------------------------- IDX (MNIST)
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -160,21 +189,29 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 def read_idx(path: str) -> np.ndarray:
     """Read an IDX file (MNIST's format), gzip-compressed (``.gz``) or raw."""
     opener = gzip.open if path.endswith(".gz") else open
+    if not os.path.exists(path):
+        raise DatasetNotFoundError(f"IDX file '{path}' does not exist")
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DatasetNotFoundError(f"cannot read IDX file '{path}': {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        what = "a corrupt or truncated gzip file" if path.endswith(".gz") else "unreadable"
+        raise DatasetError(f"cannot read IDX file '{path}': {what} ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise DatasetNotFoundError(
+        raise DatasetError(
             f"'{path}' is not an IDX file (expected magic bytes 00 00 <type> <ndim>)"
         )
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(
+            f"IDX file '{path}' is truncated: its header declares {ndim} dimensions "
+            f"({4 + 4 * ndim} header bytes), the file has {len(raw)} bytes"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    count = int(np.prod(dims)) if dims else 1
+    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
     body = raw[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
-        raise DatasetNotFoundError(
+        raise DatasetError(
             f"IDX file '{path}' is truncated or corrupt: header says shape {dims} "
             f"({count * dtype.itemsize} bytes), found {len(body)} bytes"
         )
@@ -229,7 +266,7 @@ def load_mnist(directory: str | None = None, *, kind: str = "mnist", download_mi
     base, md5s = _MNIST_SOURCES[kind]
     out = []
     for split in ("train", "test"):
-        arrays = []
+        arrays, paths = [], []
         for stem in _MNIST_FILES[split]:
             path = _find_idx(directory, stem)
             if path is None:
@@ -241,14 +278,34 @@ def load_mnist(directory: str | None = None, *, kind: str = "mnist", download_mi
                 path = download(base + stem + ".gz", directory, md5=md5s[stem + ".gz"],
                                 expected=[stem])
             arrays.append(read_idx(path))
+            paths.append(path)
+        _check_mnist(kind, split, paths, *arrays)
         images, labels = arrays
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DatasetNotFoundError(
-                f"{kind} {split} files in '{directory}' disagree: images {images.shape}, "
-                f"labels {labels.shape} (expected (N, 28, 28) and (N,))"
-            )
         out.append(((images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32)))
     return tuple(out)
+
+
+def _check_mnist(kind: str, split: str, paths: list[str], images: np.ndarray,
+                 labels: np.ndarray) -> None:
+    """MNIST's declared format: uint8 images ``(N, 28, 28)``, uint8 labels ``(N,)`` < 10."""
+    ipath, lpath = paths
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DatasetError(
+            f"{kind} {split} images '{ipath}' are {images.dtype} {images.shape}; {kind} "
+            "declares uint8 images of shape (N, 28, 28)"
+        )
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DatasetError(f"{kind} {split} labels '{lpath}' are {labels.dtype} "
+                           f"{labels.shape}; {kind} declares uint8 labels of shape (N,)")
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{kind} {split} files disagree: '{ipath}' has {len(images)} images, '{lpath}' "
+            f"{len(labels)} labels"
+        )
+    if labels.size and labels.max() > 9:
+        i = int(np.argmax(labels > 9))
+        raise DatasetError(f"{kind} {split} labels '{lpath}': label {int(labels[i])} at index "
+                           f"{i} is out of range; {kind} has 10 classes (0-9)")
 
 
 def load_fashion_mnist(directory: str | None = None, *, download_missing: bool = True):
@@ -267,17 +324,22 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _read_cifar_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
-    raw = np.fromfile(path, np.uint8)
+    try:
+        raw = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise DatasetError(f"cannot read CIFAR-10 batch '{path}': {e}") from None
     rec = 1 + 3 * 32 * 32
     if raw.size == 0 or raw.size % rec:
-        raise DatasetNotFoundError(
+        raise DatasetError(
             f"CIFAR-10 batch '{path}' is corrupt: {raw.size} bytes is not a multiple of the "
             f"{rec}-byte record (1 label byte + 3x32x32 pixels)"
         )
     raw = raw.reshape(-1, rec)
     labels = raw[:, 0].astype(np.int32)
     if labels.max() > 9:
-        raise DatasetNotFoundError(f"CIFAR-10 batch '{path}' is corrupt: label > 9")
+        i = int(np.argmax(labels > 9))
+        raise DatasetError(f"CIFAR-10 batch '{path}' is corrupt: label {int(labels[i])} in "
+                           f"record {i} (CIFAR-10 has 10 classes, 0-9)")
     images = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images.astype(np.float32) / 255.0, labels
 
@@ -307,13 +369,16 @@ def load_cifar10(directory: str | None = None, *, download_missing: bool = True)
                            expected=["cifar-10-batches-bin/" + n for n in names])
         found = os.path.join(directory, "cifar-10-batches-bin")
         os.makedirs(found, exist_ok=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar.getmembers():
-                base = os.path.basename(m.name)
-                if m.isfile() and base in names:  # only the known members, no path traversal
-                    src = tar.extractfile(m)
-                    with open(os.path.join(found, base), "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for m in tar.getmembers():
+                    base = os.path.basename(m.name)
+                    if m.isfile() and base in names:  # only the known members, no traversal
+                        src = tar.extractfile(m)
+                        with open(os.path.join(found, base), "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DatasetError(f"cannot extract CIFAR-10 archive '{archive}': {e}") from None
     train = [_read_cifar_bin(os.path.join(found, n)) for n in _CIFAR_TRAIN]
     test = _read_cifar_bin(os.path.join(found, _CIFAR_TEST[0]))
     x_train = np.concatenate([t[0] for t in train])
@@ -337,6 +402,8 @@ def load_image_folder(root: str, size: tuple[int, int] | int | None = None, *, m
         from PIL import Image
     except ImportError:
         raise ImportError("load_image_folder needs Pillow: pip install 'fdl[train]'") from None
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DatasetError(f"image folder '{root}' is a file, not a directory of class folders")
     if not os.path.isdir(root):
         raise DatasetNotFoundError(f"image folder '{root}' does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -346,6 +413,10 @@ def load_image_folder(root: str, size: tuple[int, int] | int | None = None, *, m
         )
     if isinstance(size, int):
         size = (size, size)
+    if size is not None and (len(size) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)):
+        raise ValueError(f"load_image_folder: size must be a positive int or (H, W), got "
+                         f"{size!r}")
     images, labels = [], []
     for ci, c in enumerate(classes):
         for fname in sorted(os.listdir(os.path.join(root, c))):
@@ -358,12 +429,12 @@ def load_image_folder(root: str, size: tuple[int, int] | int | None = None, *, m
                     if size is not None:
                         im = im.resize((size[1], size[0]), Image.BILINEAR)
                     a = np.asarray(im, np.float32) / 255.0
-            except OSError as e:
-                raise DatasetNotFoundError(f"cannot read image '{path}': {e}") from None
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+                raise DatasetError(f"cannot read image '{path}': {e}") from None
             if a.ndim == 2:
                 a = a[..., None]
             if images and a.shape != images[0].shape:
-                raise ValueError(
+                raise DatasetError(
                     f"image '{path}' has shape {a.shape}, others {images[0].shape}; "
                     "pass size=(H, W) to resize them all"
                 )

@@ -62,10 +62,10 @@ def test_read_idx_corrupt(tmp_path):
     _write_idx(p, np.zeros((4, 2), np.uint8))
     raw = open(p, "rb").read()
     open(p, "wb").write(raw[:-1])
-    with pytest.raises(ds.DatasetNotFoundError, match="truncated or corrupt"):
+    with pytest.raises(ds.DatasetError, match="truncated or corrupt"):
         ds.read_idx(p)
     open(p, "wb").write(b"hello world")
-    with pytest.raises(ds.DatasetNotFoundError, match="not an IDX file"):
+    with pytest.raises(ds.DatasetError, match="not an IDX file"):
         ds.read_idx(p)
 
 
@@ -129,7 +129,7 @@ def test_cifar10_binary(tmp_path):
     np.testing.assert_array_equal(yte, lab)
     np.testing.assert_allclose(xte[1, 5, 7], pix[1, :, 5, 7] / 255.0, rtol=1e-6)
     (tmp_path / "test_batch.bin").write_bytes(b"\x00" * 100)
-    with pytest.raises(ds.DatasetNotFoundError, match="test_batch.bin.*corrupt"):
+    with pytest.raises(ds.DatasetError, match="test_batch.bin.*corrupt"):
         ds.load_cifar10(str(tmp_path), download_missing=False)
 
 
