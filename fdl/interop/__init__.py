@@ -1,5 +1,6 @@
 from fdl.interop.state_dict import (  # noqa: F401
     StateDictError,
+    StateDictFileError,
     load_state_dict,
     save_safetensors,
     to_numpy_state_dict,

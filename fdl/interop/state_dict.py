@@ -8,6 +8,11 @@ Sources accepted by :func:`load_state_dict`:
 - a ``.pt`` / ``.pth`` / ``.bin`` file, read with ``torch.load(..., weights_only=True)`` when
   PyTorch is installed (imported lazily; fdl never requires it). ``weights_only=True`` refuses
   arbitrary pickled objects.
+
+Anything that is not a flat mapping of names to numeric tensors (a pickled module, a list, a
+tensor, string or nested-dict values, a corrupt or truncated file) raises
+:class:`StateDictFileError` naming the file and what it holds instead. A training checkpoint
+``{"state_dict": {...}, ...}`` (or ``"model_state_dict"``, ``"model"``) is unwrapped.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_state_dict", "save_safetensors", "to_numpy_state_dict", "StateDictError"]
+__all__ = ["load_state_dict", "save_safetensors", "to_numpy_state_dict", "StateDictError",
+           "StateDictFileError"]
+
+
+class StateDictFileError(ValueError):
+    """A state-dict source that is not a flat ``{name: tensor}`` mapping, or a file that
+    cannot be read; the message names the file."""
 
 
 class StateDictError(ValueError):
@@ -47,9 +58,48 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def to_numpy_state_dict(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """``{name: np.ndarray}`` from a mapping of arrays or torch tensors."""
-    return {str(k): _to_numpy(v) for k, v in sd.items()}
+def _describe(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return f"a nested mapping with keys {sorted(map(str, v))[:5]}"
+    return f"a {type(v).__name__}"
+
+
+def to_numpy_state_dict(sd: Mapping[str, Any], source: str = "state dict"
+                        ) -> dict[str, np.ndarray]:
+    """``{name: np.ndarray}`` from a mapping of arrays or torch tensors; anything else
+    (strings, ``None``, nested mappings, object arrays) raises :class:`StateDictFileError`
+    naming the first such key and ``source``."""
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, (Mapping, str, bytes)) or v is None:
+            a = None
+        else:
+            try:
+                a = _to_numpy(v)
+            except (TypeError, ValueError, RuntimeError):
+                a = None
+        if a is None or a.dtype.kind not in "biufc":
+            raise StateDictFileError(
+                f"{source}: entry {str(k)!r} is {_describe(v)}, not a numeric tensor; expected a "
+                "flat state dict {name: tensor}"
+            )
+        out[str(k)] = a
+    return out
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _unwrap(obj: Any, path: str) -> Mapping:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+        return obj
+    raise StateDictFileError(
+        f"'{path}' holds {_describe(obj)}, not a state dict (a mapping of names to tensors); "
+        "save model.state_dict() rather than the model or a list of tensors"
+    )
 
 
 def load_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
@@ -58,32 +108,48 @@ def load_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, 
         return to_numpy_state_dict(source)
     path = os.fspath(source)
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".safetensors", ".npz", ".pt", ".pth", ".bin"):
+        raise ValueError(f"unsupported state dict file {path!r}: expected .safetensors, .npz, "
+                         ".pt, .pth or .bin")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"state dict file '{path}' does not exist" + (
+            " (it is a directory)" if os.path.isdir(path) else ""))
     if ext == ".safetensors":
         try:
             from safetensors.numpy import load_file
         except ImportError as e:  # pragma: no cover - optional dependency
             raise ImportError("reading .safetensors needs the 'safetensors' package "
                               "(pip install safetensors)") from e
-        return dict(load_file(path))
+        return _read_file(path, lambda: dict(load_file(path)))
     if ext == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    if ext in (".pt", ".pth", ".bin"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {ext} files needs PyTorch; convert the checkpoint to "
-                              ".safetensors instead") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
-                obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a state dict (a mapping of tensors), got "
-                             f"{type(obj).__name__}")
-        return to_numpy_state_dict(obj)
-    raise ValueError(f"unsupported state dict file {path!r}: expected .safetensors, .npz, .pt, "
-                     ".pth or .bin")
+        def read_npz():
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+
+        return to_numpy_state_dict(_read_file(path, read_npz), f"'{path}'")
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {ext} files needs PyTorch; convert the checkpoint to "
+                          ".safetensors instead") from e
+    obj = _read_file(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+    return to_numpy_state_dict(_unwrap(obj, path), f"'{path}'")
+
+
+def _read_file(path: str, read):
+    """``read()``, with any failure of the reader turned into a one-line
+    :class:`StateDictFileError` naming ``path``."""
+    try:
+        return read()
+    except (ImportError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - pickle, zip, safetensors and torch errors vary
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        hint = (" (weights_only=True refused a pickled object: the file holds more than "
+                "tensors; save model.state_dict() instead)" if "weights_only" in str(e) else "")
+        raise StateDictFileError(
+            f"cannot read state dict file '{path}': {type(e).__name__}: {first}{hint}"
+        ) from None
 
 
 def save_safetensors(path: str | os.PathLike, sd: Mapping[str, Any],
