@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -375,6 +376,149 @@ def _sibling_owner(layer: Layer, earlier: dict[str, Layer]) -> str | None:
     return target if _shared_target(earlier[target]) is None else None
 
 
+# ----------------------------------------------------------------------------- param checks
+
+# Set while a combinator that checked its params applies its children (they need no check).
+_checking = threading.local()
+
+
+def _flat_params(tree, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """``[(path, leaf)]`` in the tree's own order (dicts in insertion order: layer order)."""
+    if isinstance(tree, dict):
+        if not tree and prefix:
+            return [(prefix, tree)]
+        return [item for k, v in tree.items() for item in _flat_params(v, (*prefix, str(k)))]
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
+        fields = getattr(tree, "_fields", None) or [str(i) for i in range(len(tree))]
+        return [item for k, v in zip(fields, tree, strict=True)
+                for item in _flat_params(v, (*prefix, str(k)))]
+    return [(prefix, tree)]
+
+
+def _layer_at(children: Sequence[tuple[str, Layer]], path: tuple[str, ...], top: str
+              ) -> tuple[str, list[str], str]:
+    """``(layer type, layer path, param name)`` for a param path, following child names."""
+    name, where, i = top, [], 0
+    while i < len(path):
+        match = dict(children).get(path[i])
+        if match is None:
+            break
+        name, children = match.name, match.children
+        where.append(path[i])
+        i += 1
+    return name, where, "/".join(path[i:])
+
+
+def _describe(leaf) -> str:
+    if isinstance(leaf, dict):
+        return "an empty dict" if not leaf else f"a dict with keys {sorted(leaf)}"
+    shape = getattr(leaf, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else f"a {type(leaf).__name__}"
+
+
+def _params_problem(expected, given) -> tuple[tuple[str, ...], str] | None:
+    """The first path (in layer order) at which ``given`` differs from ``expected``
+    (structure or shape) and what differs, or ``None``."""
+    exp = _flat_params(expected)
+    got = dict(_flat_params(given))
+    exp_paths = {p for p, _ in exp}
+
+    def under(paths, prefix):
+        return [p for p in paths if p[: len(prefix)] == prefix]
+
+    for path, e in exp:
+        g = got.get(path)
+        if g is None:
+            blocker = next((path[:j] for j in range(1, len(path)) if path[:j] in got), None)
+            if blocker is not None:
+                return blocker, f"expected a dict of params, given {_describe(got[blocker])}"
+            if under(got, path):
+                return path, f"expected {_describe(e)}, given a nested dict"
+            top = next(path[:j] for j in range(1, len(path) + 1) if not under(got, path[:j]))
+            parent = top[:-1]
+            extra = sorted({p[len(parent)] for p in under(got, parent) if len(p) > len(parent)}
+                           - {p[len(parent)] for p in under(exp_paths, parent)
+                              if len(p) > len(parent)})
+            hint = f"; the params have unexpected {extra} instead" if extra else ""
+            want = (_describe(e) if top == path
+                    else f"params {sorted({p[len(top)] for p in under(exp_paths, top)})}")
+            return top, f"missing (expected {want}){hint}"
+        es, gs = getattr(e, "shape", None), getattr(g, "shape", None)
+        if es is not None and (gs is None or tuple(es) != tuple(gs)):
+            return path, f"expected shape {tuple(es)}, given {_describe(g)}"
+    for path in got:
+        if path not in exp_paths and not any(path[: len(p)] == p for p in exp_paths):
+            return path, f"unexpected ({_describe(got[path])}): this layer makes no such param"
+    return None
+
+
+def _abstract_tree(tree):
+    """Shapes and dtypes of a tree of (traced) arrays, keeping dict insertion order."""
+    if isinstance(tree, dict):
+        return {k: _abstract_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
+        return [_abstract_tree(v) for v in tree]
+    shape = getattr(tree, "shape", None)
+    return tree if shape is None else jax.ShapeDtypeStruct(shape, tree.dtype)
+
+
+def _checked(layer_name: str, init: InitFn, children, apply: ApplyFn) -> ApplyFn:
+    """``apply`` preceded by a check of ``params`` against the tree ``init`` makes for the
+    input's shape (structure and shapes, computed abstractly once per input shape): a
+    mismatch raises :class:`ShapeError` naming the first differing path and the expected and
+    given shapes. Only the outermost checked combinator checks (it covers the whole tree);
+    inputs that are not a single array, or shapes ``init`` rejects, are not checked here."""
+    cache: dict[tuple[int, ...], Any] = {}
+
+    def checked_apply(params, state, x, **kwargs):
+        if getattr(_checking, "active", False):
+            return apply(params, state, x, **kwargs)
+        shape = getattr(x, "shape", None)
+        if shape is None or getattr(x, "dtype", None) is None or not _check_params(
+                layer_name, init, children, cache, tuple(shape), params):
+            return apply(params, state, x, **kwargs)
+        _checking.active = True
+        try:
+            return apply(params, state, x, **kwargs)
+        finally:
+            _checking.active = False
+
+    return checked_apply
+
+
+def _check_params(layer_name, init, children, cache, shape, params) -> bool:
+    """Raise :class:`ShapeError` if ``params`` do not fit; ``False`` if they could not be
+    checked (``init`` rejects this input shape)."""
+    if shape not in cache:
+        found = []
+
+        def params_of(k):  # records the tree in layer order (eval_shape sorts dict keys)
+            params = init(k, shape)[1]
+            found.append(_abstract_tree(params))
+            return params
+
+        try:
+            jax.eval_shape(params_of, jax.random.key(0))
+            cache[shape] = found[-1]
+        except Exception:  # noqa: BLE001 - the layer's own apply reports a bad input
+            cache[shape] = None
+    expected = cache[shape]
+    if expected is None:
+        return False
+    problem = _params_problem(expected, params)
+    if problem is not None:
+        path, what = problem
+        lname, where, param = _layer_at(children, path, layer_name)
+        at = f"param '{param}'" if param else "params"
+        if not param and what.startswith("missing"):
+            at = "params of this layer are"
+        elif not param:
+            at = "params:"
+        raise ShapeError(lname, f"{at} {what} (for input shape {shape}; are these params "
+                                "from another model or configuration?)", where)
+    return True
+
+
 # ----------------------------------------------------------------------------- combinators
 
 
@@ -436,7 +580,8 @@ def serial(*layers: Any) -> Layer:
                 new_state[owner] = s
         return x, new_state
 
-    return Layer(init, apply, name="serial", children=children)
+    return Layer(init, _checked("serial", init, children, apply), name="serial",
+                 children=children)
 
 
 def parallel(*layers: Any, combine: str = "concat", axis: int = -1) -> Layer:
@@ -497,7 +642,8 @@ def parallel(*layers: Any, combine: str = "concat", axis: int = -1) -> Layer:
             return sum(outs[1:], outs[0]), new_state
         return jnp.concatenate(outs, axis=axis), new_state
 
-    return Layer(init, apply, name=f"parallel[{combine}]", children=children,
+    return Layer(init, _checked(f"parallel[{combine}]", init, children, apply),
+                 name=f"parallel[{combine}]", children=children,
                  config={"combine": combine, "axis": axis})
 
 
@@ -562,7 +708,8 @@ def residual(body: Layer, shortcut: Layer | None = None, post: Layer | None = No
                 new_state["post"] = s
         return y, new_state
 
-    return Layer(init, apply, name="residual", children=children_t)
+    return Layer(init, _checked("residual", init, children_t, apply), name="residual",
+                 children=children_t)
 
 
 def lambda_layer(fn: Callable[[Any], Any], name: str = "lambda",
