@@ -1,13 +1,22 @@
 """The ``fdl`` command: ``fdl train``, ``fdl eval``, ``fdl predict``, ``fdl list``.
 
-``fdl train`` with no arguments trains a small CNN on scikit-learn's digits (offline) and
-writes a checkpoint, a JSON-lines log and the training-curve PNG under ``runs/cnn_digits/``.
+``fdl train`` with no arguments trains a small CNN on scikit-learn's digits (offline). Every run
+gets a folder of its own, ``runs/cnn_digits/<start time>/`` (``runs/cnn_digits/latest`` points at
+the newest; see :mod:`fdl.runs`), holding its checkpoints, JSON-lines log, training-curve PNG
+and config; ``--resume`` continues a run, ``--overwrite`` replaces the latest one. ``fdl eval``
+and ``fdl predict`` take a model folder, a run folder or a checkpoint, and use the newest
+checkpoint that verifies (saying which, and warning about any they skip).
+
+Arguments are checked before JAX is imported, so a bad one is reported at once; file-system
+errors are one line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import shlex
 import sys
@@ -102,29 +111,42 @@ def _listing() -> str:
 # ----------------------------------------------------------------------------- data
 
 
+def dataset_dir(name: str, data_dir: str | None) -> str | None:
+    """The folder holding ``name``'s files: ``--data-dir`` itself (or its ``<name>/``
+    sub-folder, if it has one), else ``None`` (the loaders' default, ``$FDL_DATA/<name>`` or
+    ``~/.cache/fdl/data/<name>``)."""
+    if not data_dir:
+        return None
+    data_dir = os.path.expanduser(data_dir)
+    sub = os.path.join(data_dir, name)
+    return sub if os.path.isdir(sub) else data_dir
+
+
 def load_dataset(name: str, data_dir: str | None, image_size: int | None, seed: int = 0):
     """``((x_train, y_train), (x_test, y_test), num_classes)`` for a dataset name or folder."""
+    if name not in DATASETS and not os.path.isdir(name):
+        what = "is a file" if os.path.isfile(name) else "is not a known dataset"
+        raise CLIError(
+            f"--data {name!r} {what}; valid: {', '.join(n for n in DATASETS if n[0] != '<')} "
+            "or a directory with one sub-folder per class"
+        )
     from fdl import data as D
 
     if name == "digits":
         tr, te = D.load_digits(seed=seed)
         return tr, te, 10
     if name in ("mnist", "fashion_mnist"):
-        d = os.path.join(data_dir, name) if data_dir else None
-        tr, te = D.load_mnist(d, kind=name)
+        tr, te = D.load_mnist(dataset_dir(name, data_dir), kind=name)
         return tr, te, 10
     if name == "cifar10":
-        d = os.path.join(data_dir, "cifar10") if data_dir else None
-        tr, te = D.load_cifar10(d)
+        tr, te = D.load_cifar10(dataset_dir(name, data_dir))
         return tr, te, 10
-    if os.path.isdir(name):
-        x, y, classes = D.load_image_folder(name, size=image_size)
-        tr, te = D.train_test_split(x, y, 0.2, seed)
-        return tr, te, len(classes)
-    raise CLIError(
-        f"unknown dataset {name!r}; valid: {', '.join(n for n in DATASETS if n[0] != '<')} "
-        "or a directory with one sub-folder per class"
-    )
+    x, y, classes = D.load_image_folder(name, size=image_size)
+    if len(x) < 2:
+        raise CLIError(f"image folder '{name}' has {len(x)} image(s); need at least 2 to split "
+                       "into training and test sets")
+    tr, te = D.train_test_split(x, y, 0.2, seed)
+    return tr, te, len(classes)
 
 
 def _build_model(name: str, num_classes: int, shape: tuple[int, ...]):
@@ -158,29 +180,152 @@ def _optimizer(name: str, lr: float, weight_decay: float):
     return optim.rmsprop(lr, weight_decay=weight_decay)
 
 
-# ----------------------------------------------------------------------------- commands
+# ----------------------------------------------------------------------------- checks
 
 
-def _run_dir(args) -> str:
+def _check_train_args(args) -> None:
+    """Every check that needs no data and no JAX (so errors come at once)."""
+    if args.model not in MODELS:
+        raise CLIError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
+    if args.optimizer not in OPTIMIZERS:
+        raise CLIError(f"unknown optimizer {args.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise CLIError(f"--lr must be > 0 (and finite), got {args.lr}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise CLIError(f"--weight-decay must be >= 0 (and finite), got {args.weight_decay}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.devices < 1:
+        raise CLIError(f"--devices must be >= 1, got {args.devices}")
+    if args.devices > args.batch_size or args.batch_size % args.devices:
+        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of --devices "
+                       f"{args.devices} (each device gets an equal share)")
+    if args.image_size is not None and args.image_size < 1:
+        raise CLIError(f"--image-size must be >= 1, got {args.image_size}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.resume is not None and args.overwrite:
+        raise CLIError("--resume and --overwrite contradict each other; pass one")
+    for flag, path in (("--output", args.output), ("--checkpoint-dir", args.checkpoint_dir)):
+        if path:
+            _check_dir_target(flag, path)
+
+
+def _check_dir_target(flag: str, path: str) -> None:
+    """``path`` must be a directory or creatable as one (no regular file on the way)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if not os.path.isdir(p):
+        raise CLIError(f"{flag} '{path}': '{p}' is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} '{path}': '{p}' is not writable")
+
+
+def _model_dir(args) -> str:
     data = os.path.basename(os.path.normpath(args.data))
-    return os.path.join(args.output, f"{args.model}_{data}")
+    return os.path.join(os.path.expanduser(args.output), f"{args.model}_{data}")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _say_skipped(path: str, reason: str) -> None:
+    print(f"fdl: warning: {reason}; skipped it", file=sys.stderr)
+
+
+def _newest_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest checkpoint in ``ckpt_dir`` that verifies (warning about newer ones)."""
+    from fdl.train import checkpoint as ckpt
+
+    return ckpt.latest_valid(ckpt_dir, _say_skipped)
+
+
+def _checkpoint_for(path: str) -> tuple[str, str]:
+    """``(run folder, verified checkpoint)`` for a model folder, run folder or file."""
+    from fdl import runs
+    from fdl.train import checkpoint as ckpt
+
+    try:
+        run_dir, target = runs.resolve_run(os.path.expanduser(path))
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    if os.path.isfile(target):
+        ckpt.verify(target)
+        return run_dir, target
+    found = _newest_checkpoint(target)
+    if found is None:
+        raise CLIError(f"no intact checkpoint (ckpt_<step>.safetensors) in '{target}'")
+    return run_dir, found
+
+
+def _prepare_run(args) -> tuple[str, str | None]:
+    """``(run folder, checkpoint to resume or None)``, creating the folder for a new run; a
+    run never writes into another run's folder unless ``--overwrite``."""
+    from fdl import runs
+
+    model_dir = _model_dir(args)
+    fixed = os.path.expanduser(args.checkpoint_dir) if args.checkpoint_dir else None
+    if args.resume is not None:
+        where = args.resume or fixed or model_dir
+        try:
+            run_dir, target = runs.resolve_run(where)
+        except FileNotFoundError:
+            run_dir, target = None, None
+        path = None
+        if target is not None:
+            path = target if os.path.isfile(target) else _newest_checkpoint(target)
+        if path is not None:
+            return run_dir, path
+        print(f"fdl train: nothing to resume in '{where}' (no intact checkpoint); starting a "
+              "new run")
+    try:
+        if fixed is not None:
+            existing = runs.run_files(fixed)
+            if existing and not args.overwrite:
+                raise CLIError(f"--checkpoint-dir '{fixed}' already holds a run "
+                               f"({os.path.basename(existing[0])}, ...); pass --resume to "
+                               "continue it or --overwrite to replace it")
+            os.makedirs(fixed, exist_ok=True)
+            runs.clear_run(fixed)
+            return fixed, None
+        if args.overwrite:
+            run_dir = runs.latest_run(model_dir)
+            if run_dir is not None:
+                runs.clear_run(run_dir)
+                return run_dir, None
+        return runs.new_run(model_dir), None
+    except OSError as e:
+        raise CLIError(f"cannot create the run folder: {_os_message(e)}") from None
+
+
+def _resumed_epoch(path: str) -> int:
+    from fdl.train import checkpoint as ckpt
+
+    tree = ckpt.load(path)
+    loader = tree.get("loader", {}) if isinstance(tree, dict) else {}
+    return int(loader.get("epoch", 0)) if not loader.get("batch", 0) else -1
+
+
+def _write_config(run_dir: str, args, meta: dict) -> None:
+    cfg = {"argv": ["fdl", *sys.argv[1:]], **{k: v for k, v in vars(args).items()
+                                               if k != "func"}, **meta}
+    tmp = os.path.join(run_dir, ".config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(run_dir, "config.json"))
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def cmd_train(args) -> int:
     t_start = time.perf_counter()
-    if args.epochs < 1:
-        raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
-    if not args.lr > 0:
-        raise CLIError(f"--lr must be > 0, got {args.lr}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.model not in MODELS:
-        raise CLIError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
-    import jax
-
-    from fdl.data import ArrayLoader
-    from fdl.train import fit
-
     (xtr, ytr), (xte, yte), num_classes = load_dataset(
         args.data, args.data_dir, args.image_size, args.seed)
     if args.batch_size > len(xtr):
@@ -190,60 +335,75 @@ def cmd_train(args) -> int:
         )
     shape = tuple(xtr.shape[1:])
     model = _build_model(args.model, num_classes, shape)
-    opt = _optimizer(args.optimizer, args.lr, args.weight_decay)
-    key = jax.random.key(args.seed)
-    _, params, state = model.init(jax.random.fold_in(key, 1), (1, *shape))
+    import jax
 
-    run_dir = _run_dir(args)
-    ckpt_dir = args.checkpoint_dir or os.path.join(run_dir, "checkpoints")
-    os.makedirs(run_dir, exist_ok=True)
-    n_dev = args.devices or 1
-    train_step = eval_step = None
-    put: Any = True
-    if n_dev > 1:
-        from fdl import parallel
-
-        if jax.local_device_count() < n_dev:
-            raise CLIError(f"--devices {n_dev}: only {jax.local_device_count()} local devices")
-        if args.batch_size % n_dev:
-            raise CLIError(f"--batch-size {args.batch_size} must be a multiple of --devices "
-                           f"{n_dev}")
-        mesh = parallel.data_mesh(n_dev)
-        train_step = parallel.make_sharded_train_step(model, opt, mesh=mesh)
-        eval_step = parallel.make_sharded_eval_step(model, mesh=mesh)
-        put = parallel.batch_sharding(mesh)
-    train = ArrayLoader((xtr, ytr), args.batch_size, key=jax.random.fold_in(key, 2),
-                        last_batch="pad", device_put=put)
-    test_bs = min(256, len(xte))
-    test_bs -= test_bs % n_dev
-    test = ArrayLoader((xte, yte), test_bs, last_batch="pad", device_put=put)
-    print(f"fdl train: model {args.model} ({sum(x.size for x in jax.tree.leaves(params)):,} "
-          f"params), data {args.data} ({len(xtr)} train / {len(xte)} test, {shape}), "
-          f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{n_dev} device(s)")
-    hint = " ".join(shlex.quote(a) for a in ["fdl", *sys.argv[1:]])
-    if "--resume" not in sys.argv[1:]:
-        hint += " --resume"
+    n_dev = args.devices
+    if jax.local_device_count() < n_dev:
+        raise CLIError(f"--devices {n_dev}: only {jax.local_device_count()} local devices")
+    run_dir, resume_from = _prepare_run(args)
+    if resume_from is not None:
+        done = _resumed_epoch(resume_from)
+        if done >= args.epochs:
+            print(f"fdl train: {run_dir} already finished {done} epoch(s) ({resume_from}); "
+                  f"nothing was trained. Pass --epochs N with N > {done} to train it further.")
+            return 0
     meta = {"model": args.model, "data": args.data, "data_dir": args.data_dir,
             "image_size": args.image_size, "num_classes": num_classes, "input_shape": shape,
             "seed": args.seed}
-    curve = os.path.join(run_dir, "curve.png")
-    result = fit(
-        model, params, state, opt, train, epochs=args.epochs, key=jax.random.fold_in(key, 3),
-        eval_data=test, train_step=train_step, eval_step=eval_step,
-        progress=not args.no_progress, log_file=os.path.join(run_dir, "log.jsonl"),
-        plot=curve, checkpoint_dir=ckpt_dir, resume=args.resume, metadata=meta,
-        resume_hint=hint, log_every=10,
-    )
+    if resume_from is None:
+        _write_config(run_dir, args, meta)
+    result = _fit(args, model, num_classes, shape, (xtr, ytr), (xte, yte), run_dir,
+                  resume_from, meta)
     last = result.history.last
     wall = time.perf_counter() - t_start
     acc, tloss = last.get("test_acc", float("nan")), last.get("test_loss", float("nan"))
     print(f"done: test accuracy {acc:.4f}, test loss {tloss:.4f} "
           f"after {len(result.history)} epochs in {wall:.1f} s wall time")
-    print(f"checkpoint: {result.checkpoint}\ncurve:      {curve}\n"
+    print(f"run:        {run_dir}\ncheckpoint: {result.checkpoint}\n"
+          f"curve:      {os.path.join(run_dir, 'curve.png')}\n"
           f"log:        {os.path.join(run_dir, 'log.jsonl')}")
-    print(f"evaluate:   fdl eval {result.checkpoint}")
+    print(f"evaluate:   fdl eval {shlex.quote(run_dir)}")
     return 0
+
+
+def _fit(args, model, num_classes, shape, train_set, test_set, run_dir, resume_from, meta):
+    import jax
+
+    from fdl.data import ArrayLoader
+    from fdl.train import fit
+
+    opt = _optimizer(args.optimizer, args.lr, args.weight_decay)
+    key = jax.random.key(args.seed)
+    _, params, state = model.init(jax.random.fold_in(key, 1), (1, *shape))
+    n_dev = args.devices
+    train_step = eval_step = None
+    put: Any = True
+    if n_dev > 1:
+        from fdl import parallel
+
+        mesh = parallel.data_mesh(n_dev)
+        train_step = parallel.make_sharded_train_step(model, opt, mesh=mesh)
+        eval_step = parallel.make_sharded_eval_step(model, mesh=mesh)
+        put = parallel.batch_sharding(mesh)
+    (xtr, ytr), (xte, yte) = train_set, test_set
+    train = ArrayLoader((xtr, ytr), args.batch_size, key=jax.random.fold_in(key, 2),
+                        last_batch="pad", device_put=put)
+    test_bs = max(n_dev, min(256, len(xte)) // n_dev * n_dev)
+    test = ArrayLoader((xte, yte), test_bs, last_batch="pad", device_put=put)
+    print(f"fdl train: model {args.model} ({sum(x.size for x in jax.tree.leaves(params)):,} "
+          f"params), data {args.data} ({len(xtr)} train / {len(xte)} test, {shape}), "
+          f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
+          f"{n_dev} device(s)\nrun folder: {run_dir}")
+    hint = " ".join(shlex.quote(a) for a in ["fdl", *sys.argv[1:]]
+                    if a not in ("--resume", "--overwrite"))
+    hint += f" --resume {shlex.quote(run_dir)}"
+    return fit(
+        model, params, state, opt, train, epochs=args.epochs, key=jax.random.fold_in(key, 3),
+        eval_data=test, train_step=train_step, eval_step=eval_step,
+        progress=not args.no_progress, log_file=os.path.join(run_dir, "log.jsonl"),
+        plot=os.path.join(run_dir, "curve.png"), checkpoint_dir=run_dir,
+        resume=resume_from or False, metadata=meta, resume_hint=hint, log_every=10,
+    )
 
 
 def _restore(path: str):
@@ -251,20 +411,18 @@ def _restore(path: str):
 
     from fdl.train import checkpoint as ckpt
 
-    if os.path.isdir(path):
-        found = ckpt.latest(path) or ckpt.latest(os.path.join(path, "checkpoints"))
-        if found is None:
-            raise CLIError(f"no checkpoint (ckpt_<step>.safetensors) in '{path}'")
-        path = found
-    if not os.path.exists(path):
-        raise CLIError(f"checkpoint '{path}' does not exist")
+    run_dir, path = _checkpoint_for(path)
     meta = ckpt.load_metadata(path)
-    if "model" not in meta:
+    if "model" not in meta or "input_shape" not in meta or "num_classes" not in meta:
         raise CLIError(f"'{path}' was not written by 'fdl train' (no model name in metadata)")
     shape = tuple(meta["input_shape"])
     model = _build_model(meta["model"], meta["num_classes"], shape)
     _, params, state = model.init(jax.random.key(0), (1, *shape))
-    tree = ckpt.load(path, {"params": params, "state": state}, partial=True)
+    template: dict[str, Any] = {"params": params, "state": state}
+    if "fdl_fit" in meta:
+        template["step"] = 0
+    tree = ckpt.load(path, template, partial=True)
+    print(f"run {run_dir}, checkpoint {os.path.basename(path)} (step {tree.get('step', '?')})")
     return path, meta, model, tree["params"], tree["state"]
 
 
@@ -281,30 +439,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _read_images(paths: Sequence[str], shape: tuple[int, ...]):
+    import numpy as np
+    from PIL import Image
+
+    xs = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise CLIError(f"image '{p}' " + ("is a directory" if os.path.isdir(p)
+                                              else "does not exist"))
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if shape[-1] == 1 else "RGB").resize((shape[1], shape[0]))
+                a = np.asarray(im, np.float32) / 255.0
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise CLIError(f"cannot read image '{p}': {_os_message(e)}") from None
+        xs.append(a.reshape(shape))
+    return np.stack(xs)
+
+
 def cmd_predict(args) -> int:
     import jax
     import numpy as np
 
     from fdl.train import make_predict_fn
 
+    if args.count < 1:
+        raise CLIError(f"--count must be >= 1, got {args.count}")
     path, meta, model, params, state = _restore(args.checkpoint)
     shape = tuple(meta["input_shape"])
     if args.images:
-        from PIL import Image
-
-        xs = []
-        for p in args.images:
-            if not os.path.exists(p):
-                raise CLIError(f"image '{p}' does not exist")
-            with Image.open(p) as im:
-                im = im.convert("L" if shape[-1] == 1 else "RGB").resize((shape[1], shape[0]))
-                a = np.asarray(im, np.float32) / 255.0
-            xs.append(a.reshape(shape))
-        x, labels, names = np.stack(xs), None, args.images
+        x, labels, names = _read_images(args.images, shape), None, args.images
     else:
         data = args.data or meta["data"]
         _, (xte, yte), _ = load_dataset(data, args.data_dir or meta.get("data_dir"),
                                         meta.get("image_size"), meta.get("seed", 0))
+        if tuple(xte.shape[1:]) != shape:
+            raise CLIError(f"--data {data}: images of shape {tuple(xte.shape[1:])}, the model "
+                           f"in '{path}' takes {shape}")
         x, labels = xte[: args.count], yte[: args.count]
         names = [f"{data} test #{i}" for i in range(len(x))]
     probs = np.asarray(jax.nn.softmax(make_predict_fn(model)(params, state, x), axis=-1))
@@ -323,8 +495,12 @@ def cmd_list(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the listing's line breaks and shows every option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _Formatter
     p = argparse.ArgumentParser(
         prog="fdl", formatter_class=fmt,
         description="fdl: a functional deep-learning library on JAX.\n\n" + _listing(),
@@ -332,38 +508,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="{train,eval,predict,list}")
     t = sub.add_parser("train", help="train a model", formatter_class=fmt,
-                       description="Train a model and write a checkpoint, a JSON-lines log and "
-                                   "a training-curve PNG.\n\n" + _listing())
-    t.add_argument("model", nargs="?", default="cnn", help="model name (default: cnn)")
-    t.add_argument("--data", default="digits", help="dataset name or image folder (digits)")
-    t.add_argument("--data-dir", default=None, help="where dataset files are (default "
-                   "$FDL_DATA or ~/.cache/fdl/data)")
-    t.add_argument("--image-size", type=int, default=None, help="resize image-folder images")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
+                       description="Train a model. Each run gets a folder of its own, "
+                                   "<output>/<model>_<data>/<start time>/ (with 'latest' "
+                                   "pointing at the newest), holding its checkpoints, "
+                                   "log.jsonl, curve.png and config.json.\n\n" + _listing())
+    t.add_argument("model", nargs="?", default="cnn", help="model name")
+    t.add_argument("--data", default="digits", help="dataset name or image folder")
+    t.add_argument("--data-dir", default=None,
+                   help="the folder holding the dataset's files (default: $FDL_DATA/<data> or "
+                        "~/.cache/fdl/data/<data>)")
+    t.add_argument("--image-size", type=int, default=None,
+                   help="resize image-folder images to this size (default: keep)")
+    t.add_argument("--epochs", type=int, default=10, help="epochs to train (in total, with "
+                                                          "--resume)")
+    t.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     t.add_argument("--devices", type=int, default=1,
                    help="data-parallel over this many local devices (sharded jit)")
-    t.add_argument("--output", default="runs", help="run directory root (default runs/)")
+    t.add_argument("--output", default="runs", help="root of the model folders")
     t.add_argument("--checkpoint-dir", default=None,
-                   help="default <output>/<model>_<data>/checkpoints")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    t.add_argument("--seed", type=int, default=0)
+                   help="use this folder as the run folder (checkpoints, log, curve, config) "
+                        "instead of a new one under --output")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="continue a run from its newest intact checkpoint: RUN is a run "
+                        "folder or checkpoint (default: the latest run of this model and data)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the latest run (or --checkpoint-dir's run) instead of "
+                        "starting a new run folder")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its test set")
-    e.add_argument("checkpoint", help="checkpoint file or run / checkpoint directory")
-    e.add_argument("--data", default=None)
-    e.add_argument("--data-dir", default=None)
+    e = sub.add_parser("eval", help="evaluate a run on its test set", formatter_class=fmt)
+    e.add_argument("checkpoint", metavar="RUN",
+                   help="model folder (its latest run), run folder or checkpoint file")
+    e.add_argument("--data", default=None, help="dataset (default: the run's)")
+    e.add_argument("--data-dir", default=None, help="the folder holding the dataset's files "
+                                                    "(default: the run's)")
     e.set_defaults(func=cmd_eval)
-    pr = sub.add_parser("predict", help="predict classes with a checkpoint")
-    pr.add_argument("checkpoint")
+    pr = sub.add_parser("predict", help="predict classes with a run's checkpoint",
+                        formatter_class=fmt)
+    pr.add_argument("checkpoint", metavar="RUN",
+                    help="model folder (its latest run), run folder or checkpoint file")
     pr.add_argument("images", nargs="*", help="image files (default: test-set examples)")
-    pr.add_argument("--data", default=None)
-    pr.add_argument("--data-dir", default=None)
-    pr.add_argument("--count", type=int, default=10)
+    pr.add_argument("--data", default=None, help="dataset (default: the run's)")
+    pr.add_argument("--data-dir", default=None, help="the folder holding the dataset's files "
+                                                     "(default: the run's)")
+    pr.add_argument("--count", type=int, default=10, help="test-set examples to predict")
     pr.set_defaults(func=cmd_predict)
     ls = sub.add_parser("list", help="list models and datasets")
     ls.set_defaults(func=cmd_list)
@@ -378,24 +570,45 @@ def _force_cpu_devices(n: int) -> None:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}"
 
 
+def _os_message(e: BaseException) -> str:
+    """One line for an ``OSError`` (or a Pillow error): the reason and the path."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f" '{e.filename}'" if e.filename else ""
+        return f"{e.strerror}:{where}" + (f" -> '{e.filename2}'" if e.filename2 else "")
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fdl.data.datasets import DatasetError
+    from fdl.train.checkpoint import CheckpointError
+
+    return (CLIError, DatasetError, CheckpointError, ValueError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "train":
-        _force_cpu_devices(args.devices)
-    from fdl.data.datasets import DatasetNotFoundError
-    from fdl.train.checkpoint import CheckpointError
-
     try:
+        if args.command == "train":
+            _check_train_args(args)  # before JAX is imported: errors come at once
+            _force_cpu_devices(args.devices)
         return args.func(args)
-    except (CLIError, DatasetNotFoundError, CheckpointError, ValueError, ImportError) as e:
+    except CLIError as e:
         print(f"fdl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        print(f"fdl: error: {_os_message(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"fdl: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover
