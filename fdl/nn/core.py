@@ -469,6 +469,7 @@ def _checked(layer_name: str, init: InitFn, children, apply: ApplyFn) -> ApplyFn
     given shapes. Only the outermost checked combinator checks (it covers the whole tree);
     inputs that are not a single array, or shapes ``init`` rejects, are not checked here."""
     cache: dict[tuple[int, ...], Any] = {}
+    init = _scoped_init(init, children)  # its own scope: never records into apply's
 
     def checked_apply(params, state, x, **kwargs):
         if getattr(_checking, "active", False):

@@ -94,6 +94,9 @@ def test_parallel_and_residual_check_too():
 def test_under_jit_and_grad_and_nested_models_pass():
     net = nn.serial(("block", _cnn()), ("out", nn.dense(2)))
     p, s = _init(net)
+    leaves = jax.tree.leaves(p)
+    y, _ = net.apply(p, s, X)  # the check never touches the caller's params
+    assert all(a is b for a, b in zip(leaves, jax.tree.leaves(p), strict=True))
     y, _ = jax.jit(net.apply)(p, s, X)
     assert y.shape == (2, 2)
     g = jax.grad(lambda p: net.apply(p, s, X)[0].sum())(p)
