@@ -47,8 +47,10 @@ def test_help_lists_models_datasets_and_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name in list(cli.MODELS) + ["digits", "mnist", "fashion_mnist", "cifar10"]:
         assert name in out
-    for text in ("(default: 10)", "(default: 64)", "(default: 0.001)", "(default: adam)"):
+    for text in ("(default: 10)", "(default: 64)", "(default: 0.001)", "(default: adam)",
+                 "(default: 0.0)", "(default: runs)"):
         assert text in out
+    assert "(default: None)" not in out and "(default: False)" not in out
     assert cli.main([]) == 0
     assert "models:" in capsys.readouterr().out
 

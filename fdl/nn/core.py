@@ -515,8 +515,9 @@ def _check_params(layer_name, init, children, cache, shape, params) -> bool:
             at = "params of this layer are"
         elif not param:
             at = "params:"
-        raise ShapeError(lname, f"{at} {what} (for input shape {shape}; are these params "
-                                "from another model or configuration?)", where)
+        raise ShapeError(lname, f"{at} {what} (expected for input shape {shape}: params of "
+                                "another model or configuration, or an input of the wrong "
+                                "shape?)", where)
     return True
 
 
