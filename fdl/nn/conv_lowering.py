@@ -31,7 +31,8 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from fdl.nn.conv_xla import conv_general
 
 __all__ = ["conv2d_nhwc", "conv_backend", "onednn_available", "BACKENDS"]
 
@@ -81,15 +82,9 @@ def onednn_available() -> bool:
 
 
 def _xla_conv(x, w, stride, padding, dilation, groups):
-    return lax.conv_general_dilated(
-        x,
-        w,
-        window_strides=tuple(stride),
-        padding=tuple(tuple(p) for p in padding),
-        rhs_dilation=tuple(dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
+    # lax.conv_general_dilated whose gradients stay on XLA's fast (Eigen) convolution inside
+    # loop bodies too (fdl.nn.conv_xla)
+    return conv_general(x, w, stride, padding, rhs_dilation=dilation, groups=groups)
 
 
 def _out_hw(ih: int, iw: int, kh: int, kw: int, geom: _Geom) -> tuple[int, int]:

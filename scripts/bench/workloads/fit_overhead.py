@@ -36,13 +36,13 @@ import functools
 
 from scripts.bench import common
 from scripts.bench.api import Workload
+from scripts.bench.workloads import _fit_rows
 
 _N, _BATCH = 1792, 256
 _PENDING = None
 try:
     from fdl import optim as foptim
-    from fdl.data import ArrayLoader
-    from fdl.train import fit as _fit
+    from fdl.train import fit as _fit  # noqa: F401
     from fdl.train import make_train_step
 except Exception as e:  # noqa: BLE001
     _PENDING = f"`fdl.train.fit` is not available ({type(e).__name__}: {e})"
@@ -65,48 +65,12 @@ def _setup():
     return net, params, state, opt, x, y
 
 
-def _fit_row(epochs: int = 1):
-    import jax
-
-    net, params, state, opt, x, y = _setup()
-    train_step = make_train_step(net, opt)
-    key = jax.random.key(1)
-    # One loader for all calls, as the bare loop's batches are put on the device once: the
-    # loader keeps its device copy of the data, so only the first call transfers the dataset.
-    # Rewinding it to epoch 0 makes every call one fresh epoch (the same shuffled order).
-    loader = ArrayLoader((x, y), _BATCH, key=key, last_batch="drop")
-
-    def step():
-        loader.set_state({"epoch": 0, "batch": 0})
-        res = _fit(net, params, state, opt, loader, epochs=epochs, key=key,
-                   train_step=train_step, progress=False, print_fn=None, checkpoint_dir=None)
-        if res.steps != epochs * (_N // _BATCH):
-            raise RuntimeError(f"fit ran {res.steps} steps, expected {epochs * (_N // _BATCH)}")
-        return jax.block_until_ready(res.params)
-
-    return step
+def _setup_rows():
+    return (*_setup(), _BATCH)
 
 
-def _bare_row(epochs: int = 1):
-    import jax
-    import jax.numpy as jnp
-
-    net, params, state, opt, x, y = _setup()
-    train_step = make_train_step(net, opt)
-    key = jax.random.key(1)
-    batches = [(jnp.asarray(x[i:i + _BATCH]), jnp.asarray(y[i:i + _BATCH]))
-               for i in range(0, _N, _BATCH)]
-    carry = [jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), opt.init(params)]
-
-    def step():
-        p, s, o = carry
-        for _ in range(epochs):
-            for b in batches:
-                p, s, o, _ = train_step(p, s, o, b, key)
-        carry[:] = [p, s, o]
-        return jax.block_until_ready(p)
-
-    return step
+_fit_row = functools.partial(_fit_rows.fit_row, _setup_rows)
+_bare_row = functools.partial(_fit_rows.bare_row, _setup_rows)
 
 
 def _bare_shuffled_row(epochs: int = 1):
