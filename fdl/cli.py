@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -223,8 +224,11 @@ def _check_dir_target(flag: str, path: str) -> None:
         p = parent
     if not os.path.isdir(p):
         raise CLIError(f"{flag} '{path}': '{p}' is a file, not a directory")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} '{path}': '{p}' is not writable")
+    try:  # a real probe (permissions, read-only file systems, root included), then gone
+        os.rmdir(tempfile.mkdtemp(prefix=".fdl-probe-", dir=p))
+    except OSError as e:
+        raise CLIError(f"{flag} '{path}': cannot create folders in '{p}' "
+                       f"({e.strerror or e})") from None
 
 
 def _model_dir(args) -> str:

@@ -144,6 +144,7 @@ def _write_file(tmp_path):
         (["train", "--output", "{file}/runs"], "--output '{file}/runs': '{file}' is a file"),
         (["train", "--checkpoint-dir", "{file}"], "--checkpoint-dir '{file}': '{file}' is a"),
         (["train", "--resume", "--overwrite"], "contradict"),
+        (["train", "--output", "/proc/fdl-runs"], "--output '/proc/fdl-runs': cannot create"),
         (["eval", "/nonexistent/ckpt.safetensors"], "does not exist"),
         (["eval", "{tmp}"], "no run in"),
         (["predict", "{tmp}", "--count", "-1"], "--count must be >= 1, got -1"),
