@@ -1,0 +1,80 @@
+"""Record ``torchvision.ops`` outputs on fixed random inputs into ``torchvision_golden.npz``.
+
+torchvision does not import beside the project's torch 2.13.0+cpu (its PyPI wheels are CUDA
+builds: "operator torchvision::nms does not exist"), so the tests compare against outputs
+recorded once in a separate environment where it works, e.g.::
+
+    python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /tmp/tvenv/bin/python tests/ops/make_torchvision_golden.py
+
+The file stores the inputs next to the outputs, and the torch/torchvision versions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torchvision
+from torchvision import ops
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_golden.npz")
+
+
+def random_boxes(rng, n, scale=100.0, min_size=1.0, max_size=40.0):
+    xy = rng.uniform(0, scale, (n, 2))
+    wh = rng.uniform(min_size, max_size, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+def main() -> None:
+    rng = np.random.default_rng(20261202)
+    g: dict[str, np.ndarray] = {}
+    t = torch.from_numpy
+
+    a, b = random_boxes(rng, 40), random_boxes(rng, 30)
+    g["iou_a"], g["iou_b"] = a, b
+    g["iou_out"] = ops.box_iou(t(a), t(b)).numpy()
+    g["giou_out"] = ops.generalized_box_iou(t(a), t(b)).numpy()
+
+    nms_cases = [(200, 0.5, False), (200, 0.3, True), (200, 0.7, False), (500, 0.45, True),
+                 (1500, 0.5, False)]
+    for i, (n, thr, ties) in enumerate(nms_cases):
+        boxes = random_boxes(rng, n)
+        scores = rng.uniform(0, 1, n).astype(np.float32)
+        if ties:
+            scores = (np.round(scores * 8) / 8).astype(np.float32)
+        g[f"nms{i}_boxes"], g[f"nms{i}_scores"] = boxes, scores
+        g[f"nms{i}_thr"] = np.float64(thr)
+        g[f"nms{i}_keep"] = ops.nms(t(boxes), t(scores), thr).numpy()
+        classes = rng.integers(0, 5, n)
+        g[f"nms{i}_classes"] = classes
+        g[f"nms{i}_batched_keep"] = ops.batched_nms(t(boxes), t(scores), t(classes), thr).numpy()
+
+    feats = rng.normal(size=(2, 3, 13, 17)).astype(np.float32)  # NCHW as torchvision wants
+    k = 48
+    xy = rng.uniform(-4, 32, (k, 2))
+    wh = rng.uniform(0.3, 22, (k, 2))
+    rois = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    bidx = rng.integers(0, 2, k)
+    r5 = t(np.concatenate([bidx[:, None], rois], 1).astype(np.float32))
+    g["roi_features"] = feats.transpose(0, 2, 3, 1).copy()  # stored NHWC
+    g["roi_boxes"], g["roi_indices"] = rois, bidx
+    for aligned in (False, True):
+        for sr in (-1, 2):
+            for size in ((7, 7), (3, 5)):
+                key = f"align_{int(aligned)}_{sr}_{size[0]}x{size[1]}"
+                out = ops.roi_align(t(feats), r5, size, spatial_scale=0.5, sampling_ratio=sr,
+                                    aligned=aligned)
+                g[key] = out.numpy().transpose(0, 2, 3, 1)
+    for size in ((7, 7), (3, 5), (2, 2)):
+        out = ops.roi_pool(t(feats), r5, size, spatial_scale=0.5)
+        g[f"pool_{size[0]}x{size[1]}"] = out.numpy().transpose(0, 2, 3, 1)
+    g["versions"] = np.array(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
+    np.savez_compressed(OUT, **g)
+    print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes) with {g['versions']}")
+
+
+if __name__ == "__main__":
+    main()
