@@ -8,8 +8,10 @@
 ``--data``: WikiText-2's ``wiki.train.tokens`` if you have it, a plain-text book (default: The
 Time Machine) or ``fra-eng.zip`` (its English side). The losses depend on the text (vocabulary
 size above all), so compare with the book only on WikiText-2. As the book, the printed losses
-are the means over all steps; the last step's are printed too. ``--save`` writes the params
-to a safetensors file under fdl's flat param names (``fdl.tree.flatten_dict``).
+are the means over all steps; the last step's are printed too. By default the MLM decoder is
+tied to the token embedding (initialised N(0, 0.02) as BERT); ``--untied`` is the book's exact
+architecture (its own decoder, N(0, 1) embeddings). ``--save`` writes the params to a
+safetensors file under fdl's flat param names (``fdl.tree.flatten_dict``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--untied", action="store_true",
+                    help="the book's architecture: an untied MLM decoder, N(0, 1) embeddings")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="write the trained params (safetensors)")
     args = ap.parse_args(argv)
@@ -48,8 +52,12 @@ def main(argv=None) -> dict:
     arrays, vocab = bert_pretraining_data(paragraphs, args.max_len, seed=args.seed)
     n = arrays["tokens"].shape[0]
     print(f"{desc}: {len(paragraphs)} paragraphs, {n} sentence pairs, vocab {len(vocab)}")
+    # tied MLM decoder (default): N(0, 0.02) init as BERT/HF (a tied decoder over N(0, 1)
+    # embeddings starts with logits of std ~sqrt(d) and an MLM loss ~40); --untied: the book's
     cfg = BertConfig.d2l(len(vocab), args.hidden, args.ffn, args.heads, args.layers,
-                         max_len=args.max_len, dropout=args.dropout)
+                         max_len=args.max_len, dropout=args.dropout,
+                         tie_mlm_decoder=not args.untied,
+                         init_std=None if args.untied else 0.02)
     model = bert_pretraining(cfg)
     b = min(args.batch_size, n)
     p = arrays["pred_positions"].shape[1]
