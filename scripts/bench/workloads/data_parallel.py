@@ -1,72 +1,84 @@
-"""Data-parallel scaling: the LeNet-5+BN training step (global batch 256) on 1 device and
-split over all local devices with a sharded ``jit`` (batch on a ``data`` mesh axis, params
-replicated, BatchNorm statistics over the global batch).
+"""Data-parallel scaling: the LeNet-5+BN training step on 256 examples, split over 1, 2, 4
+and 8 simulated CPU devices with a sharded ``jit`` and over 2 processes x 4 devices
+(``jax.distributed``, gloo over loopback), against the single-device step at the same
+per-device batch, and Flax's sharded step.
 
-A CPU process sees one JAX device unless it is started with simulated host devices, so this
-workload is **pending** in a default run and measures only when started as::
+Every row does the work of 256 examples: ``fdl (1 device, k x batch 256/k)`` runs ``k``
+single-device steps of ``256/k`` examples (the per-device batch of a ``k``-device split), so
+the ratio of the ``k``-device sharded row to it is the cost of splitting the step (the
+gradient all-reduce, the BatchNorm statistics over the global batch, the per-device
+dispatch), with the same arithmetic on the same two cores. Simulated devices share the
+machine's cores: this measures overhead, not a multi-GPU speed-up (see
+``docs/distributed.md`` for the all-reduce bytes per step and the projection to real
+interconnects).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m scripts.bench --only data_parallel
-
-Simulated devices share the machine's cores: the figure says what splitting the step costs or
-gains on this CPU (and that fdl's sharded step is no slower than Flax's), not multi-GPU speed-up.
+Each row runs in a worker process of its own (the harness's default), which sets its device
+count before JAX starts (``jax_num_cpu_devices``); the 2-process row starts a partner process
+that joins it as process 1 and runs every step in lockstep. With ``--in-process`` the rows
+needing more devices than the process has fail with a message saying so.
 """
 
 from __future__ import annotations
 
+import atexit
+import subprocess
+import sys
 from functools import partial
 
 from scripts.bench import common
 from scripts.bench.api import Workload
 
-_PENDING = None
-try:
+GLOBAL = common.LENET["batch"]  # 256 examples per step in every row
+
+
+def _use_devices(n: int, check: bool = True) -> None:
+    """Give this process ``n`` CPU devices (before JAX starts), or check it has them."""
     import jax
 
-    from fdl import parallel as _parallel
-
-    _parallel.make_sharded_train_step  # noqa: B018
-    _N = jax.local_device_count()
-    if _N < 2:
-        _PENDING = (
-            f"this process sees {_N} JAX device; run with "
-            "`XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m scripts.bench "
-            "--only data_parallel` (fdl.parallel exists; see tests/parallel for equality with "
-            "the 1-device step)")
-except Exception as e:  # noqa: BLE001
-    _N = 1
-    _PENDING = f"fdl capability missing: {type(e).__name__}: {e}"
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backend is up already (``--in-process``)
+        pass
+    if check and jax.device_count() < n:
+        raise RuntimeError(f"needs {n} devices, this process has {jax.device_count()}: run "
+                           "the benchmark isolated (the default, not --in-process)")
 
 
-def _fdl(sharded: bool):
+def _lenet_setup(batch: int, seed: int = 0):
+    """``(model, params, state, optimizer, x, y)`` of the LeNet workload for ``batch``."""
+    import jax
+
+    from fdl import optim
+    from scripts.bench.workloads.lenet import fdl_lenet
+
+    h = common.LENET
+    x, y = common.image_batch(GLOBAL, 28, 1, 10, seed)
+    net = fdl_lenet()
+    _, params, state = net.init(jax.random.key(0), (batch, 28, 28, 1))
+    return net, params, state, optim.sgd(h["lr"], momentum=h["momentum"]), x, y
+
+
+def _fdl_single(k: int):
+    """``k`` single-device steps of ``GLOBAL / k`` examples per timed step."""
     def build():
         import jax
         import jax.numpy as jnp
 
-        from fdl import optim
         from fdl.train import make_train_step
-        from scripts.bench.workloads.lenet import fdl_lenet
 
-        h = common.LENET
-        x, y = common.image_batch(h["batch"], 28, 1, 10)
-        net = fdl_lenet()
-        _, params, state = net.init(jax.random.key(0), x.shape)
-        opt = optim.sgd(h["lr"], momentum=h["momentum"])
-        opt_state = opt.init(params)
-        batch = (jnp.asarray(x), jnp.asarray(y))
-        if sharded:
-            mesh = _parallel.data_mesh()
-            train_step = _parallel.make_sharded_train_step(net, opt, mesh=mesh)
-            params, state, opt_state = _parallel.replicate_on_mesh((params, state, opt_state),
-                                                                   mesh)
-            batch = _parallel.shard_batch(batch, mesh)
-        else:
-            train_step = make_train_step(net, opt)
+        _use_devices(1)
+        b = GLOBAL // k
+        net, params, state, opt, x, y = _lenet_setup(b)
+        batches = [(jnp.asarray(x[i * b:(i + 1) * b]), jnp.asarray(y[i * b:(i + 1) * b]))
+                   for i in range(k)]
+        train_step = make_train_step(net, opt)
+        carry = [params, state, opt.init(params)]
         key = jax.random.key(1)
-        carry = [params, state, opt_state]
 
         def step():
-            p, s, o, metrics = train_step(*carry, batch, key)
-            carry[:] = [p, s, o]
+            for batch in batches:
+                p, s, o, metrics = train_step(*carry, batch, key)
+                carry[:] = [p, s, o]
             return jax.block_until_ready(metrics)
 
         return step
@@ -74,7 +86,84 @@ def _fdl(sharded: bool):
     return build
 
 
-def _flax(sharded: bool):
+def _sharded_step(mesh):
+    """One sharded step over ``mesh`` of the global batch: ``step()`` blocks on it."""
+    import jax
+
+    from fdl import parallel
+
+    net, params, state, opt, x, y = _lenet_setup(GLOBAL)
+    train_step = parallel.make_sharded_train_step(net, opt, mesh=mesh)
+    carry = list(parallel.replicate_on_mesh((params, state, opt.init(params)), mesh))
+    batch = parallel.shard_batch((x, y), mesh)
+    key = parallel.replicate_on_mesh(jax.random.key(1), mesh)
+
+    def step():
+        p, s, o, metrics = train_step(*carry, batch, key)
+        carry[:] = [p, s, o]
+        return jax.block_until_ready(metrics)
+
+    return step
+
+
+def _fdl_sharded(n: int):
+    def build():
+        from fdl import parallel
+
+        _use_devices(n)
+        return _sharded_step(parallel.data_mesh(n))
+
+    return build
+
+
+def _join(process_id: int, address: str, processes: int, devices: int) -> None:
+    import fdl.distributed as dist
+
+    _use_devices(devices, check=False)  # jax.distributed starts before the backend
+    dist.initialize(dist.ClusterSpec(address, processes, process_id, "bench"),
+                    timeouts=dist.Timeouts(heartbeat=10, init=60, shutdown=30))
+
+
+def _fdl_processes(processes: int, devices: int):
+    """Process 0 of a ``processes`` x ``devices`` run; the others are partner processes
+    started here that run every step when this one does."""
+    def build():
+        from fdl import parallel
+        from fdl.launch import free_port
+
+        address = f"127.0.0.1:{free_port()}"
+        partners = [subprocess.Popen(
+            [sys.executable, "-m", "scripts.bench.workloads.data_parallel", "partner", address,
+             str(i), str(processes), str(devices)], stdin=subprocess.PIPE, stdout=sys.stderr,
+            text=True) for i in range(1, processes)]
+        _join(0, address, processes, devices)
+        # before JAX's exit handshake (atexit runs the newest first): end the partners' input
+        atexit.register(lambda: [p.stdin.close() for p in partners])
+        run = _sharded_step(parallel.data_mesh())
+
+        def step():
+            for p in partners:
+                p.stdin.write("1\n")
+                p.stdin.flush()
+            return run()
+
+        return step
+
+    return build
+
+
+def partner(address: str, process_id: int, processes: int, devices: int) -> int:
+    """A partner process: one step per line read, until its input ends."""
+    from fdl import parallel
+
+    _join(process_id, address, processes, devices)
+    run = _sharded_step(parallel.data_mesh())
+    for _ in sys.stdin:
+        run()
+    return 0
+
+
+def _flax(n: int):
     def build():
         import jax
         import jax.numpy as jnp
@@ -84,15 +173,16 @@ def _flax(sharded: bool):
 
         from scripts.bench.references.flax_models import LeNetBN
 
+        _use_devices(n)
         h = common.LENET
-        x, y = common.image_batch(h["batch"], 28, 1, 10)
+        x, y = common.image_batch(GLOBAL, 28, 1, 10)
         x, y = jnp.asarray(x), jnp.asarray(y)
         model = LeNetBN()
         variables = model.init(jax.random.key(0), x, train=False)
         tx = optax.sgd(h["lr"], momentum=h["momentum"])
         carry = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
-        if sharded:  # idiomatic: put the data sharded, the state replicated; jit follows
-            mesh = jax.make_mesh((_N,), ("data",))
+        if n > 1:  # idiomatic: put the data sharded, the state replicated; jit follows
+            mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
             x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
             carry = list(jax.device_put(carry, NamedSharding(mesh, P())))
 
@@ -130,34 +220,39 @@ def _flops():
     return flax_models.classifier_flops("lenet")
 
 
-_impls = {} if _PENDING else {
-    "fdl (1 device)": _fdl(False),
-    f"fdl (sharded jit, {_N} devices)": _fdl(True),
-}
-if not _PENDING:
-    _impls.update({
-        "Flax linen (1 device)": _flax(False),
-        f"Flax linen (sharded jit, {_N} devices)": _flax(True),
-        "PyTorch eager (one process, all threads)": _torch,
-    })
+_impls = {"fdl (1 device)": _fdl_single(1)}
+for _n in (2, 4, 8):
+    _impls[f"fdl (1 device, {_n} x batch {GLOBAL // _n})"] = _fdl_single(_n)
+    _impls[f"fdl (sharded jit, {_n} devices)"] = _fdl_sharded(_n)
+_impls["fdl (2 processes x 4 devices)"] = _fdl_processes(2, 4)
+_impls.update({
+    "Flax linen (1 device)": _flax(1),
+    "Flax linen (sharded jit, 8 devices)": _flax(8),
+    "PyTorch eager (one process, all threads)": _torch,
+})
 
 WORKLOADS = [
     Workload(
         name="data_parallel",
         description=(
-            "LeNet-5+BN training step (the `lenet5_bn` workload: 1x28x28, global batch 256, "
-            "SGD momentum) on one JAX device and split over all local devices with a sharded "
-            "`jit` (batch on a `data` mesh axis, params replicated, BatchNorm over the global "
-            "batch); PyTorch runs the same step in one process on all threads. Simulated CPU "
-            "devices share the cores: this shows the cost of splitting, not a multi-GPU "
-            "speed-up."
+            "LeNet-5+BN training step (the `lenet5_bn` workload: 1x28x28, SGD momentum) on 256 "
+            "examples per row: one device; k single-device steps of 256/k examples (the "
+            "per-device batch of a k-way split: the same arithmetic without the split); the "
+            "sharded `jit` step over k = 2, 4, 8 simulated CPU devices (batch on a `data` mesh "
+            "axis, params replicated, BatchNorm over the global batch, gradients all-reduced); "
+            "2 processes x 4 devices on `jax.distributed` (gloo over loopback). Simulated "
+            "devices share the 2 cores: sharded / (k x batch 256/k) is the cost of splitting, "
+            "not a multi-GPU speed-up (docs/distributed.md)."
         ),
         impls=_impls,
         flops_fn=_flops,
         flops_note="XLA HLO cost analysis of the Flax training step",
-        pending=_PENDING,
         quick_steps=20,
         steps=30,
-        extra={"examples_per_step": common.LENET["batch"]},
+        extra={"examples_per_step": GLOBAL},
     )
 ]
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "partner":
+    sys.exit(partner(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
