@@ -200,9 +200,19 @@ def _check_train_args(args) -> None:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.devices < 1:
         raise CLIError(f"--devices must be >= 1, got {args.devices}")
-    if args.devices > args.batch_size or args.batch_size % args.devices:
-        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of --devices "
-                       f"{args.devices} (each device gets an equal share)")
+    if args.num_processes < 1:
+        raise CLIError(f"--num-processes must be >= 1, got {args.num_processes}")
+    total = args.devices * args.num_processes
+    if total > args.batch_size or args.batch_size % total:
+        what = (f"--devices {args.devices}" if args.num_processes == 1 else
+                f"the {total} devices (--num-processes {args.num_processes} x --devices "
+                f"{args.devices})")
+        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of {what} (each "
+                       "device gets an equal share)")
+    for flag, value in (("--heartbeat-timeout", args.heartbeat_timeout),
+                        ("--init-timeout", args.init_timeout)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be >= 1 second, got {value}")
     if args.image_size is not None and args.image_size < 1:
         raise CLIError(f"--image-size must be >= 1, got {args.image_size}")
     if args.seed < 0:
@@ -328,8 +338,45 @@ def _write_config(run_dir: str, args, meta: dict) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+def _join_run(args):
+    """Join a multi-process run when this process is one (``--coordinator``, the variables
+    ``fdl.launch`` sets, or SLURM); returns ``fdl.distributed.ProcessInfo``."""
+    import fdl.distributed as dist
+
+    try:
+        spec = dist.detect_cluster(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes if args.coordinator else None,
+            process_id=args.process_id if args.coordinator else None)
+    except dist.ClusterConfigError as e:
+        raise CLIError(str(e)) from None
+    if spec is not None and args.num_processes > 1 and spec.num_processes != args.num_processes:
+        raise CLIError(f"--num-processes {args.num_processes}, but this process was started as "
+                       f"one of {spec.num_processes} (from {spec.source})")
+    timeouts = dist.Timeouts.from_env(heartbeat=args.heartbeat_timeout, init=args.init_timeout)
+    return dist.initialize(spec, timeouts=timeouts)
+
+
+def _prepare_run_everywhere(args, main: bool) -> tuple[str, str | None]:
+    """``_prepare_run`` in process 0 only; every process gets its result (or its error)."""
+    from fdl.distributed import broadcast_text
+
+    answer = None
+    if main:
+        try:
+            answer = json.dumps({"run": _prepare_run(args)})
+        except CLIError as e:
+            answer = json.dumps({"error": str(e)})
+    answer = json.loads(broadcast_text(answer))
+    if "error" in answer:
+        raise CLIError(answer["error"])
+    return tuple(answer["run"])
+
+
 def cmd_train(args) -> int:
     t_start = time.perf_counter()
+    proc = _join_run(args)
+    say = print if proc.is_main else (lambda *a, **k: None)
     (xtr, ytr), (xte, yte), num_classes = load_dataset(
         args.data, args.data_dir, args.image_size, args.seed)
     if args.batch_size > len(xtr):
@@ -344,33 +391,39 @@ def cmd_train(args) -> int:
     n_dev = args.devices
     if jax.local_device_count() < n_dev:
         raise CLIError(f"--devices {n_dev}: only {jax.local_device_count()} local devices")
-    run_dir, resume_from = _prepare_run(args)
+    if proc.count > 1 and args.batch_size % (n_dev * proc.count):
+        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of the "
+                       f"{n_dev * proc.count} devices of the {proc.count} processes")
+    run_dir, resume_from = _prepare_run_everywhere(args, proc.is_main)
     if resume_from is not None:
         done = _resumed_epoch(resume_from)
         if done >= args.epochs:
-            print(f"fdl train: {run_dir} already finished {done} epoch(s) ({resume_from}); "
-                  f"nothing was trained. Pass --epochs N with N > {done} to train it further.")
+            say(f"fdl train: {run_dir} already finished {done} epoch(s) ({resume_from}); "
+                f"nothing was trained. Pass --epochs N with N > {done} to train it further.")
             return 0
     meta = {"model": args.model, "data": args.data, "data_dir": args.data_dir,
             "image_size": args.image_size, "num_classes": num_classes, "input_shape": shape,
             "seed": args.seed}
-    if resume_from is None:
+    if resume_from is None and proc.is_main:
         _write_config(run_dir, args, meta)
     result = _fit(args, model, num_classes, shape, (xtr, ytr), (xte, yte), run_dir,
-                  resume_from, meta)
+                  resume_from, meta, proc)
     last = result.history.last
     wall = time.perf_counter() - t_start
     acc, tloss = last.get("test_acc", float("nan")), last.get("test_loss", float("nan"))
-    print(f"done: test accuracy {acc:.4f}, test loss {tloss:.4f} "
-          f"after {len(result.history)} epochs in {wall:.1f} s wall time")
-    print(f"run:        {run_dir}\ncheckpoint: {result.checkpoint}\n"
-          f"curve:      {os.path.join(run_dir, 'curve.png')}\n"
-          f"log:        {os.path.join(run_dir, 'log.jsonl')}")
-    print(f"evaluate:   fdl eval {shlex.quote(run_dir)}")
+    say(f"done: test accuracy {acc:.4f}, test loss {tloss:.4f} "
+        f"after {len(result.history)} epochs in {wall:.1f} s wall time")
+    say(f"run:        {run_dir}\ncheckpoint: {result.checkpoint}\n"
+        f"curve:      {os.path.join(run_dir, 'curve.png')}\n"
+        f"log:        {os.path.join(run_dir, 'log.jsonl')}")
+    say(f"evaluate:   fdl eval {shlex.quote(run_dir)}")
     return 0
 
 
-def _fit(args, model, num_classes, shape, train_set, test_set, run_dir, resume_from, meta):
+def _fit(args, model, num_classes, shape, train_set, test_set, run_dir, resume_from, meta,
+         proc):
+    """``fit`` on ``args.devices`` local devices, or on every device of a multi-process run
+    (``proc``), where process 0 alone prints, logs, plots and writes the checkpoints."""
     import jax
 
     from fdl.data import ArrayLoader
@@ -379,33 +432,39 @@ def _fit(args, model, num_classes, shape, train_set, test_set, run_dir, resume_f
     opt = _optimizer(args.optimizer, args.lr, args.weight_decay)
     key = jax.random.key(args.seed)
     _, params, state = model.init(jax.random.fold_in(key, 1), (1, *shape))
-    n_dev = args.devices
+    n_dev = args.devices * proc.count
     train_step = eval_step = None
     put: Any = True
     if n_dev > 1:
         from fdl import parallel
 
-        mesh = parallel.data_mesh(n_dev)
+        mesh = (parallel.data_mesh(per_process=args.devices) if proc.count > 1
+                else parallel.data_mesh(n_dev))
         train_step = parallel.make_sharded_train_step(model, opt, mesh=mesh)
         eval_step = parallel.make_sharded_eval_step(model, mesh=mesh)
         put = parallel.batch_sharding(mesh)
+        params, state = parallel.replicate_on_mesh((params, state), mesh)
     (xtr, ytr), (xte, yte) = train_set, test_set
     train = ArrayLoader((xtr, ytr), args.batch_size, key=jax.random.fold_in(key, 2),
                         last_batch="pad", device_put=put)
     test_bs = max(n_dev, min(256, len(xte)) // n_dev * n_dev)
     test = ArrayLoader((xte, yte), test_bs, last_batch="pad", device_put=put)
-    print(f"fdl train: model {args.model} ({sum(x.size for x in jax.tree.leaves(params)):,} "
-          f"params), data {args.data} ({len(xtr)} train / {len(xte)} test, {shape}), "
-          f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{n_dev} device(s)\nrun folder: {run_dir}")
+    where = f"{n_dev} device(s)" + (f" in {proc.count} processes" if proc.count > 1 else "")
+    main = proc.is_main
+    if main:
+        print(f"fdl train: model {args.model} ({sum(x.size for x in jax.tree.leaves(params)):,} "
+              f"params), data {args.data} ({len(xtr)} train / {len(xte)} test, {shape}), "
+              f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
+              f"{where}\nrun folder: {run_dir}")
     hint = " ".join(shlex.quote(a) for a in ["fdl", *sys.argv[1:]]
                     if a not in ("--resume", "--overwrite"))
     hint += f" --resume {shlex.quote(run_dir)}"
     return fit(
         model, params, state, opt, train, epochs=args.epochs, key=jax.random.fold_in(key, 3),
         eval_data=test, train_step=train_step, eval_step=eval_step,
-        progress=not args.no_progress, log_file=os.path.join(run_dir, "log.jsonl"),
-        plot=os.path.join(run_dir, "curve.png"), checkpoint_dir=run_dir,
+        progress=main and not args.no_progress, print_fn=print if main else None,
+        log_file=os.path.join(run_dir, "log.jsonl") if main else None,
+        plot=os.path.join(run_dir, "curve.png") if main else None, checkpoint_dir=run_dir,
         resume=resume_from or False, metadata=meta, resume_hint=hint, log_every=10,
     )
 
@@ -538,7 +597,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     t.add_argument("--devices", type=int, default=1,
-                   help="data-parallel over this many local devices (sharded jit)")
+                   help="data-parallel over this many local devices (sharded jit); with "
+                        "--num-processes, per process")
+    t.add_argument("--num-processes", type=int, default=1,
+                   help="train as this many processes on jax.distributed: started here over "
+                        "loopback, or with --coordinator one process of a cluster run "
+                        "(docs/distributed.md)")
+    t.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="join a multi-process run whose process 0 serves HOST:PORT (with "
+                        "--num-processes and --process-id; SLURM and the FDL_* variables of "
+                        "fdl.launch are read without it)")
+    t.add_argument("--process-id", type=int, default=None, help="this process's id, "
+                   "0..N-1, with --coordinator")
+    t.add_argument("--heartbeat-timeout", type=int, default=None,
+                   help="seconds without a heartbeat before a process counts as dead and the "
+                        "run stops (default $FDL_HEARTBEAT_TIMEOUT or 30)")
+    t.add_argument("--init-timeout", type=int, default=None,
+                   help="seconds to wait for every process to connect (default "
+                        "$FDL_INIT_TIMEOUT or 120)")
     t.add_argument("--output", default="runs", help="root of the model folders")
     t.add_argument("--checkpoint-dir", default=None,
                    help="use this folder as the run folder (checkpoints, log, curve, config) "
@@ -607,20 +683,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             _check_train_args(args)  # before JAX is imported: errors come at once
             _force_cpu_devices(args.devices)
-        return args.func(args)
+            if _launches_here(args):
+                from fdl.launch import launch
+
+                argv = list(sys.argv[1:] if argv is None else argv)
+                return launch([sys.executable, "-m", "fdl.cli", *argv], args.num_processes,
+                              cpu_devices=args.devices,
+                              timeouts={"heartbeat": args.heartbeat_timeout,
+                                        "init": args.init_timeout})
+        return _finish(args.func(args))
     except CLIError as e:
         print(f"fdl: error: {e}", file=sys.stderr)
-        return 2
+        return _finish(2)
     except KeyboardInterrupt:
-        return 130
+        return _finish(130)
     except OSError as e:
         print(f"fdl: error: {_os_message(e)}", file=sys.stderr)
-        return 2
+        return _finish(2)
     except Exception as e:
         if isinstance(e, _user_errors()):
             print(f"fdl: error: {e}", file=sys.stderr)
-            return 2
+            return _finish(2)
         raise
+
+
+def _launches_here(args) -> bool:
+    """``fdl train --num-processes N`` on one machine: this process starts the N processes
+    (it is not one of them, and no cluster or coordinator says otherwise)."""
+    from fdl.distributed import detect_cluster
+
+    return (args.num_processes > 1 and args.coordinator is None
+            and detect_cluster() is None)
+
+
+def _finish(code: int) -> int:
+    """``code``; in a multi-process run a failing process ends at once (no exit handshake,
+    which would wait for the others while they wait for it; see fdl.distributed)."""
+    if code and "fdl.distributed" in sys.modules:
+        from fdl.distributed import exit_now, joined
+
+        if joined():
+            exit_now(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,16 +20,18 @@ from fdl.distributed.runtime import (
     DistributedError,
     ProcessInfo,
     barrier,
+    broadcast_text,
     exit_now,
     fail_fast,
     initialize,
     is_main_process,
+    joined,
     process_info,
     write_once,
 )
 
 __all__ = [
     "ClusterConfigError", "ClusterSpec", "DistributedError", "ProcessInfo", "Timeouts",
-    "barrier", "detect_cluster", "exit_now", "fail_fast", "initialize", "is_main_process",
-    "process_info", "write_once",
+    "barrier", "broadcast_text", "detect_cluster", "exit_now", "fail_fast", "initialize",
+    "is_main_process", "joined", "process_info", "write_once",
 ]

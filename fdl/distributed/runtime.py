@@ -38,7 +38,8 @@ import traceback
 from fdl.distributed.cluster import ClusterSpec, Timeouts, detect_cluster
 
 __all__ = ["DistributedError", "ProcessInfo", "initialize", "process_info", "is_main_process",
-           "barrier", "fail_fast", "exit_now", "write_once"]
+           "barrier", "fail_fast", "exit_now", "write_once", "broadcast_text",
+           "joined"]
 
 
 class DistributedError(RuntimeError):
@@ -75,6 +76,11 @@ def process_info() -> ProcessInfo:
                        jax.device_count())
 
 
+def joined() -> bool:
+    """Whether this process has joined a multi-process run with :func:`initialize`."""
+    return _state["spec"] is not None
+
+
 def is_main_process() -> bool:
     """True in process 0 (and in a single-process run): the one that prints, logs, plots and
     writes checkpoints."""
@@ -92,6 +98,29 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def broadcast_text(text: str | None) -> str | None:
+    """Process 0's ``text`` on every process (``None`` stays ``None``); every process must
+    call it. With one process, ``text`` itself."""
+    import jax
+
+    if jax.process_count() == 1:
+        return text
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = b"" if text is None else text.encode("utf-8")
+    is_main = jax.process_index() == 0
+    n = int(multihost_utils.broadcast_one_to_all(
+        np.array([len(data) if text is not None else -1], np.int64), is_source=is_main)[0])
+    if n < 0:
+        return None
+    buf = np.zeros(max(n, 1), np.uint8)
+    if is_main:
+        buf[:n] = np.frombuffer(data, np.uint8)
+    out = multihost_utils.broadcast_one_to_all(buf, is_source=is_main)
+    return bytes(np.asarray(out)[:n]).decode("utf-8")
 
 
 def write_once(path: str, write) -> None:

@@ -78,13 +78,30 @@ def _mesh_devices(devices: int | Sequence[Any] | None):
     return jax.devices()
 
 
-def data_mesh(devices: int | Sequence[Any] | None = None, axis_name: str = "data"):
+def _per_process(n: int) -> list:
+    """The first ``n`` devices of every process, process by process."""
+    out = []
+    for p in range(jax.process_count()):
+        mine = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+        if len(mine) < n:
+            raise ValueError(f"per_process={n}, but process {p} has {len(mine)} devices")
+        out += mine[:n]
+    return out
+
+
+def data_mesh(devices: int | Sequence[Any] | None = None, axis_name: str = "data", *,
+              per_process: int | None = None):
     """A 1-D ``Mesh`` named ``axis_name`` over ``devices``, with ``AxisType.Auto``.
 
     Default: every device of every process (``jax.devices()``: the local devices in a
     single-process run; in a multi-process run, each process's devices one block after the
     other, so each process holds a contiguous block of every batch). An int takes the first
-    ``n`` devices (single process); a list gives them explicitly."""
+    ``n`` devices (single process); a list gives them explicitly; ``per_process=n`` takes the
+    first ``n`` devices of every process."""
+    if per_process is not None:
+        if devices is not None:
+            raise ValueError("data_mesh: pass devices or per_process, not both")
+        devices = _per_process(per_process)
     devs = _mesh_devices(devices)
     return jax.make_mesh((len(devs),), (axis_name,), axis_types=(AxisType.Auto,), devices=devs)
 
