@@ -127,7 +127,10 @@ def resolve_run(path: str) -> tuple[str, str]:
     """``(run folder, checkpoint directory or file)`` for a model folder, a run folder or a
     checkpoint file; ``FileNotFoundError`` saying what was looked for."""
     if os.path.isfile(path):
-        return os.path.dirname(os.path.abspath(path)), path
+        run = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(run) == "checkpoints" and run_files(os.path.dirname(run)):
+            run = os.path.dirname(run)  # the older <run>/checkpoints/ layout
+        return run, path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"'{path}' does not exist")
     has_latest = os.path.lexists(os.path.join(path, _LATEST))
