@@ -72,10 +72,12 @@ def latest_run(model_dir: str) -> str | None:
     """The run folder ``model_dir/latest`` names, else the newest run folder (by name, i.e.
     start time), else ``None``."""
     link = os.path.join(model_dir, _LATEST)
-    if os.path.islink(link) or os.path.isdir(link):
-        target = os.path.realpath(link)
+    if os.path.islink(link):
+        target = os.path.normpath(os.path.join(model_dir, os.readlink(link)))
         if os.path.isdir(target):
             return target
+    elif os.path.isdir(link):
+        return link
     elif os.path.isfile(link):
         with open(link) as f:
             target = os.path.join(model_dir, f.read().strip())

@@ -171,6 +171,18 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (other threads may be
+    creating files)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, chunks: Iterable[bytes]) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
@@ -179,6 +191,8 @@ def _atomic_write(path: str, chunks: Iterable[bytes]) -> None:
         with os.fdopen(fd, "wb") as f:
             _write_chunks(f, chunks)
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> the mode a plain open() would give
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

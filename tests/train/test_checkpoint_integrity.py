@@ -198,3 +198,12 @@ def test_rotation_never_deletes_the_writing_runs_checkpoints(tmp_path):
     for s in (69, 92, 115):  # overwriting 69, then rotating within this run
         m.save(s, {"w": jnp.full(2, float(s), jnp.float32)})
     assert [s for s, _ in m.all()] == [69, 92, 115, 138, 207]
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = ckpt.save(tmp_path / "c.safetensors", {"w": jnp.ones(2)})
+    finally:
+        os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
