@@ -552,6 +552,10 @@ def cmd_predict(args) -> int:
 
 def cmd_list(args) -> int:
     print(_listing())
+    from fdl.runtime import kernels_table
+
+    print("kernels (fdl.kernels(): native oneDNN or XLA, and why):")
+    print(kernels_table())
     return 0
 
 
@@ -679,6 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from fdl.runtime import tune_allocator
+
+    tune_allocator()  # process tuning for this command's process (see fdl.runtime)
     try:
         if args.command == "train":
             _check_train_args(args)  # before JAX is imported: errors come at once

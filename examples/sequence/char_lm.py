@@ -98,4 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    import fdl.runtime
+
+    fdl.runtime.tune_allocator()  # glibc tuning for this script's process (fdl.runtime)
     main(sys.argv[1:])

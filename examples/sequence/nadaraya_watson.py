@@ -82,4 +82,7 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    import fdl.runtime
+
+    fdl.runtime.tune_allocator()  # glibc tuning for this script's process (fdl.runtime)
     main()

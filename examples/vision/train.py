@@ -38,4 +38,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    import fdl.runtime
+
+    fdl.runtime.tune_allocator()  # glibc tuning for this script's process (fdl.runtime)
     main()

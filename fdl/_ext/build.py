@@ -1,229 +1,292 @@
-"""Build and load fdl's optional native extensions (XLA FFI custom calls, linked to oneDNN).
+"""Compile fdl's native CPU kernels (XLA FFI handlers linked to oneDNN 3 from pip).
 
-Three extensions, each its own library: the oneDNN convolution (``conv_onednn.cc``;
-:func:`load`), the LSTM/GRU time loop (``rnn_cpu.cc``, oneDNN's ``dnnl_sgemm``; :func:`load_rnn`)
-and the LSTM/GRU direction through oneDNN's RNN primitives (``rnn_onednn.cc``;
-:func:`load_rnn_onednn`), the last two used by :mod:`fdl.nn.recurrent`. Each is compiled lazily on
-first use into a cache directory keyed by a hash of the source, the compiler command and the jaxlib
-version, and loaded with ``ctypes``. If no C++ compiler or no oneDNN (``libdnnl-dev``) is found,
-:func:`load` (:func:`load_rnn`, :func:`load_rnn_onednn`) returns ``False`` and
-:mod:`fdl.nn.conv_lowering` (:mod:`fdl.nn.recurrent`) uses XLA (one debug log line says why).
+Two libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions) and
+``rnn`` (``rnn_cpu.cc``: the LSTM/GRU time loops). ``pip install`` builds them (``setup.py``
+calls :func:`compile_library` from its ``build_ext``); :mod:`fdl._ext.loader` loads them, or
+builds them on first use into a cache when the installed copy is missing or stale (a source
+checkout on ``PYTHONPATH``, a failed install-time build, a changed compiler or oneDNN).
 
-Ahead of time (e.g. in CI or a Docker image)::
+This module uses only the standard library: ``setup.py`` imports it by path, before fdl, jax
+or oneDNN are importable.
 
-    python -m fdl._ext.build            # compile + register + a smoke test; exit 1 if unavailable
-    python -m fdl._ext.build --force    # ignore a cached failure / rebuild
+Where things come from:
+- oneDNN: the pip packages ``onednn-devel-cpu-gomp`` (headers) and ``onednn-cpu-gomp``
+  (``lib/libdnnl.so.3``, GNU OpenMP), found through their installed file lists, else under
+  ``sys.prefix``. oneDNN 2.x (Debian's ``libdnnl-dev``) is not supported: the sources use the
+  oneDNN 3 API.
+- the XLA FFI headers: ``jaxlib/include`` (jaxlib is a build requirement).
+- the compiler: ``$CXX``, else ``g++``.
 
-Environment:
-- ``FDL_EXT_CACHE``: cache directory (default ``$XDG_CACHE_HOME/fdl/ext`` or ``~/.cache/fdl/ext``).
-- ``FDL_EXT_BUILD=0``: never compile; only load an already built library.
-- ``CXX`` (default ``g++``), ``DNNL_ROOT`` (a prefix holding ``include/`` and ``lib/``).
+Every library carries a build record (``FDL_BUILD_INFO{...}`` in its read-only data): the
+digest of its source, the oneDNN version, the FFI headers' digest and the compiler. The loader
+reads it from the file *before* loading anything and rebuilds a library whose record does not
+match (never loads a stale or foreign one blindly); the cache file name is a hash of the record,
+so a changed compiler or oneDNN means a new build, and a failed build is retried then.
 """
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import hashlib
-import logging
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
-log = logging.getLogger("fdl._ext")
+HERE = Path(__file__).resolve().parent
 
-SOURCE = Path(__file__).with_name("conv_onednn.cc")
-TARGETS = {
-    "fdl_conv_fwd": "FdlConvFwd",
-    "fdl_conv_bwd_data": "FdlConvBwdData",
-    "fdl_conv_bwd_data_flip": "FdlConvBwdDataFlip",
-    "fdl_conv_bwd_weights": "FdlConvBwdWeights",
+# oneDNN from pip: the version the sources are written and tested against.
+ONEDNN_RUNTIME = "onednn-cpu-gomp"
+ONEDNN_DEVEL = "onednn-devel-cpu-gomp"
+ONEDNN_PIP_VERSION = "2023.2.0"
+ONEDNN_MIN_MAJOR = 3
+INSTALL_HINT = f"pip install '{ONEDNN_DEVEL}=={ONEDNN_PIP_VERSION}'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """One native library: its C++ source and the FFI targets it defines (JAX name -> C symbol).
+    """
+
+    name: str
+    source: str
+    targets: dict[str, str]
+
+    @property
+    def source_path(self) -> Path:
+        return HERE / self.source
+
+
+LIBRARIES: dict[str, Library] = {
+    "conv": Library("conv", "conv_onednn.cc", {
+        "fdl_conv_fwd": "FdlConvFwd",
+        "fdl_conv_bwd_data": "FdlConvBwdData",
+        "fdl_conv_bwd_weights": "FdlConvBwdWeights",
+    }),
+    "rnn": Library("rnn", "rnn_cpu.cc", {
+        "fdl_lstm_fwd": "FdlLstmFwd",
+        "fdl_lstm_bwd_dw": "FdlLstmBwdDw",
+        "fdl_gru_fwd": "FdlGruFwd",
+        "fdl_gru_bwd_dw": "FdlGruBwdDw",
+    }),
 }
-RNN_SOURCE = Path(__file__).with_name("rnn_cpu.cc")
-RNN_TARGETS = {
-    "fdl_lstm_fwd": "FdlLstmFwd",
-    "fdl_lstm_bwd": "FdlLstmBwd",
-    "fdl_lstm_bwd_dw": "FdlLstmBwdDw",
-    "fdl_gru_fwd": "FdlGruFwd",
-    "fdl_gru_bwd": "FdlGruBwd",
-    "fdl_gru_bwd_dw": "FdlGruBwdDw",
-}
-RNN_ONEDNN_SOURCE = Path(__file__).with_name("rnn_onednn.cc")
-RNN_ONEDNN_TARGETS = {
-    "fdl_lstm_dnnl_fwd": "FdlLstmDnnlFwd",
-    "fdl_lstm_dnnl_bwd": "FdlLstmDnnlBwd",
-    "fdl_lstm_dnnl_infer": "FdlLstmDnnlInfer",
-    "fdl_gru_dnnl_fwd": "FdlGruDnnlFwd",
-    "fdl_gru_dnnl_bwd": "FdlGruDnnlBwd",
-    "fdl_gru_dnnl_infer": "FdlGruDnnlInfer",
-}
-
-_lock = threading.Lock()
-_state: dict[str, object] = {"loaded": None, "reason": ""}
-_rnn_state: dict[str, object] = {"loaded": None, "reason": ""}
-_rnn_onednn_state: dict[str, object] = {"loaded": None, "reason": "", "dll": None}
 
 
-def cache_dir() -> Path:
-    if os.environ.get("FDL_EXT_CACHE"):
-        return Path(os.environ["FDL_EXT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fdl" / "ext"
+class BuildError(RuntimeError):
+    """A library cannot be built here; ``fix`` says what would make it buildable."""
+
+    def __init__(self, reason: str, fix: str = "", log: str = ""):
+        super().__init__(reason)
+        self.reason, self.fix, self.log = reason, fix, log
 
 
-def _command(out: Path, source: Path = SOURCE) -> list[str]:
-    import jax.ffi
+# ----------------------------------------------------------------------------- oneDNN
 
+
+@dataclasses.dataclass(frozen=True)
+class OneDNN:
+    """Where oneDNN's headers and ``libdnnl.so.3`` are (either may be missing)."""
+
+    include: Path | None
+    library: Path | None
+
+    @property
+    def version(self) -> str | None:
+        """``major.minor.patch`` from the headers (``None`` without headers)."""
+        if self.include is None:
+            return None
+        text = (self.include / "oneapi" / "dnnl" / "dnnl_version.h").read_text()
+        parts = [re.search(rf"#define DNNL_VERSION_{p}\s+(\d+)", text) for p in
+                 ("MAJOR", "MINOR", "PATCH")]
+        return ".".join(m.group(1) for m in parts) if all(parts) else None
+
+
+def _dist_file(dist: str, suffix: str) -> Path | None:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:  # (recorded relative to site-packages, e.g. "../../../lib/libdnnl.so.3")
+        if ("/" + str(f).replace("\\", "/")).endswith("/" + suffix):
+            path = Path(f.locate()).resolve()
+            if path.exists():
+                return path
+    return None
+
+
+def find_onednn() -> OneDNN:
+    """oneDNN from the pip packages (their installed file lists), else ``sys.prefix``."""
+    header = _dist_file(ONEDNN_DEVEL, "include/oneapi/dnnl/dnnl.hpp")
+    lib = _dist_file(ONEDNN_RUNTIME, "libdnnl.so.3")
+    prefix = Path(sys.prefix)
+    if header is None and (prefix / "include/oneapi/dnnl/dnnl.hpp").exists():
+        header = prefix / "include/oneapi/dnnl/dnnl.hpp"
+    if lib is None and (prefix / "lib/libdnnl.so.3").exists():
+        lib = prefix / "lib/libdnnl.so.3"
+    include = header.parents[2] if header is not None else None
+    return OneDNN(include, lib)
+
+
+# ----------------------------------------------------------------------------- toolchain
+
+
+def ffi_include_dir() -> Path:
+    """jaxlib's ``include`` directory (the XLA FFI headers), without importing jax."""
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("jaxlib is not installed (it provides the XLA FFI headers)",
+                         "pip install jaxlib")
+    inc = Path(list(spec.submodule_search_locations)[0]) / "include"
+    if not (inc / "xla" / "ffi" / "api" / "ffi.h").exists():
+        raise BuildError(f"no XLA FFI headers under {inc}", "reinstall jaxlib")
+    return inc
+
+
+def compiler() -> tuple[str, str]:
+    """``(path, version line)`` of the C++ compiler (``$CXX`` or ``g++``)."""
     cxx = os.environ.get("CXX", "g++")
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-    root = os.environ.get("DNNL_ROOT")
-    if root:
-        cmd += [f"-I{root}/include", f"-L{root}/lib", f"-Wl,-rpath,{root}/lib"]
-    return cmd + [str(source), "-o", str(out), "-ldnnl"]
+    path = shutil.which(cxx)
+    if path is None:
+        raise BuildError(f"no C++ compiler ({cxx!r} is not on PATH)",
+                         "install one (e.g. `apt-get install g++`), then run "
+                         "`python -m fdl._ext.build` (or reinstall fdl)")
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        version = (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        version = "unknown"
+    return path, version
 
 
-def library_path(source: Path = SOURCE) -> Path:
-    """Where the library for the current source/compiler/jaxlib lives (built or not)."""
-    import jaxlib
-
-    h = hashlib.sha256(source.read_bytes())
-    h.update(" ".join(_command(Path("x"), source)).encode())
-    h.update(getattr(jaxlib, "__version__", "?").encode())
-    return cache_dir() / f"{source.stem}-{h.hexdigest()[:16]}.so"
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
-def build(force: bool = False, source: Path = SOURCE) -> Path:
-    """Compile the extension (if not cached) and return the library path; raises on failure."""
-    lib = library_path(source)
-    failed = lib.with_suffix(".failed")
-    if lib.exists() and not force:
-        return lib
-    if failed.exists() and not force:
-        raise RuntimeError(f"an earlier build failed (see {failed}; retry with --force)")
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+def source_digest(lib: Library) -> str:
+    return _digest(lib.source_path)
+
+
+def build_record(lib: Library, onednn: OneDNN, cxx_version: str, ffi_dir: Path) -> dict[str, str]:
+    """What a library built now from these inputs records about itself."""
+    ffi = ffi_dir / "xla" / "ffi" / "api"
+    return {
+        "lib": lib.name,
+        "src": source_digest(lib),
+        "dnnl": onednn.version or "?",
+        "ffi": _digest(ffi / "c_api.h", ffi / "api.h", ffi / "ffi.h"),
+        "cxx": re.sub(r"[^A-Za-z0-9 ._()+-]", "", cxx_version)[:80],
+    }
+
+
+def record_key(record: dict[str, str]) -> str:
+    return hashlib.sha256(repr(sorted(record.items())).encode()).hexdigest()[:16]
+
+
+def _encode(record: dict[str, str]) -> str:
+    return ";".join(f"{k}={v}" for k, v in record.items())
+
+
+def read_record(path: Path) -> dict[str, str] | None:
+    """The build record stored in a built library, read from its bytes (nothing is loaded);
+    ``None`` if the file has none."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    m = re.search(rb"FDL_BUILD_INFO\{([^}\x00]*)\}", data)
+    if m is None:
+        return None
+    pairs = (item.split("=", 1) for item in m.group(1).decode(errors="replace").split(";"))
+    return {k: v for k, v in pairs if k}
+
+
+def check_toolchain(lib: Library) -> tuple[OneDNN, str, Path]:
+    """``(oneDNN, compiler version, FFI include dir)`` for building ``lib`` here, or
+    :class:`BuildError` saying what is missing and how to get it."""
+    onednn = find_onednn()
+    if onednn.include is None:
+        raise BuildError("no oneDNN headers (oneapi/dnnl/dnnl.hpp)", INSTALL_HINT)
+    version = onednn.version or "?"
+    if not version[0].isdigit() or int(version.split(".")[0]) < ONEDNN_MIN_MAJOR:
+        raise BuildError(f"oneDNN {version} at {onednn.include} is older than 3.0",
+                         INSTALL_HINT)
+    if onednn.library is None:
+        raise BuildError("no oneDNN library (libdnnl.so.3)",
+                         f"pip install '{ONEDNN_RUNTIME}=={ONEDNN_PIP_VERSION}'")
+    ffi_dir = ffi_include_dir()
+    _, cxx_version = compiler()
+    return onednn, cxx_version, ffi_dir
+
+
+def same_build(record: dict[str, str] | None, want: dict[str, str]) -> bool:
+    """Whether a library with build record ``record`` is a build of ``want``'s source against
+    ``want``'s oneDNN (the compiler does not matter for using it)."""
+    return record is not None and all(record.get(k) == want[k] for k in ("lib", "src", "dnnl"))
+
+
+def compile_library(lib: Library, out: Path, *, rpaths: tuple[str, ...] | None = None
+                    ) -> dict[str, str]:
+    """Compile ``lib`` into ``out`` (written atomically) and return its build record; raises
+    :class:`BuildError` (with the compiler's log) on failure. ``rpaths``: where the library
+    looks for ``libdnnl.so.3`` (default: the directory it was found in now)."""
+    onednn, cxx_version, ffi_dir = check_toolchain(lib)
+    cxx, _ = compiler()
+    record = build_record(lib, onednn, cxx_version, ffi_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    log.info("fdl: compiling the native extension %s into %s", source.name, lib)
-    proc = subprocess.run(_command(Path(tmp), source), capture_output=True, text=True)
+    libdir = onednn.library.parent  # type: ignore[union-attr]
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-DFDL_BUILD_INFO=\"{_encode(record)}\"",
+           f"-I{ffi_dir}", f"-I{onednn.include}", str(lib.source_path), "-o", tmp,
+           str(onednn.library)]
+    cmd += [f"-Wl,-rpath,{r}" for r in (rpaths if rpaths is not None else (str(libdir),))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        os.unlink(tmp)
+        raise BuildError(f"cannot run the compiler: {e}") from e
     if proc.returncode != 0:
         os.unlink(tmp)
-        failed.write_text(" ".join(_command(lib, source)) + "\n" + proc.stderr)
-        raise RuntimeError(f"compiling {source.name} failed (log: {failed})")
-    os.replace(tmp, lib)
-    failed.unlink(missing_ok=True)
-    return lib
-
-
-def _load(source: Path, targets: dict[str, str], state: dict[str, object], what: str) -> bool:
-    with _lock:
-        if state["loaded"] is not None:
-            return bool(state["loaded"])
-        try:
-            lib = library_path(source)
-            if not lib.exists() and os.environ.get("FDL_EXT_BUILD", "1") == "0":
-                raise RuntimeError("not built and FDL_EXT_BUILD=0")
-            lib = build(source=source)
-            dll = ctypes.CDLL(str(lib))
-            import jax.ffi
-
-            for name, sym in targets.items():
-                jax.ffi.register_ffi_target(
-                    name, jax.ffi.pycapsule(getattr(dll, sym)), platform="cpu"
-                )
-            state["dll"] = dll
-            state["loaded"] = True
-        except Exception as e:  # noqa: BLE001 - any failure means "use XLA"
-            state["loaded"] = False
-            state["reason"] = str(e)
-            log.debug("fdl: %s extension unavailable (%s); using XLA", what, e)
-        return bool(state["loaded"])
-
-
-def load() -> bool:
-    """Build if needed, load and register the convolution FFI targets once. ``False`` if
-    unavailable."""
-    return _load(SOURCE, TARGETS, _state, "oneDNN convolution")
-
-
-def load_rnn() -> bool:
-    """Build if needed, load and register the LSTM/GRU FFI targets once. ``False`` if
-    unavailable."""
-    return _load(RNN_SOURCE, RNN_TARGETS, _rnn_state, "native RNN")
-
-
-def load_rnn_onednn() -> bool:
-    """Build if needed, load and register the oneDNN RNN-primitive (LSTM/GRU) FFI targets once.
-    ``False`` if unavailable."""
-    return _load(RNN_ONEDNN_SOURCE, RNN_ONEDNN_TARGETS, _rnn_onednn_state, "oneDNN RNN")
-
-
-def rnn_onednn_library() -> ctypes.CDLL | None:
-    """The loaded ``rnn_onednn`` library (for its plain C entry points), or ``None``."""
-    return _rnn_onednn_state["dll"] if load_rnn_onednn() else None  # type: ignore[return-value]
-
-
-def rnn_onednn_unavailable_reason() -> str:
-    return str(_rnn_onednn_state["reason"])
-
-
-def rnn_unavailable_reason() -> str:
-    return str(_rnn_state["reason"])
-
-
-def unavailable_reason() -> str:
-    return str(_state["reason"])
+        log = " ".join(cmd) + "\n" + proc.stdout + proc.stderr
+        raise BuildError(f"compiling {lib.source} failed", log=log)
+    if not same_build(read_record(Path(tmp)), record):
+        os.unlink(tmp)
+        raise BuildError(f"the compiler ({cxx}) produced no library of {lib.source}",
+                         log=" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    os.replace(tmp, out)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m fdl._ext.build [--force]``: build (if needed) and load every native library
+    for this environment, then print which kernels run here."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fdl._ext.build", description=__doc__.split("\n")[0])
-    p.add_argument("--force", action="store_true", help="rebuild even if cached or failed before")
+    p = argparse.ArgumentParser(prog="python -m fdl._ext.build",
+                                description="Build and check fdl's native CPU kernels.")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild into the cache even if a valid build exists or one failed")
     args = p.parse_args(argv)
-    try:
-        path = build(force=args.force)
-        rnn_path = build(force=args.force, source=RNN_SOURCE)
-        rnn_onednn_path = build(force=args.force, source=RNN_ONEDNN_SOURCE)
-    except Exception as e:  # noqa: BLE001
-        print(f"fdl._ext: build failed: {e}", file=sys.stderr)
-        return 1
-    if not load_rnn():
-        print(f"fdl._ext: built {rnn_path} but loading failed: {rnn_unavailable_reason()}",
-              file=sys.stderr)
-        return 1
-    print(f"fdl._ext: native RNN extension OK ({rnn_path})")
-    if not load_rnn_onednn():
-        print(f"fdl._ext: built {rnn_onednn_path} but loading failed: "
-              f"{rnn_onednn_unavailable_reason()}", file=sys.stderr)
-        return 1
-    print(f"fdl._ext: oneDNN RNN-primitive extension OK ({rnn_onednn_path})")
-    if not load():
-        print(f"fdl._ext: built {path} but loading failed: {unavailable_reason()}", file=sys.stderr)
-        return 1
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax import lax
+    from fdl._ext import loader
+    from fdl.runtime import kernels_table
 
-    from fdl.nn.conv_lowering import conv2d_nhwc
-
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4), jnp.float32)
-    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 8), jnp.float32)
-    os.environ["FDL_CONV_BACKEND"] = "onednn"
-    got = conv2d_nhwc(x, w, (1, 1), ((1, 1), (1, 1)))
-    ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   precision=lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
-    print(f"fdl._ext: oneDNN convolution extension OK ({path})")
-    return 0
+    ok = True
+    for name in LIBRARIES:
+        status = loader.load(name, force=args.force)
+        ok &= status.loaded
+    print(kernels_table())
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -11,20 +11,17 @@
 // chosen oneDNN implementation prefers (format_tag::any) on every call (it is small), unless
 // that layout is byte-identical to HWIO (checked once per primitive).
 //
-// Implementation policy (flag kPolicyImpl, on by default; measured on ResNet-18 CIFAR layers,
-// see docs/performance.md): oneDNN 2.6's first choice is not always its fastest. Forward:
-// "jit:avx512_core" instead of "brgconv" when the output has <= 16 pixels per image or the
-// input has < 8 channels (e.g. 512->512 at 4x4: 1.8x less CPU time, the 3-channel stem 1.2x).
-// Everything else: oneDNN's default (on a quiet machine "gemm:jit" backward-weights lost to the
-// direct kernel even for 1x1 kernels and the 3-channel stem, although it won under heavy load).
+// Implementation choice: oneDNN's first choice is not always its fastest. Forward: its direct
+// "jit:avx512_core" kernel instead of "brgconv" when the output has <= 16 pixels per image or
+// the input has < 8 channels per group (the ResNet-18 CIFAR 4x4 layers; docs/performance.md).
+// Everything else: oneDNN's default (for stride-1 backward-data that is itself a forward
+// brgconv kernel on the flipped weights, "brg_fwd").
 //
-// Serialisation (flag kPolicySerial, on by default): XLA's thunk executor runs independent
-// custom calls concurrently (e.g. backward-data and backward-weights of one layer); each
-// oneDNN call already uses every core through OpenMP, so concurrent calls would oversubscribe
-// the cores (two OpenMP teams spinning against each other). A process-wide mutex runs one
-// convolution at a time.
+// Serialisation: XLA's thunk executor runs independent custom calls concurrently (e.g.
+// backward-data and backward-weights of one layer); each oneDNN call already uses every core
+// through OpenMP, so concurrent calls would oversubscribe the cores (two OpenMP teams spinning
+// against each other). A process-wide mutex runs one convolution at a time.
 
-#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -40,6 +37,12 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
+// The build record (fdl/_ext/build.py): read from the file's bytes before it is ever loaded.
+#ifndef FDL_BUILD_INFO
+#define FDL_BUILD_INFO ""
+#endif
+extern "C" __attribute__((used)) const char fdl_build_info[] = "FDL_BUILD_INFO{" FDL_BUILD_INFO "}";
+
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
@@ -52,15 +55,7 @@ dnnl::engine& cpu_engine() {
   return eng;
 }
 
-// kBwdDataFlip: the input gradient of a stride-1 convolution computed by oneDNN's *forward*
-// kernel on dy with the spatially flipped, in/out-swapped kernel (padding k - 1 - p). The flip
-// is a memcpy of the kh*kw taps in reverse order; the in/out swap is folded into the reorder
-// (a strided view of the flipped HWIO buffer). XLA's reverse+transpose fusion for the same
-// thing was 2-4 ms per 3x3x256x256 kernel.
-enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2, kBwdDataFlip = 3 };
-
-enum Policy : int { kPolicyImpl = 1, kPolicySerial = 2, kPolicyBuffers = 4 };
-std::atomic<int> g_policy{kPolicyImpl | kPolicySerial | kPolicyBuffers};
+enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Geom {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, g;
@@ -93,9 +88,8 @@ memory::desc w_md(const Geom& g, bool any) {
 }
 
 // The implementation (oneDNN's impl_info_str) to prefer for this pass and geometry, or "" for
-// oneDNN's own first choice. See the policy note at the top of the file.
-std::string preferred_impl(Kind kind, const Geom& g, int policy) {
-  if (!(policy & kPolicyImpl)) return "";
+// oneDNN's own first choice. See the note at the top of the file.
+std::string preferred_impl(Kind kind, const Geom& g) {
   const int64_t icg = g.ic / g.g;
   if (kind == kFwd && (g.oh * g.ow <= 16 || icg < 8)) return "jit:avx512_core";
   return "";
@@ -116,13 +110,16 @@ PD pick_impl(Make make, const std::string& want) {
 dnnl::convolution_forward::primitive_desc fwd_pd(const Geom& g, const memory::desc& src,
                                                   const memory::desc& dst,
                                                   const std::string& want) {
-  dnnl::convolution_forward::desc d(
-      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, w_md(g, true),
-      dst, {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr});
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return pick_impl<dnnl::convolution_forward::primitive_desc>(
-      [&] { return dnnl::convolution_forward::primitive_desc(d, attr, cpu_engine()); }, want);
+      [&] {
+        return dnnl::convolution_forward::primitive_desc(
+            cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+            src, w_md(g, true), dst, {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl},
+            {g.pb, g.pr}, attr);
+      },
+      want);
 }
 
 // Whether reordering between `a` and `b` is the identity on the bytes (e.g. Acdb64a and HWIO
@@ -141,42 +138,15 @@ bool same_bytes(const memory::desc& a, const memory::desc& b) {
   return std::memcmp(in.data(), out.data(), n * sizeof(float)) == 0;
 }
 
-// The forward geometry of kBwdDataFlip: dy (oh x ow x oc) -> dx (ih x iw x ic).
-Geom flipped(const Geom& g) {
-  Geom f = g;
-  f.ih = g.oh; f.iw = g.ow; f.ic = g.oc;
-  f.oh = g.ih; f.ow = g.iw; f.oc = g.ic;
-  f.pt = g.kh - 1 - g.pt; f.pb = g.kh - 1 - g.pb;
-  f.pl = g.kw - 1 - g.pl; f.pr = g.kw - 1 - g.pr;
-  return f;
-}
-
-std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g, int policy) {
-  if (kind == kBwdDataFlip) {
-    if (g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || g.g != 1) {
-      throw dnnl::error(dnnl_invalid_arguments, "flip backward-data needs stride/dilation/groups 1");
-    }
-    const Geom f = flipped(g);
-    auto e = make_entry(kFwd, f, policy);
-    // Weights of the flipped convolution, logical (O'=ic, I'=oc, kh, kw), read from the
-    // tap-reversed HWIO buffer (kh, kw, ic, oc).
-    e->user_w = memory::desc({g.ic, g.oc, g.kh, g.kw}, dt::f32,
-                             memory::dims{g.oc, 1, g.kw * g.ic * g.oc, g.ic * g.oc});
-    e->need_reorder = !same_bytes(e->user_w, e->prim_w);
-    if (e->need_reorder) {
-      e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), e->user_w,
-                                                               cpu_engine(), e->prim_w));
-    }
-    return e;
-  }
+std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g) {
   auto e = std::make_shared<Entry>();
-  const std::string want = preferred_impl(kind, g, policy);
+  const std::string want = preferred_impl(kind, g);
   memory::desc src = act_md(g.n, g.ic, g.ih, g.iw);
   memory::desc dst = act_md(g.n, g.oc, g.oh, g.ow);
   e->src = src;
   e->dst = dst;
   e->user_w = w_md(g, false);
-  auto fpd = fwd_pd(g, src, dst, kind == kFwd ? want : preferred_impl(kFwd, g, policy));
+  auto fpd = fwd_pd(g, src, dst, kind == kFwd ? want : preferred_impl(kFwd, g));
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (kind == kFwd) {
@@ -185,23 +155,23 @@ std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g, int policy) {
     e->scratch = fpd.scratchpad_desc();
     e->impl = fpd.impl_info_str();
   } else if (kind == kBwdData) {
-    dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, src,
-                                            w_md(g, true), dst, {g.sh, g.sw},
-                                            {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr});
     auto pd = pick_impl<dnnl::convolution_backward_data::primitive_desc>(
-        [&] { return dnnl::convolution_backward_data::primitive_desc(d, attr, cpu_engine(), fpd); },
+        [&] {
+          return dnnl::convolution_backward_data::primitive_desc(
+              cpu_engine(), dnnl::algorithm::convolution_direct, src, w_md(g, true), dst,
+              {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, fpd, attr);
+        },
         want);
     e->prim = dnnl::convolution_backward_data(pd);
     e->impl = pd.impl_info_str();
     e->prim_w = pd.weights_desc();
     e->scratch = pd.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, src,
-                                               w_md(g, true), dst, {g.sh, g.sw},
-                                               {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr});
     auto pd = pick_impl<dnnl::convolution_backward_weights::primitive_desc>(
         [&] {
-          return dnnl::convolution_backward_weights::primitive_desc(d, attr, cpu_engine(), fpd);
+          return dnnl::convolution_backward_weights::primitive_desc(
+              cpu_engine(), dnnl::algorithm::convolution_direct, src, w_md(g, true), dst,
+              {g.sh, g.sw}, {g.dh - 1, g.dw - 1}, {g.pt, g.pl}, {g.pb, g.pr}, fpd, attr);
         },
         want);
     e->prim = dnnl::convolution_backward_weights(pd);
@@ -224,23 +194,21 @@ std::shared_ptr<Entry> make_entry(Kind kind, const Geom& g, int policy) {
 
 std::shared_ptr<Entry> get_entry(Kind kind, const Geom& g) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int, decltype(g.key())>, std::shared_ptr<Entry>> cache;
-  const int policy = g_policy.load() & kPolicyImpl;
-  auto k = std::make_tuple(static_cast<int64_t>(kind), policy, g.key());
+  static std::map<std::tuple<int64_t, decltype(g.key())>, std::shared_ptr<Entry>> cache;
+  auto k = std::make_tuple(static_cast<int64_t>(kind), g.key());
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(k);
     if (it != cache.end()) return it->second;
   }
-  auto e = make_entry(kind, g, policy);
+  auto e = make_entry(kind, g);
   std::lock_guard<std::mutex> lock(mu);
   cache.emplace(k, e);
   return e;
 }
 
-// A grow-only, 64-byte aligned, uninitialised scratch buffer per thread and purpose. Allocating
-// (and zero-filling) fresh std::vectors on every call cost page faults and a memset of up to
-// 9.4 MB (the 512x512 kernel) per call.
+// A grow-only, 64-byte aligned, uninitialised scratch buffer per thread and purpose (fresh,
+// zero-filled buffers per call cost page faults and a memset of up to 9.4 MB per call).
 struct ThreadBuf {
   void* p = nullptr;
   size_t cap = 0;
@@ -265,28 +233,16 @@ void run_one(Kind kind, const Geom& g, const float* a, const float* b, float* ou
   auto e = get_entry(kind, g);
   auto& eng = cpu_engine();
   dnnl::stream s(eng);
-  thread_local ThreadBuf tl_scratch, tl_w, tl_flip;
-  ThreadBuf call_scratch, call_w;  // policy without kPolicyBuffers: fresh buffers per call
-  const bool reuse = g_policy.load() & kPolicyBuffers;
-  ThreadBuf& scratch_buf = reuse ? tl_scratch : call_scratch;
-  ThreadBuf& wbuf = reuse ? tl_w : call_w;
+  thread_local ThreadBuf scratch_buf, wbuf;
   memory scratch(e->scratch, eng, scratch_buf.get(e->scratch.get_size()));
-  if (kind == kBwdDataFlip) {
-    const int64_t taps = g.kh * g.kw, tap = g.ic * g.oc;
-    float* fl = static_cast<float*>(tl_flip.get(taps * tap * sizeof(float)));
-    for (int64_t t = 0; t < taps; ++t) {
-      std::memcpy(fl + t * tap, b + (taps - 1 - t) * tap, tap * sizeof(float));
-    }
-    b = fl;
-  }
-  if (kind == kFwd || kind == kBwdData || kind == kBwdDataFlip) {
+  if (kind == kFwd || kind == kBwdData) {
     memory user_w(e->user_w, eng, const_cast<float*>(b));
     memory w = user_w;
     if (e->need_reorder) {
       w = memory(e->prim_w, eng, wbuf.get(e->prim_w.get_size()));
       e->reorder.execute(s, user_w, w);
     }
-    if (kind == kFwd || kind == kBwdDataFlip) {
+    if (kind == kFwd) {
       memory x(e->src, eng, const_cast<float*>(a));
       memory y(e->dst, eng, out);
       e->prim.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y},
@@ -347,7 +303,7 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   auto set_y = [&](auto& d) { g.oh = tail(d, 1); g.ow = tail(d, 2); g.oc = tail(d, 3); };
   auto set_w = [&](auto& d) { g.kh = tail(d, 0); g.kw = tail(d, 1); };
   if (kind == kFwd) { set_x(ad); set_w(bd); set_y(od); }
-  else if (kind == kBwdData || kind == kBwdDataFlip) { set_y(ad); set_w(bd); set_x(od); }
+  else if (kind == kBwdData) { set_y(ad); set_w(bd); set_x(od); }
   else { set_x(ad); set_y(bd); set_w(od); }
   if (g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || g.g < 1 ||
       (g.ih + g.pt + g.pb - (g.dh * (g.kh - 1) + 1)) != (g.oh - 1) * g.sh ||
@@ -363,8 +319,7 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   const float* bp = b.typed_data();
   float* op = out->typed_data();
   static std::mutex serial_mu;
-  std::unique_lock<std::mutex> serial(serial_mu, std::defer_lock);
-  if (g_policy.load() & kPolicySerial) serial.lock();
+  std::lock_guard<std::mutex> serial(serial_mu);
   try {
     const int64_t nb = prod(lo);
     if (nb == 1) {
@@ -420,16 +375,8 @@ ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
   return run(kBwdData, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
 }
-ffi::Error BwdDataFlipImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                           ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
-                           int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
-                           int64_t g) {
-  return run(kBwdDataFlip, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
-}
-// `after` is not read: Python passes the input gradient there, a data dependency that orders
-// this call after backward-data (see ORDER_BWD in conv_lowering.py).
 ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                          ffi::AnyBuffer /*after*/, ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
+                          ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
                           int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
   return run(kBwdWeights, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
 }
@@ -438,28 +385,12 @@ ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvFwd, FwdImpl, FDL_BIND());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdData, BwdDataImpl, FDL_BIND());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdDataFlip, BwdDataFlipImpl, FDL_BIND());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdWeights, BwdWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh").Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt").Attr<int64_t>("pb")
-                                  .Attr<int64_t>("pl").Attr<int64_t>("pr")
-                                  .Attr<int64_t>("dh").Attr<int64_t>("dw")
-                                  .Attr<int64_t>("groups"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlConvBwdWeights, BwdWeightsImpl, FDL_BIND());
 
 extern "C" int fdl_conv_onednn_abi_version() { return 1; }
 
-// Policy flags (bit 0: implementation policy, bit 1: serialise calls, bit 2: reuse per-thread
-// scratch/kernel buffers); returns the old value.
-// For measurements (docs/performance.md); the default is both on.
-extern "C" int fdl_conv_onednn_set_policy(int flags) { return g_policy.exchange(flags); }
-
 // The oneDNN implementation used for a pass (0 fwd, 1 bwd-data, 2 bwd-weights) and exact
-// NHWC/HWIO geometry under the current policy, written to buf (for tests and docs).
+// NHWC/HWIO geometry, written to buf (for tests and docs).
 extern "C" int fdl_conv_onednn_impl(int kind, const int64_t* geom, char* buf, int len) {
   Geom g{};
   g.n = geom[0]; g.ih = geom[1]; g.iw = geom[2]; g.ic = geom[3]; g.oh = geom[4]; g.ow = geom[5];

@@ -2,29 +2,27 @@
 // handlers, float32, row-major, time-major.
 //
 // Why: inside an XLA while loop each step also pays ~10-13 thunk launches (elementwise, slice,
-// concatenate, dynamic-update-slice: 30-40 us per step) and thread hand-offs around its dot.
-// Here each step is one dnnl_sgemm plus one vectorised elementwise pass (LSTM forward 11 us).
-// The sgemm runs single-threaded, like XLA's in-loop dot (see SingleThreadedGemm). The input
-// projection (all steps, one matmul) and the weight gradients (one matmul over all T*B rows
-// after the loop) stay in XLA: see fdl/nn/recurrent.py (fused_direction) for the math and the
-// layout of every buffer.
+// concatenate, dynamic-update-slice) and thread hand-offs around its dot. Here each step is one
+// single-threaded GEMM plus one vectorised elementwise pass. The input projection (all steps,
+// one matmul) stays in XLA: see fdl/nn/recurrent/fused.py for the math and fdl/nn/recurrent/
+// native.py for the calls. Measurements behind the choices: docs/results/sequence_lm.md.
 //
-// LSTM (gates [i, f, g, o], PyTorch's order; attribute `threads` 1 or 2, see Team):
+// LSTM (gates [i, f, g, o], PyTorch's order):
 //   FdlLstmFwd(xp (T,B,4H) aliased to acts, w_hh (H,4H), h0, c0 (B,H))
 //     -> acts (T,B,4H) activated gates, ys (T,B,H), cs (T,B,H)
-//   FdlLstmBwd(acts (T,B,4H) aliased to dgates, w_hh^T (4H,H), c0, cs, d_ys (T,B,H), dh_n, dc_n)
-//     -> dgates (T,B,4H) (gradient of the gate pre-activations), dh0, dc0 (B,H)
-//   FdlLstmBwdDw(the same operands, h0 (B,H), ys (T,B,H), xs (T,B,C))
-//     -> dgates, dh0, dc0, d_w_hh (H,4H), d_w_ih (C,4H), d_b (4H)
+//     (on two threads when big enough, see use_two_threads and Team)
+//   FdlLstmBwdDw(acts (T,B,4H) aliased to dgates, w_hh^T (4H,H), c0, cs, d_ys (T,B,H), dh_n,
+//                dc_n, h0 (B,H), ys (T,B,H), xs (T,B,C))
+//     -> dgates (T,B,4H) (gradient of the gate pre-activations), dh0, dc0 (B,H),
+//        d_w_hh (H,4H), d_w_ih (C,4H), d_b (4H)
 //     (single-threaded loop; the weight and bias gradients accumulated by the helper thread
 //     meanwhile, see overlapped_dw)
 // GRU (gates [r, z, n]; candidate n = tanh(xn + r * (W_hn h + b_hn))):
 //   FdlGruFwd(xp (T,B,3H) aliased to acts, w_hh (H,3H), b_hh (3H), h0 (B,H))
 //     -> acts (T,B,3H) = [r, z, n], ys (T,B,H), hns (T,B,H) = W_hn h_{t-1} + b_hn
-//   FdlGruBwd(acts aliased to d_xp, w_hh^T (3H,H), h0, ys, hns, d_ys, dh_n)
-//     -> d_xp (T,B,3H) (gradient of x @ w_ih + b_ih), d_hh (T,B,3H) (of h @ w_hh + b_hh), dh0
-//   FdlGruBwdDw(the same operands, xs (T,B,C))
-//     -> d_xp, d_hh, dh0, d_w_hh (H,3H), d_w_ih (C,3H), d_b_ih (3H), d_b_hh (3H)
+//   FdlGruBwdDw(acts aliased to d_xp, w_hh^T (3H,H), h0, ys, hns, d_ys, dh_n, xs (T,B,C))
+//     -> d_xp (T,B,3H) (gradient of x @ w_ih + b_ih), d_hh (T,B,3H) (of h @ w_hh + b_hh), dh0,
+//        d_w_hh (H,3H), d_w_ih (C,3H), d_b_ih (3H), d_b_hh (3H)
 //     (the weight and bias gradients overlapped with the loop, see overlapped_dw)
 
 #include <linux/futex.h>
@@ -49,6 +47,12 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
+// The build record (fdl/_ext/build.py): read from the file's bytes before it is ever loaded.
+#ifndef FDL_BUILD_INFO
+#define FDL_BUILD_INFO ""
+#endif
+extern "C" __attribute__((used)) const char fdl_build_info[] = "FDL_BUILD_INFO{" FDL_BUILD_INFO "}";
+
 namespace ffi = xla::ffi;
 
 // From libgomp, which libdnnl links.
@@ -58,9 +62,8 @@ extern "C" void omp_set_num_threads(int);
 namespace {
 
 // dnnl_sgemm single-threaded for the duration of a loop (restored after): called from an XLA
-// worker thread, its 2-thread OpenMP sgemm was slower than one thread (35 LSTM steps: 3.3 ms vs
-// 2.9 ms, measured in-process), and its OpenMP workers keep spinning after each call, taking a
-// core from whatever XLA runs next.
+// worker thread, its 2-thread OpenMP sgemm was slower than one thread, and its OpenMP workers
+// keep spinning after each call, taking a core from whatever XLA runs next.
 struct SingleThreadedGemm {
   int saved = omp_get_max_threads();
   SingleThreadedGemm() { omp_set_num_threads(1); }
@@ -86,11 +89,8 @@ float* in_place(const ffi::Buffer<ffi::F32>& in, ffi::ResultBuffer<ffi::F32>& ou
 // partner (a loaded machine) costs a context switch, not a spinning time slice, and nothing
 // spins long after a call (unlike OpenMP's workers, which spin for ~10 ms).
 //
-// How long: ~60 us (kSpinCycles). With ~6 us, a waiter often went to sleep, and each wake-up
-// costs tens of us -- per step at the barrier, and per step for the backward's helper waiting
-// for the loop's progress; the char-LM LSTM step (35 steps, H 256, FDL_RNN_THREADS=2) took
-// 6.42-7.09 ms median with ~6 us and 5.83-5.97 ms with ~60 us (2026-11-30, A/B in one process,
-// with the helper kept off the caller's CPU, see Team::avoid_cpu).
+// How long: ~60 us (kSpinCycles): with ~6 us a waiter often went to sleep and paid a wake-up
+// per step (docs/results/sequence_lm.md).
 
 constexpr uint64_t kSpinCycles = 200000;  // ~60 us
 
@@ -161,9 +161,7 @@ class Team {
   // Keep the helper off the caller's CPU (its affinity: all of the process's CPUs but the one
   // the caller ran on at the start of the call; changed only when that CPU changes). Without
   // it, a helper woken by a futex was often placed on the caller's CPU (the scheduler's wake
-  // affinity), the two time-sharing one core for a while: the char-LM LSTM step with
-  // FDL_RNN_THREADS=2 was bimodal, 5.6 or ~10 ms, median 8.1-8.4 ms; with it 5.83-5.97 ms
-  // (2026-11-30, A/B in one process).
+  // affinity), the two time-sharing one core for a while (docs/results/sequence_lm.md).
   void avoid_cpu(int cpu) {
     if (cpu < 0 || cpu == avoided_) return;
     cpu_set_t all, set;
@@ -205,7 +203,7 @@ struct PackedGemm {
     md dst({m, n}, dt::f32, dnnl::memory::format_tag::ab);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, w_any, dst), attr, eng);
+    dnnl::matmul::primitive_desc pd(eng, src, w_any, dst, attr);
     prim = dnnl::matmul(pd);
     scratch.assign(pd.scratchpad_desc().get_size() + 64, 0);
     scr_mem = dnnl::memory(pd.scratchpad_desc(), eng, scratch.data());
@@ -233,9 +231,9 @@ PackedGemm& thread_gemm() {
   return g;
 }
 
-// `threads` is the handler's attribute (FDL_RNN_THREADS on the JAX side).
-bool use_two_threads(int64_t threads, int64_t B, int64_t H) {
-  return threads >= 2 && H % 2 == 0 && H >= 64 && B * H >= 4096;
+// Whether the LSTM forward loop runs on two threads (big enough to pay for a barrier per step).
+bool use_two_threads(int64_t B, int64_t H) {
+  return H % 2 == 0 && H >= 64 && B * H >= 4096;
 }
 
 // Eigen's float tanh (the rational approximation XLA:CPU also uses), written so the compiler
@@ -339,7 +337,7 @@ ffi::Error sgemm_error(dnnl_status_t st) {
 ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                        ffi::ResultBuffer<ffi::F32> acts, ffi::ResultBuffer<ffi::F32> ys,
-                       ffi::ResultBuffer<ffi::F32> cs, int64_t threads) {
+                       ffi::ResultBuffer<ffi::F32> cs) {
   auto d = xp.dimensions();
   if (d.size() != 3 || w.dimensions().size() != 2)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm fwd: bad ranks");
@@ -352,7 +350,7 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
   float* Y = ys->typed_data();
   float* C = cs->typed_data();
   const float* W = w.typed_data();
-  if (use_two_threads(threads, B, H)) {
+  if (use_two_threads(B, H)) {
     // thread k: hidden units [j0, j0 + H/2), i.e. gate columns q*H + [j0, j0 + H/2), q < 4
     const int64_t Hh = H / 2;
     std::atomic<int> status{dnnl_success};
@@ -400,70 +398,6 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
     dnnl_status_t st = dnnl_sgemm('N', 'N', B, G, H, 1.f, hp, H, W, G, 1.f, g, G);
     if (st != dnnl_success) return sgemm_error(st);
     lstm_fwd_step(B, H, 0, H, g, cp, C + t * B * H, Y + t * B * H);
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error LstmBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
-                       ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cs,
-                       ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
-                       ffi::Buffer<ffi::F32> dc_n, ffi::ResultBuffer<ffi::F32> dgates,
-                       ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
-                       int64_t threads) {
-  auto d = acts_in.dimensions();
-  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
-  if (G != 4 * H || w_t.dimensions()[0] != G)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl lstm bwd: bad shapes");
-  SingleThreadedGemm single;
-  float* A = in_place(acts_in, dgates);
-  const float* WT = w_t.typed_data();
-  const float* C = cs.typed_data();
-  const float* DY = dys.typed_data();
-  float* dh = in_place(dh_n, dh0);
-  float* dc = in_place(dc_n, dc0);
-  std::vector<float> dh_tot(B * H);
-  if (use_two_threads(threads, B, H)) {
-    // thread k: hidden units [j0, j0 + H/2): their gate gradients, and the partial product
-    // P_k = dgates[:, own columns] @ W^T[own columns, :] (B, H); after the barrier each thread
-    // sums its half of P_0 + P_1 into dh. P is double-buffered by step parity: a thread can
-    // only overwrite a buffer after the partner has passed the next barrier, i.e. finished
-    // reading it.
-    const int64_t Hh = H / 2;
-    std::vector<float> partial(4 * B * H);  // [parity][k] (B, H)
-    std::atomic<int> status{dnnl_success};
-    Team::get().run([&](int k) {
-      const int64_t j0 = k * Hh, j1 = j0 + Hh;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const float* dy = DY + t * B * H;
-        for (int64_t b = 0; b < B; ++b)
-          add_into(Hh, dh_tot.data() + b * H + j0, dh + b * H + j0, dy + b * H + j0);
-        const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
-        float* g = A + t * B * G;
-        lstm_bwd_step(B, H, j0, j1, g, C + t * B * H, cp, dh_tot.data(), dc);
-        float* P = partial.data() + ((t & 1) * 2 + k) * B * H;
-        for (int64_t q = 0; q < 4; ++q) {
-          dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, Hh, 1.f, g + q * H + j0, G,
-                                        WT + (q * H + j0) * H, H, q == 0 ? 0.f : 1.f, P, H);
-          if (st != dnnl_success) status = st;
-        }
-        Team::get().barrier();
-        const float* P0 = partial.data() + (t & 1) * 2 * B * H;
-        const float* P1 = P0 + B * H;
-        for (int64_t b = 0; b < B; ++b)
-          add_into(Hh, dh + b * H + j0, P0 + b * H + j0, P1 + b * H + j0);
-      }
-    });
-    if (status != dnnl_success) return sgemm_error(dnnl_status_t(status.load()));
-    return ffi::Error::Success();
-  }
-  for (int64_t t = T - 1; t >= 0; --t) {
-    add_into(B * H, dh_tot.data(), dh, DY + t * B * H);
-    const float* cp = t == 0 ? c0.typed_data() : C + (t - 1) * B * H;
-    float* g = A + t * B * G;
-    lstm_bwd_step(B, H, 0, H, g, C + t * B * H, cp, dh_tot.data(), dc);
-    // dh_{t-1} = dgates_t @ W^T   (M=B, N=H, K=G; WT is W^T, (G, H) row-major)
-    dnnl_status_t st = dnnl_sgemm('N', 'N', B, H, G, 1.f, g, G, WT, H, 0.f, dh, H);
-    if (st != dnnl_success) return sgemm_error(st);
   }
   return ffi::Error::Success();
 }
@@ -724,7 +658,7 @@ ffi::Error GruFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
-// The GRU's reverse loop, shared by GruBwdImpl and GruBwdDwImpl: for t = T-1 .. 0 the gate
+// The GRU's reverse loop (GruBwdDwImpl): for t = T-1 .. 0 the gate
 // gradients d_xp_t (in A, in place) and d_hh_t (Q), then step_done(), then
 // dh_{t-1} = dh * z + d_hh_t @ W^T. Returns the first sgemm error (the loop still finishes, so
 // a helper thread waiting on step_done is never left behind).
@@ -746,28 +680,6 @@ dnnl_status_t gru_reverse_loop(int64_t T, int64_t B, int64_t H, float* A, float*
     if (st != dnnl_success && status == dnnl_success) status = st;
   }
   return status;
-}
-
-ffi::Error GruBwdImpl(ffi::Buffer<ffi::F32> acts_in, ffi::Buffer<ffi::F32> w_t,
-                      ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> ys,
-                      ffi::Buffer<ffi::F32> hns, ffi::Buffer<ffi::F32> dys,
-                      ffi::Buffer<ffi::F32> dh_n, ffi::ResultBuffer<ffi::F32> d_xp,
-                      ffi::ResultBuffer<ffi::F32> d_hh, ffi::ResultBuffer<ffi::F32> dh0) {
-  auto d = acts_in.dimensions();
-  const int64_t T = d[0], B = d[1], G = d[2], H = w_t.dimensions()[1];
-  if (G != 3 * H || w_t.dimensions()[0] != G)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fdl gru bwd: bad shapes");
-  SingleThreadedGemm single;
-  float* A = in_place(acts_in, d_xp);
-  float* Q = d_hh->typed_data();
-  const float* WT = w_t.typed_data();
-  const float* Y = ys.typed_data();
-  const float* HN = hns.typed_data();
-  const float* DY = dys.typed_data();
-  float* dh = in_place(dh_n, dh0);
-  dnnl_status_t st = gru_reverse_loop(T, B, H, A, Q, WT, HN, Y, h0.typed_data(), DY, dh, [] {});
-  if (st != dnnl_success) return sgemm_error(st);
-  return ffi::Error::Success();
 }
 
 // The GRU backward with the weight and bias gradients computed in the same call, overlapped
@@ -829,21 +741,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmFwd, LstmFwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwd, LstmBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwdDw, LstmBwdDwImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -864,18 +762,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlLstmBwdDw, LstmBwdDwImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruFwd, GruFwdImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FdlGruBwd, GruBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

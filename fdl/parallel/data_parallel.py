@@ -7,11 +7,11 @@ batch: no ``axis_name`` needed). The mesh is built with ``AxisType.Auto`` (``jax
 defaults to Explicit axes since JAX 0.7; with Auto, sharding is a layout decision made by
 ``in_shardings``/``out_shardings`` and model code needs no sharding annotations).
 On more than one device the sharded steps trace their convolutions with XLA's lowering
-(:func:`fdl.nn.conv_lowering.use_conv_backend`): the oneDNN custom call has no partitioning
+(``fdl.config.override(conv_backend="xla")``): the oneDNN custom call has no partitioning
 rule, so inside a partitioned ``jit`` XLA would all-gather its inputs and every device would
 convolve the *global* batch. (A plain ``jax.jit`` over sharded inputs written by hand has the
-same problem: wrap its body in ``use_conv_backend("xla")``. ``pmap`` and single-device steps
-keep oneDNN.)
+same problem: wrap its body in ``fdl.config.override(conv_backend="xla")``. ``pmap`` and
+single-device steps keep oneDNN.)
 
 **pmap**: every device runs the step on its shard; gradients are averaged with ``lax.pmean``
 over ``axis_name`` (weighted so that padded shards still give the global-batch gradient),
@@ -32,8 +32,8 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fdl import config
 from fdl.distributed.placement import global_batch, put_global
-from fdl.nn.conv_lowering import use_conv_backend
 from fdl.nn.core import Layer
 from fdl.train.step import make_eval_step, make_train_step
 
@@ -186,7 +186,7 @@ def _partitionable(step: Callable, mesh) -> Callable:
         return step
 
     def traced_with_xla_convs(*args):
-        with use_conv_backend("xla"):
+        with config.override(conv_backend="xla"):
             return step(*args)
 
     return traced_with_xla_convs

@@ -4,7 +4,7 @@
 
 For every ResNet-18-CIFAR (batch 32) and LeNet (batch 256) convolution, times the forward pass
 and forward+backward (gradients w.r.t. input and kernel) of: ``lax.conv_general_dilated``
-(``xla``), ``fdl.nn.conv_lowering.conv2d_nhwc`` with ``FDL_CONV_BACKEND=onednn`` (``onednn``)
+(``xla``), ``fdl.nn.conv_lowering.conv2d_nhwc`` with ``conv_backend="native"`` (``onednn``)
 and ``torch.nn.functional.conv2d`` on channels_last tensors with 2 threads (``torch``).
 Implementations are interleaved within each round (the machine is shared); the table reports the
 median over rounds and the ratios ``onednn/xla`` and ``onednn/torch`` (< 1: oneDNN faster).
@@ -13,7 +13,6 @@ median over rounds and the ratios ``onednn/xla`` and ``onednn/torch`` (< 1: oneD
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -49,9 +48,8 @@ def _time(fn, iters: int) -> float:
 
 
 def _jax_fns(x, w, ct, stride, pad, backend):
+    from fdl import config
     from fdl.nn.conv_lowering import conv2d_nhwc
-
-    os.environ["FDL_CONV_BACKEND"] = backend
 
     def conv(x, w):
         if backend == "xla":
@@ -61,9 +59,9 @@ def _jax_fns(x, w, ct, stride, pad, backend):
 
     fwd = jax.jit(conv)
     fb = jax.jit(jax.grad(lambda x, w: jnp.vdot(conv(x, w), ct), (0, 1)))
-    jax.block_until_ready(fwd(x, w))
-    jax.block_until_ready(fb(x, w))
-    os.environ.pop("FDL_CONV_BACKEND")
+    with config.override(conv_backend="native" if backend == "onednn" else backend):
+        jax.block_until_ready(fwd(x, w))  # (traced here)
+        jax.block_until_ready(fb(x, w))
     return (lambda: fwd(x, w)), (lambda: fb(x, w))
 
 

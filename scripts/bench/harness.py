@@ -336,6 +336,10 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
             + (f"; wall time {elapsed_s / 60:.1f} min" if elapsed_s is not None else ""),
             f"* CPU: {info.cpu_model} ({info.cores} logical CPUs visible)"]
     out.append("* versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
+    out.append("* fdl kernels (`fdl.kernels()`; rows named `fdl (xla)` force XLA's): "
+               + _machine.fdl_kernels())
+    out.append("* fdl rows run after `fdl.runtime.tune_allocator()`, as the `fdl` command "
+               "does; references with glibc's defaults")
     out.append("* threads and load: "
                + "; ".join(f"{k}: {v}" for k, v in info.thread_settings.items()))
     out += ["", "# Machine limits (measured in this run)", "",

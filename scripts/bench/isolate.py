@@ -1,13 +1,13 @@
 """One implementation of a workload in a process of its own (``Workload.isolate``).
 
-Why: importing fdl changes process-wide state that other libraries feel. ``fdl._malloc`` sets
-glibc's allocator to one arena (``import fdl``; it keeps XLA's per-step temporaries resident),
-and every library in that process then allocates from the one arena: measured 2026-11-30,
-ResNet-18 CIFAR under ``torch.compile`` 307 ms per step in fdl's process vs 282 ms with glibc's
-defaults, the char-LM LSTM in PyTorch ~10% slower. PyTorch's bundled ``libgomp`` is also the
-one fdl's oneDNN extension binds to when both are loaded. A user of PyTorch, Flax or Equinox
-does not import fdl, so each reference runs in its own process with ``FDL_MALLOC=default``
-(the workload modules import fdl) and each fdl row in a process of its own with fdl's settings.
+Why: process-wide settings differ per library. fdl's rows run as the ``fdl`` command runs them,
+after ``fdl.runtime.tune_allocator()`` (glibc keeps XLA's large per-step temporaries resident;
+one malloc arena for the whole process), which a PyTorch, Flax or Equinox user would not have:
+measured 2026-11-30, ResNet-18 CIFAR under ``torch.compile`` 307 ms per step with that setting
+vs 282 ms with glibc's defaults, the char-LM LSTM in PyTorch ~10% slower. PyTorch's bundled
+``libgomp`` is also the one fdl's oneDNN binds to when both are loaded. So each implementation
+runs in a process of its own: references with ``FDL_BENCH_ROLE=reference`` (glibc's defaults,
+torch threads pinned as in the parent), fdl rows with the allocator call.
 
 Protocol (JSON lines): the parent starts ``python -m scripts.bench.isolate MODULE WORKLOAD
 IMPL FD``; the worker builds the implementation, times its first step (compile) and runs one
@@ -42,10 +42,14 @@ def worker(module: str, workload: str, impl: str, fd: int) -> int:
         out.flush()
 
     try:
-        if os.environ.get("FDL_MALLOC") == "default":  # a reference: as the parent pins torch
+        if os.environ.get("FDL_BENCH_ROLE") == "reference":  # as the parent pins torch
             from scripts.bench import machine
 
             machine.pin_torch_threads(machine.thread_count())
+        else:  # an fdl row: the process tuning the fdl command makes
+            import fdl.runtime
+
+            fdl.runtime.tune_allocator()
         mod = importlib.import_module(module)
         (w,) = [w for w in mod.WORKLOADS if w.name == workload]
         step = w.impls[impl]()
@@ -85,8 +89,9 @@ class Worker:
 
     def __init__(self, module: str, workload: str, impl: str, *, reference: bool):
         env = dict(os.environ)
+        env.pop("FDL_BENCH_ROLE", None)
         if reference:
-            env["FDL_MALLOC"] = "default"
+            env["FDL_BENCH_ROLE"] = "reference"
         r, w = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

@@ -64,6 +64,18 @@ def thread_count() -> int:
         return os.cpu_count() or 1
 
 
+def fdl_kernels() -> str:
+    """``fdl.kernels()`` on one line: ``conv native (oneDNN 3.2.0), lstm ...``."""
+    try:
+        import fdl
+
+        return ", ".join(f"{k.op} {k.backend}" + (f" ({k.why.split(',')[0]})"
+                                                  if k.backend == "native" else f" ({k.why})")
+                         for k in fdl.kernels().values())
+    except Exception as e:  # noqa: BLE001 - the header must not fail the run
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "numpy", "flax", "equinox", "optax", "torch"):

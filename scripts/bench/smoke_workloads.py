@@ -11,9 +11,9 @@ def _step_checking_env(reference: bool):
     def build():
         import numpy as np
 
-        malloc = os.environ.get("FDL_MALLOC")
-        if reference and malloc != "default":
-            raise RuntimeError(f"a reference runs with FDL_MALLOC=default, got {malloc!r}")
+        role = os.environ.get("FDL_BENCH_ROLE")
+        if reference and role != "reference":
+            raise RuntimeError(f"a reference runs with FDL_BENCH_ROLE=reference, got {role!r}")
         a = np.ones((8, 8), np.float32)
         return lambda: np.tanh(a @ a)
 

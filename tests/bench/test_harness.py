@@ -160,7 +160,7 @@ def test_discover_workload_modules_are_well_formed():
 
 
 def test_isolated_workers_time_each_implementation_in_its_own_process():
-    """Each implementation runs in a worker process; references get ``FDL_MALLOC=default``
+    """Each implementation runs in a worker process; references get ``FDL_BENCH_ROLE=reference``
     (their builder checks it); a broken builder's error comes back as its row's error."""
     from scripts.bench.smoke_workloads import WORKLOADS
 
@@ -175,4 +175,4 @@ def test_isolated_workers_time_each_implementation_in_its_own_process():
     assert "is broken" in rows["broken ref"].error
     in_process = harness.measure_workload(w, steps=2, block=1, isolated=False, log=logs.append)
     assert not in_process.isolated
-    assert "FDL_MALLOC=default" in {r.impl: r for r in in_process.rows}["numpy"].error
+    assert "FDL_BENCH_ROLE=reference" in {r.impl: r for r in in_process.rows}["numpy"].error

@@ -99,18 +99,21 @@ def test_converter_bad_inputs_and_no_bias():
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-@pytest.mark.parametrize("backend", ["onednn", "native", "xla"])
-def test_backends_equal_torch_values_and_gradients(kind, backend, monkeypatch):
-    """Every FDL_RNN_BACKEND (oneDNN's RNN primitives, the native loop, the XLA loop) gives
-    torch's outputs, final states and gradients (weights, biases, input, initial state),
-    float32, 2-layer bidirectional, non-zero initial state."""
-    from fdl._ext import build
+@pytest.mark.parametrize("backend", ["native", "xla"])
+def test_backends_equal_torch_values_and_gradients(kind, backend):
+    """Both rnn_backends (the native loop, the XLA loop) give torch's outputs, final states and
+    gradients (weights, biases, input, initial state), float32, 2-layer bidirectional,
+    non-zero initial state."""
+    from fdl import config
+    from fdl._ext import loader
 
-    if backend == "onednn" and not build.load_rnn_onednn():
-        pytest.skip(f"oneDNN RNN extension unavailable: {build.rnn_onednn_unavailable_reason()}")
-    if backend == "native" and not build.load_rnn():
-        pytest.skip(f"native RNN extension unavailable: {build.rnn_unavailable_reason()}")
-    monkeypatch.setenv("FDL_RNN_BACKEND", backend)
+    if backend == "native" and not loader.load("rnn").loaded:
+        pytest.skip(f"native RNN library unavailable: {loader.status('rnn').reason}")
+    with config.override(rnn_backend=backend):
+        _check_backend_equals_torch(kind, backend)
+
+
+def _check_backend_equals_torch(kind, backend):
     B, T, F, H = 3, 6, 4, 5
     m, layer, params = _torch_and_fdl(kind, F, H, 2, True, seed=4)
     g = torch.Generator().manual_seed(5)
@@ -131,7 +134,7 @@ def test_backends_equal_torch_values_and_gradients(kind, backend, monkeypatch):
 
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     text = f.lower(params, jnp.asarray(x.detach().numpy()), s0).as_text()
-    assert ("_dnnl_" in text) == (backend == "onednn")
+    assert (f"fdl_{kind}_fwd" in text) == (backend == "native")
     v, (gp, gx, gs) = f(params, jnp.asarray(x.detach().numpy()), s0)
     np.testing.assert_allclose(float(v), loss_t.item(), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(grads_t),

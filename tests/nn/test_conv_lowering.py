@@ -1,5 +1,5 @@
 """conv2d lowerings equal lax.conv_general_dilated (values, gradients, jit/grad/vmap), and the
-XLA fallback when the oneDNN extension is unavailable or not eligible."""
+XLA fallback when the native (oneDNN) library is unavailable or not eligible."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from fdl._ext import build
+from fdl import config
+from fdl._ext import loader
 from fdl.nn import conv_lowering
 from fdl.nn.conv_lowering import conv2d_nhwc
 
@@ -55,10 +56,11 @@ def _close(a, b, scale=1.0):
 
 
 @pytest.fixture
-def onednn(monkeypatch):
-    if not conv_lowering.onednn_available():
-        pytest.skip(f"oneDNN extension unavailable: {build.unavailable_reason()}")
-    monkeypatch.setenv("FDL_CONV_BACKEND", "onednn")
+def onednn():
+    if not conv_lowering.native_available():
+        pytest.skip(f"native convolution unavailable: {loader.status('conv').reason}")
+    with config.override(conv_backend="native"):
+        yield
 
 
 def _data(key, xs, ws):
@@ -152,101 +154,88 @@ def test_float64_and_xla_backend_use_lax(monkeypatch):
     x = jnp.ones((1, 5, 5, 2), jnp.float64)
     w = jnp.ones((3, 3, 2, 2), jnp.float64)
     args = ((1, 1), ((1, 1), (1, 1)))
-    monkeypatch.setenv("FDL_CONV_BACKEND", "onednn")
     f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
-    assert not _has_custom_call(f, x, w)  # float64: not eligible -> XLA
-    np.testing.assert_allclose(f(x, w), _ref(x, w, *args))
-    monkeypatch.setenv("FDL_CONV_BACKEND", "xla")
+    with config.override(conv_backend="native"):
+        assert not _has_custom_call(f, x, w)  # float64: not eligible -> XLA
+        np.testing.assert_allclose(f(x, w), _ref(x, w, *args))
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    with config.override(conv_backend="xla"):
+        assert not _has_custom_call(f, x32, w32)
+        np.testing.assert_allclose(f(x32, w32), _ref(x32, w32, *args), rtol=1e-6)
+    monkeypatch.setenv("FDL_CONV_BACKEND", "xla")  # the environment variable as the default
     assert not _has_custom_call(f, x32, w32)
-    np.testing.assert_allclose(f(x32, w32), _ref(x32, w32, *args), rtol=1e-6)
 
 
 def test_bad_backend_name(monkeypatch):
-    monkeypatch.setenv("FDL_CONV_BACKEND", "cudnn")
+    conv = lambda: conv2d_nhwc(jnp.ones((1, 3, 3, 1), jnp.float32),  # noqa: E731
+                               jnp.ones((1, 1, 1, 1), jnp.float32), (1, 1), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"\['auto', 'native', 'xla'\]"):
+        with config.override(conv_backend="cudnn"):
+            pass
+    monkeypatch.setenv("FDL_CONV_BACKEND", "onednn")
     with pytest.raises(ValueError, match="FDL_CONV_BACKEND"):
-        conv2d_nhwc(jnp.ones((1, 3, 3, 1), jnp.float32), jnp.ones((1, 1, 1, 1), jnp.float32),
-                    (1, 1), ((0, 0), (0, 0)))
+        conv()
 
 
-def test_fallback_when_extension_unavailable(monkeypatch, tmp_path, caplog):
-    """Simulate a machine without a compiler/oneDNN: load() fails quietly, conv uses XLA."""
-    monkeypatch.setattr(build, "_state", {"loaded": None, "reason": ""})
-    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
+@pytest.fixture
+def no_native_library(monkeypatch, tmp_path):
+    """A machine where the native convolution cannot be had: no installed build, an empty build
+    cache, no C++ compiler. Restores the real library afterwards."""
+    monkeypatch.setattr(loader, "installed_path", lambda name: tmp_path / "missing.so")
     monkeypatch.setenv("CXX", "definitely-not-a-compiler")
-    monkeypatch.setenv("FDL_CONV_BACKEND", "auto")
+    loader.reset()
+    with config.override(native_cache=str(tmp_path / "cache"), conv_backend="auto"):
+        yield
+    loader.reset()
+
+
+def test_fallback_when_native_unavailable(no_native_library):
+    """No compiler/oneDNN: one warning naming what is missing and the fix, then XLA (values
+    and gradients); ``native`` refuses with the same reason."""
     x = jax.random.normal(jax.random.key(4), (2, 6, 6, 3), jnp.float32)
     w = jax.random.normal(jax.random.key(5), (3, 3, 3, 4), jnp.float32)
     args = ((1, 1), ((1, 1), (1, 1)))
     f = lambda x, w: conv2d_nhwc(x, w, *args)  # noqa: E731
-    with caplog.at_level("DEBUG"):
+    with pytest.warns(loader.NativeKernelWarning, match="compiler.*Fix: install") as record:
         assert not _has_custom_call(f, x, w)
-    assert build.load() is False
-    assert "compiler" in build.unavailable_reason()
-    assert any("unavailable" in r.getMessage() for r in caplog.records)
+        assert not _has_custom_call(lambda x, w: f(x, w) + 1, x, w)
+    assert len(record) == 1  # once, not per trace
+    assert not loader.status("conv").loaded
     _close(jax.jit(f)(x, w), _ref(x, w, *args), scale=10.0)
     g = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
     for a, b in zip(g, jax.grad(lambda x, w: jnp.sum(_ref(x, w, *args) ** 2), (0, 1))(x, w)):
         _close(a, b, scale=float(jnp.abs(b).max()))
+    with config.override(conv_backend="native"):  # (a new function: jit caches traces)
+        with pytest.raises(RuntimeError, match="compiler"):
+            jax.jit(lambda x, w: conv2d_nhwc(x, w, *args)).lower(x, w)
 
 
-def test_build_failure_is_cached_and_reported(monkeypatch, tmp_path):
-    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "true")  # "compiles" but produces no library
-    with pytest.raises(Exception):
-        build.build(force=True)
-        lib = build.library_path()
-        import ctypes
+# --- geometries with their own paths (negative padding, oneDNN's implementation choice) --------
 
-        ctypes.CDLL(str(lib))
-
-
-# --- per-shape implementation policy and the backward-data-as-forward rewrite -------------------
-
-def _lib():
-    import ctypes
-
-    return ctypes.CDLL(str(build.library_path()))
-
-
-@pytest.fixture(params=["default", "off"])
-def policy(request, onednn, monkeypatch):
-    """Run with the default policy (oneDNN implementation choice per shape, serialised calls,
-    reused buffers, backward-data as a flipped forward convolution) and with all of it off."""
-    lib = _lib()
-    on = request.param == "default"
-    old = lib.fdl_conv_onednn_set_policy(7 if on else 0)
-    monkeypatch.setattr(conv_lowering, "BWD_DATA_VIA_FWD", on)
-    for flag in ("FLIP_NATIVE", "ORDER_BWD", "NEG_PAD"):
-        monkeypatch.setattr(conv_lowering, flag, on)
-    yield request.param
-    lib.fdl_conv_onednn_set_policy(old)
-
-
-# (x shape, w shape, stride, padding, dilation, groups); the comment names the path (default).
-POLICY_CASES = [
-    ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # bwd-data via flip
-    ((2, 9, 7, 8), (3, 3, 8, 16), (1, 1), ((0, 2), (2, 1)), (1, 1), 1),  # flip, asymmetric pad
-    ((2, 6, 6, 8), (3, 2, 8, 8), (1, 1), ((3, 0), (1, 1)), (1, 1), 1),  # pad > k-1: no flip
+# (x shape, w shape, stride, padding, dilation, groups); the comment names the path.
+GEOMETRY_CASES = [
+    ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # bwd-data: brg_fwd
+    ((2, 9, 7, 8), (3, 3, 8, 16), (1, 1), ((0, 2), (2, 1)), (1, 1), 1),  # asymmetric pad
+    ((2, 6, 6, 8), (3, 2, 8, 8), (1, 1), ((3, 0), (1, 1)), (1, 1), 1),  # pad > k-1
     ((2, 4, 4, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # <=16 px: jit fwd
     ((2, 9, 9, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # 1x1/2, neg. pad
     ((2, 8, 8, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # 1x1/2, even size
     ((2, 8, 9, 8), (3, 3, 8, 16), (2, 3), ((0, 0), (1, 0)), (1, 1), 1),  # 3x3/2, neg. pad
     ((1, 10, 9, 4), (2, 3, 4, 5), (3, 2), ((1, 0), (0, 0)), (2, 1), 1),  # dilated, neg. pad
     ((2, 8, 8, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),  # 3-ch stem: jit fwd
-    ((2, 8, 8, 8), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups: no flip
-    ((1, 7, 6, 4), (2, 3, 4, 5), (1, 1), ((1, 0), (2, 2)), (2, 1), 1),  # dilation: no flip
+    ((2, 8, 8, 8), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 2),  # groups
+    ((1, 7, 6, 4), (2, 3, 4, 5), (1, 1), ((1, 0), (2, 2)), (2, 1), 1),  # dilation
 ]
 
 
-@pytest.mark.parametrize("case", range(len(POLICY_CASES)))
-def test_policy_paths_match_lax(policy, case):
-    xs, ws, stride, pad, dil, g = POLICY_CASES[case]
+@pytest.mark.parametrize("case", range(len(GEOMETRY_CASES)))
+def test_geometry_paths_match_lax(onednn, case):
+    xs, ws, stride, pad, dil, g = GEOMETRY_CASES[case]
     x, w, k = _data(jax.random.key(10 + case), xs, ws)
     args = (stride, pad, dil, g)
     _check_onednn_matches_lax(x, w, k, args)
     if case in (0, 1, 4):
-        # second order through the rewritten backward pass, and per-example gradients (vmap)
+        # second order through the backward pass, and per-example gradients (vmap)
         def h(conv):
             inner = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args))), 0)
             return jax.grad(lambda x, w: jnp.sum(inner(x, w) ** 2), (0, 1))
@@ -259,26 +248,12 @@ def test_policy_paths_match_lax(policy, case):
             _close(a, b, scale=float(jnp.abs(b).max()))
 
 
-def test_flip_rewrite_replaces_backward_data(onednn, monkeypatch):
-    x, w, _ = _data(jax.random.key(30), (2, 8, 8, 16), (3, 3, 16, 16))
-    args = ((1, 1), ((1, 1), (1, 1)))
-    loss = lambda x, w: jnp.sum(conv2d_nhwc(x, w, *args) ** 2)  # noqa: E731
-    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
-    assert "fdl_conv_bwd_data_flip" in hlo and "@fdl_conv_bwd_data(" not in hlo
-    assert "reverse" not in hlo and hlo.count("fdl_conv_fwd") == 1
-    monkeypatch.setattr(conv_lowering, "FLIP_NATIVE", False)  # flipped in XLA
-    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
-    assert "fdl_conv_bwd_data" not in hlo and hlo.count("fdl_conv_fwd") == 2
-    monkeypatch.setattr(conv_lowering, "BWD_DATA_VIA_FWD", False)
-    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
-    assert "@fdl_conv_bwd_data(" in hlo
-
-
-def test_policy_picks_documented_implementations(onednn):
-    """On AVX-512 CPUs the policy picks the implementations docs/performance.md names."""
+def test_picks_documented_implementations(onednn):
+    """On AVX-512 CPUs the native library picks the implementations docs/performance.md
+    names."""
     import ctypes
 
-    lib = _lib()
+    lib = loader.library("conv")
     lib.fdl_conv_onednn_impl.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
                                          ctypes.c_char_p, ctypes.c_int]
 
@@ -288,13 +263,11 @@ def test_policy_picks_documented_implementations(onednn):
         assert lib.fdl_conv_onednn_impl(kind, geom, buf, 200) == 0, buf.value
         return buf.value.decode()
 
-    old = lib.fdl_conv_onednn_set_policy(7)
-    try:
-        if "avx512" not in impl(0, 2, 8, 16, 8, 32, 3, 1, 1):
-            pytest.skip("not an AVX-512 CPU: implementation names differ")
-        assert impl(0, 2, 4, 64, 4, 64, 3, 1, 1).startswith("jit:avx512_core")  # 16 px
-        assert impl(0, 2, 8, 3, 8, 16, 3, 1, 1).startswith("jit:avx512_core")  # 3 channels
-        assert impl(2, 2, 9, 16, 5, 32, 1, 2, 0).startswith("jit")  # 1x1 bwd-w: direct
-        assert impl(0, 2, 8, 16, 8, 64, 3, 1, 1).endswith("(no reorder)")  # Acdb64a == HWIO
-    finally:
-        lib.fdl_conv_onednn_set_policy(old)
+    if "avx512" not in impl(0, 2, 8, 16, 8, 32, 3, 1, 1):
+        pytest.skip("not an AVX-512 CPU: implementation names differ")
+    assert impl(0, 2, 4, 64, 4, 64, 3, 1, 1).startswith("jit:avx512_core")  # 16 px
+    assert impl(0, 2, 8, 3, 8, 16, 3, 1, 1).startswith("jit:avx512_core")  # 3 channels
+    assert impl(0, 2, 8, 16, 8, 64, 3, 1, 1).startswith("brgconv")  # everything else
+    assert impl(1, 2, 8, 16, 8, 64, 3, 1, 1).startswith("brg_fwd")  # bwd-data, stride 1
+    assert impl(2, 2, 9, 16, 5, 32, 1, 2, 0).startswith("jit")  # 1x1 bwd-w: direct
+    assert impl(0, 2, 8, 16, 8, 64, 3, 1, 1).endswith("(no reorder)")  # Acdb64a == HWIO

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fdl.nn as nn
+from fdl import config
 from fdl.nn import recurrent as R
 from fdl.testing import check_gradients, check_layer_gradients
 
@@ -314,15 +315,16 @@ def test_fused_direction_gradients(kind, steps, seed):
 
 
 def _native_or_skip():
-    from fdl._ext import build
+    from fdl._ext import loader
 
-    if not build.load_rnn():
-        pytest.skip(f"native RNN extension unavailable: {build.rnn_unavailable_reason()}")
+    st = loader.load("rnn")
+    if not st.loaded:
+        pytest.skip(f"native RNN library unavailable: {st.reason}")
 
 
 def _loss_and_grad(layer):
     """Jitted value and gradients (params, input, initial state) of a loss of ``layer``'s
-    outputs and final state; traced on first use, so under the FDL_RNN_BACKEND set then."""
+    outputs and final state; traced on first use, so under the rnn_backend set then."""
 
     def loss(p, x, s0):
         y, s = layer.apply_with_state(p, x, s0)
@@ -334,8 +336,8 @@ def _loss_and_grad(layer):
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 6])
-def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
-    """float32: the C++ time loop (FDL_RNN_BACKEND=native) gives the values and gradients of
+def test_native_loop_equals_xla_and_scan(kind, steps, key):
+    """float32: the C++ time loop (rnn_backend 'native') gives the values and gradients of
     the XLA loop and of autodiff through scan_cell (deep, bidirectional, non-zero state)."""
     _native_or_skip()
     layers = {impl: MAKE[kind](5, num_layers=2, bidirectional=True, impl=impl)
@@ -345,10 +347,10 @@ def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
     s0 = jax.tree_util.tree_map(lambda a: a + 0.3, layers["fused"].initial_state(3))
 
     def run(impl, backend):
-        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-        f = _loss_and_grad(layers[impl])
-        text = f.lower(p, x, s0).as_text()
-        return f(p, x, s0), text
+        with config.override(rnn_backend=backend):
+            f = _loss_and_grad(layers[impl])
+            text = f.lower(p, x, s0).as_text()
+            return f(p, x, s0), text
 
     (vn, gn), text = run("fused", "native")
     assert "fdl_lstm_fwd" in text or "fdl_gru_fwd" in text
@@ -360,13 +362,22 @@ def test_native_loop_equals_xla_and_scan(kind, steps, key, monkeypatch):
         _allclose(gn, g, rtol=2e-4, atol=2e-5)
 
 
+def _native_vs_xla(kind, loss, args):
+    out = {}
+    for backend in ("native", "xla"):
+        with config.override(rnn_backend=backend):
+            f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            text = f.lower(*args).as_text()
+            assert (f"fdl_{kind}_bwd_dw" in text) == (backend == "native")
+            out[backend] = f(*args)
+    return out
+
+
 @pytest.mark.parametrize("shape", [(7, 64, 5, 64), (3, 32, 4, 130), (2, 4, 3, 8), (1, 32, 3, 64)])
-@pytest.mark.parametrize("threads,overlap", [("2", "0"), ("2", "1"), ("1", "1"), ("1", "0")])
-def test_native_lstm_threads_equal_xla(shape, threads, overlap, monkeypatch):
-    """FDL_RNN_THREADS=2 (the native LSTM loops split over two threads, half the hidden units
-    each) and FDL_RNN_OVERLAP_DW (d w_hh on a helper thread during the backward loop) give the
-    XLA loop's values and gradients; shapes below the split's size threshold run
-    single-threaded."""
+def test_native_lstm_equal_xla(shape):
+    """The native LSTM loops (the forward on two threads above a size threshold, the weight
+    gradients accumulated by a helper thread during the backward loop) give the XLA loop's
+    values and gradients."""
     _native_or_skip()
     t_len, batch, n_in, n_h = shape
     p = R.init_direction_params(jax.random.key(0), "lstm", n_in, n_h)
@@ -378,29 +389,16 @@ def test_native_lstm_threads_equal_xla(shape, threads, overlap, monkeypatch):
         (h, c), ys = R.fused_direction("lstm", p, xs, c0)
         return jnp.sum(jnp.sin(ys)) + jnp.sum(jnp.cos(h)) + jnp.sum(c * c)
 
-    out = {}
-    monkeypatch.setenv("FDL_RNN_OVERLAP_DW", overlap)
-    for backend, n in (("native", threads), ("xla", "1")):
-        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-        monkeypatch.setenv("FDL_RNN_THREADS", n)
-        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        text = f.lower(p, xs, c0).as_text()
-        assert ("fdl_lstm_bwd_dw" in text) == (backend == "native" and overlap == "1")
-        out[backend] = f(p, xs, c0)
+    out = _native_vs_xla("lstm", loss, (p, xs, c0))
     np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
     _allclose(out["native"][1], out["xla"][1], rtol=2e-4, atol=2e-5)
-    monkeypatch.setenv("FDL_RNN_THREADS", "3")
-    with pytest.raises(ValueError, match="FDL_RNN_THREADS"):
-        R.rnn_threads()
 
 
 @pytest.mark.parametrize("shape", [(7, 64, 5, 64), (3, 32, 4, 130), (2, 4, 3, 8), (1, 32, 3, 64),
                                    (35, 32, 28, 256)])
-@pytest.mark.parametrize("overlap", ["1", "0"])
-def test_native_gru_overlap_equal_xla(shape, overlap, monkeypatch):
+def test_native_gru_equal_xla(shape):
     """The native GRU backward with the weight and bias gradients accumulated on a helper
-    thread during the loop (FDL_RNN_OVERLAP_DW=1, the default) and computed by XLA after it
-    (FDL_RNN_OVERLAP_DW=0) gives the XLA loop's values and gradients (b_ih and b_hh differ:
+    thread during the loop gives the XLA loop's values and gradients (b_ih and b_hh differ:
     b_hn sits inside r * (W_hn h + b_hn))."""
     _native_or_skip()
     t_len, batch, n_in, n_h = shape
@@ -414,142 +412,43 @@ def test_native_gru_overlap_equal_xla(shape, overlap, monkeypatch):
         h, ys = R.fused_direction("gru", p, xs, h0)
         return jnp.sum(jnp.sin(ys)) + jnp.sum(jnp.cos(h))
 
-    out = {}
-    monkeypatch.setenv("FDL_RNN_OVERLAP_DW", overlap)
-    for backend in ("native", "xla"):
-        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        text = f.lower(p, xs, h0).as_text()
-        assert ("fdl_gru_bwd_dw" in text) == (backend == "native" and overlap == "1")
-        assert ("fdl_gru_bwd" in text) == (backend == "native")
-        out[backend] = f(p, xs, h0)
+    out = _native_vs_xla("gru", loss, (p, xs, h0))
     np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
     # atol 1e-4: the (35, 32, 28, 256) case sums 1120 rows into gradients of size up to ~100
     _allclose(out["native"][1], out["xla"][1], rtol=2e-4, atol=1e-4)
 
 
-def _onednn_or_skip():
-    from fdl._ext import build
-
-    if not build.load_rnn_onednn():
-        pytest.skip(f"oneDNN LSTM extension unavailable: {build.rnn_onednn_unavailable_reason()}")
-
-
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
-@pytest.mark.parametrize("steps", [1, 6])
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_onednn_equals_xla_and_scan(kind, steps, bidirectional, key, monkeypatch):
-    """float32: the LSTM/GRU through oneDNN's RNN primitives (FDL_RNN_BACKEND=onednn) gives
-    the outputs, final states and gradients (weights, biases, input, initial state) of the XLA
-    loop, of autodiff through scan_cell and of the native loop; also without differentiation
-    (the forward_inference call)."""
-    _onednn_or_skip()
-    layers = {impl: MAKE[kind](5, num_layers=2, bidirectional=bidirectional, impl=impl)
-              for impl in ("fused", "scan")}
-    _, p, _ = layers["fused"].init(key, (3, steps, 4))
-    # non-zero biases in every block (the GRU's are split and reordered for oneDNN)
-    p = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.1 * jnp.arange(a.shape[-1], dtype=a.dtype) / a.shape[-1]
-        if "b_" in jax.tree_util.keystr(path) else a, p)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, steps, 4)), jnp.float32)
-    s0 = layers["fused"].initial_state(3)
-    s0 = (s0[0] + 0.3, s0[1] - 0.2) if kind == "lstm" else s0 + 0.3
-
-    def run(impl, backend):
-        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
-        f = _loss_and_grad(layers[impl])
-        text = f.lower(p, x, s0).as_text()
-        fwd = jax.jit(layers[impl].apply_with_state)
-        return f(p, x, s0), fwd(p, x, s0), text, fwd.lower(p, x, s0).as_text()
-
-    (vo, go), (yo, so), text, ftext = run("fused", "onednn")
-    assert f"fdl_{kind}_dnnl_fwd" in text and f"fdl_{kind}_dnnl_bwd" in text
-    assert f"fdl_{kind}_dnnl_infer" in ftext and f"fdl_{kind}_dnnl_fwd" not in ftext
-    for impl, backend in (("fused", "xla"), ("scan", "xla"), ("fused", "native")):
-        (v, g), (y, s), text, _ = run(impl, backend)
-        assert "_dnnl_" not in text
-        np.testing.assert_allclose(vo, v, rtol=1e-5)
-        _allclose(go, g, rtol=2e-4, atol=2e-5)
-        _allclose((yo, so), (y, s), rtol=1e-5, atol=1e-6)
-
-
-def test_onednn_under_vmap_and_rnn_unaffected(key, monkeypatch):
-    """The oneDNN LSTM direction under vmap (sequential) equals the XLA loop; a tanh RNN with
-    FDL_RNN_BACKEND=onednn runs its usual loop."""
-    _onednn_or_skip()
-    monkeypatch.setenv("FDL_RNN_BACKEND", "onednn")
-    p = R.init_direction_params(key, "lstm", 3, 4)
-    xs = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 2, 3)), jnp.float32)
-    c0 = (jnp.zeros((2, 4), jnp.float32), jnp.ones((2, 4), jnp.float32))
-
-    def f(xs):
-        return jnp.sum(R.fused_direction("lstm", p, xs, c0)[1] ** 2)
-
-    assert "fdl_lstm_dnnl_bwd" in jax.jit(jax.vmap(jax.grad(f))).lower(xs).as_text()
-    got = jax.vmap(jax.value_and_grad(f))(xs)
-    monkeypatch.setenv("FDL_RNN_BACKEND", "xla")
-    want = jax.vmap(jax.value_and_grad(f))(xs)
-    _allclose(got, want, rtol=1e-5, atol=1e-6)
-    monkeypatch.setenv("FDL_RNN_BACKEND", "onednn")
-    layer = nn.rnn(3)
-    _, pg, _ = layer.init(key, (2, 4, 3))
-    text = jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(pg, jnp.ones((2, 4, 3))).as_text()
-    assert "_dnnl_" not in text
-
-
-def test_native_backend_choice(monkeypatch):
-    monkeypatch.setenv("FDL_RNN_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="FDL_RNN_BACKEND"):
-        R.rnn_backend()
+def test_native_backend_choice():
+    with pytest.raises(ValueError, match=r"\['auto', 'native', 'xla'\]"):
+        config.update("rnn_backend", "onednn")
     layer = nn.lstm(3)
-    x = jnp.ones((2, 4, 3), jnp.float64)  # float64 never uses the native loop or oneDNN
+    x = jnp.ones((2, 4, 3), jnp.float64)  # float64 never uses the native loop
     _, p, _ = layer.init(jax.random.key(0), x.shape)
     p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
-    for backend in ("native", "onednn"):
-        monkeypatch.setenv("FDL_RNN_BACKEND", backend)
+    with config.override(rnn_backend="native"):
         text = jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x).as_text()
-        assert "fdl_lstm" not in text
+    assert "fdl_lstm" not in text
 
 
-def _without_compiler(monkeypatch, tmp_path):
-    """The RNN extensions unloaded, an empty build cache and no usable compiler; backend
-    ``auto``. Returns ``fdl._ext.build``."""
-    from fdl._ext import build
+def test_native_fallback_when_unavailable(monkeypatch, tmp_path):
+    """No compiler/oneDNN: ``auto`` warns once and uses the XLA loop, ``native`` says why it
+    can't."""
+    from fdl._ext import loader
 
-    monkeypatch.setattr(build, "_rnn_state", {"loaded": None, "reason": ""})
-    monkeypatch.setattr(build, "_rnn_onednn_state", {"loaded": None, "reason": "", "dll": None})
-    monkeypatch.setenv("FDL_EXT_CACHE", str(tmp_path))
+    monkeypatch.setattr(loader, "installed_path", lambda name: tmp_path / "missing.so")
     monkeypatch.setenv("CXX", "definitely-not-a-compiler")
-    monkeypatch.setenv("FDL_RNN_BACKEND", "auto")
-    return build
-
-
-def test_native_fallback_when_extension_unavailable(monkeypatch, tmp_path):
-    """No compiler/oneDNN: ``auto`` quietly uses the XLA loop, ``native`` says why it can't."""
-    build = _without_compiler(monkeypatch, tmp_path)
+    loader.reset()
     layer = nn.gru(3)
     x = jnp.ones((2, 4, 3), jnp.float32)
     _, p, _ = layer.init(jax.random.key(0), x.shape)
-    f = jax.jit(lambda p, x: layer.apply(p, {}, x)[0])
-    assert "fdl_gru" not in f.lower(p, x).as_text()
-    assert build.load_rnn() is False
-    assert "compiler" in build.rnn_unavailable_reason()
-    monkeypatch.setenv("FDL_RNN_BACKEND", "native")
-    with pytest.raises(RuntimeError, match="unavailable"):
-        jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
-
-
-def test_onednn_fallback_when_extension_unavailable(monkeypatch, tmp_path):
-    """No compiler/oneDNN: ``auto`` quietly uses another LSTM loop, ``onednn`` says why it
-    can't."""
-    build = _without_compiler(monkeypatch, tmp_path)
-    layer = nn.lstm(3)
-    x = jnp.ones((2, 4, 3), jnp.float32)
-    _, p, _ = layer.init(jax.random.key(0), x.shape)
-    f = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, {}, x)[0])))
-    assert "fdl_lstm" not in f.lower(p, x).as_text()
-    assert build.load_rnn_onednn() is False
-    assert "compiler" in build.rnn_onednn_unavailable_reason()
-    monkeypatch.setenv("FDL_RNN_BACKEND", "onednn")
-    with pytest.raises(RuntimeError, match="unavailable"):
-        jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
+    try:
+        with config.override(native_cache=str(tmp_path), rnn_backend="auto"):
+            with pytest.warns(loader.NativeKernelWarning, match="compiler"):
+                text = jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x).as_text()
+            assert "fdl_gru" not in text
+            assert not loader.status("rnn").loaded
+            with config.override(rnn_backend="native"):
+                with pytest.raises(RuntimeError, match="compiler"):
+                    jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
+    finally:
+        loader.reset()

@@ -3,7 +3,7 @@
 Modules: :mod:`~fdl.nn.recurrent.cells` (cells, input projection, parameter init),
 :mod:`~fdl.nn.recurrent.scan` (the ``lax.scan`` driver), :mod:`~fdl.nn.recurrent.fused` (one
 direction under a hand-written VJP), :mod:`~fdl.nn.recurrent.native` (the C++ time loops and the
-backend choice), :mod:`~fdl.nn.recurrent.onednn` (oneDNN's RNN primitives),
+backend choice),
 :mod:`~fdl.nn.recurrent.layers` (the layers and their states). Every public name is re-exported
 here.
 
@@ -44,13 +44,10 @@ Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_stat
 
 **Implementations** (``impl=``): ``"fused"`` (default) runs each direction through
 :func:`fused_direction` -- input projection + recurrence under one hand-written VJP; for float32
-LSTM/GRU the time loop itself runs in the optional C++ extension (``fdl/_ext/rnn_cpu.cc``: one
-oneDNN ``sgemm`` + one vectorised elementwise pass per step instead of ~12 XLA thunks; compiled
-on first use like the convolution extension; by default, ``FDL_RNN_THREADS=2``, the LSTM
-forward loop is split over two threads, see :func:`rnn_threads`), otherwise in a
-``lax.scan``. ``FDL_RNN_BACKEND=onednn`` runs the whole float32 LSTM/GRU direction
-(projection, recurrence and every gradient) through oneDNN's RNN primitives instead
-(``fdl/_ext/rnn_onednn.cc``); see :func:`rnn_backend`. ``"scan"`` differentiates
+LSTM/GRU the time loop itself runs in fdl's native library (``fdl/_ext/rnn_cpu.cc``: one GEMM
++ one vectorised elementwise pass per step instead of ~12 XLA thunks; built when fdl is
+installed; ``fdl.config.rnn_backend``, see :mod:`fdl.nn.recurrent.native`), otherwise in a
+``lax.scan``. ``"scan"`` differentiates
 :func:`scan_cell` by autodiff (also forward mode). With ``seq_lengths`` the scan path is used.
 """
 
@@ -73,12 +70,10 @@ from fdl.nn.recurrent.layers import (
     rnn,
     run_direction,
 )
-from fdl.nn.recurrent.native import RNN_BACKENDS, rnn_backend, rnn_threads
 from fdl.nn.recurrent.scan import reverse_within_lengths, scan_cell
 
 __all__ = [
     "CELL_GATES",
-    "RNN_BACKENDS",
     "RecurrentLayer",
     "apply_with_state",
     "detach_state",
@@ -92,9 +87,7 @@ __all__ = [
     "project_inputs",
     "reverse_within_lengths",
     "rnn",
-    "rnn_backend",
     "rnn_cell",
-    "rnn_threads",
     "run_direction",
     "scan_cell",
 ]

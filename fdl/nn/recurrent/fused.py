@@ -1,9 +1,8 @@
 """One direction of one built-in layer (input projection + recurrence) under a single
 hand-written VJP: :func:`fused_direction`, with the XLA time loops of the RNN, GRU and LSTM.
 
-The float32 LSTM/GRU loops may instead run in the native C++ extension
-(:mod:`fdl.nn.recurrent.native`) or through oneDNN's RNN primitives
-(:mod:`fdl.nn.recurrent.onednn`); :func:`fused_direction` dispatches.
+The float32 LSTM/GRU loops may instead run in fdl's native library
+(:mod:`fdl.nn.recurrent.native`); :func:`fused_direction` dispatches.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from fdl.nn.recurrent.native import (
     lstm_native_forward,
     use_native,
 )
-from fdl.nn.recurrent.onednn import onednn_workspace_bytes, rnn_onednn
 from fdl.nn.recurrent.scan import scan_cell
 
 __all__ = ["fused_direction"]
@@ -41,8 +39,7 @@ __all__ = ["fused_direction"]
 # - backward: the reverse loop computes only the gate gradients and ``dgates @ w_hh.T``; the
 #   gradients of ``w_hh``, ``w_ih`` and both biases are one matmul (sum) over all T*B rows after
 #   the loop, written as plain ``(K, T*B) @ (T*B, G*H)`` products (the native LSTM/GRU loops
-#   instead accumulate them on a helper thread while the loop runs, unless
-#   ``FDL_RNN_OVERLAP_DW=0``).
+#   instead accumulate them on a helper thread while the loop runs).
 
 
 def _gate_vec(n_h: int, values, dtype) -> jax.Array:
@@ -240,8 +237,8 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
     with a custom VJP (see the comment above). Same values as ``project_inputs`` +
     :func:`scan_cell`. Returns ``(final_carry, ys (T, B, H))``. Reverse-mode only (no
     ``jax.jvp``: use ``impl="scan"``). The float32 LSTM/GRU time loop runs in the native
-    extension unless ``FDL_RNN_BACKEND=xla``; with ``FDL_RNN_BACKEND=onednn`` the whole
-    direction runs through oneDNN's LSTM/GRU primitives (see :func:`rnn_backend`)."""
+    library unless ``fdl.config.rnn_backend == "xla"`` (see
+    :func:`fdl.nn.recurrent.native.use_native`)."""
     if kind not in CELL_GATES:
         raise ValueError(f"fused_direction: kind must be one of {sorted(CELL_GATES)}, got "
                          f"{kind!r}")
@@ -253,9 +250,5 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
     dtypes = {jnp.result_type(a) for a in (*params.values(), xs,
                                            *jax.tree_util.tree_leaves(carry))}
     dtype = dtypes.pop() if len(dtypes) == 1 else None
-    if dtype is not None:
-        ws_bytes = onednn_workspace_bytes(kind, dtype, *xs.shape, params["w_hh"].shape[0])
-        if ws_bytes:
-            return rnn_onednn(kind, ws_bytes, params, xs, carry)
     native = dtype is not None and use_native(kind, dtype)
     return _fused_dir(kind, int(unroll), native, params, xs, carry)

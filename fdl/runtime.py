@@ -1,0 +1,110 @@
+"""Process-level facts and tuning: which kernels run here, and the explicit allocator setting.
+
+- :func:`kernels` -- for the 2-D convolution, the LSTM and the GRU: ``native`` (fdl's C++
+  kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
+- :func:`tune_allocator` -- glibc settings that keep XLA's per-step temporaries resident. A
+  process-wide, irreversible change, so fdl never makes it by itself (``import fdl`` changes
+  nothing): applications call it for their own process (the ``fdl`` command and the examples
+  do).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import sys
+
+from fdl import config
+
+__all__ = ["Kernel", "kernels", "kernels_table", "tune_allocator"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """What computes ``op`` (``conv``, ``lstm``, ``gru``) in this process: ``backend`` is
+    ``"native"`` or ``"xla"``; ``why`` says why (or which library and oneDNN)."""
+
+    op: str
+    backend: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.op}: {self.backend} ({self.why})"
+
+
+_OPS = {"conv": ("conv_backend", "conv"), "lstm": ("rnn_backend", "rnn"),
+        "gru": ("rnn_backend", "rnn")}
+
+
+def kernels() -> dict[str, Kernel]:
+    """``{"conv": Kernel, "lstm": Kernel, "gru": Kernel}`` for float32 on the default JAX
+    platform (other dtypes always use XLA). Loads (and if needed builds) the native libraries,
+    as the first convolution or recurrent layer would."""
+    import jax
+
+    from fdl._ext import loader
+
+    platform = jax.default_backend()
+    out = {}
+    for op, (option, lib) in _OPS.items():
+        choice = config.get(option)
+        if choice == "xla":
+            k = Kernel(op, "xla", f"fdl.config.{option} = 'xla'")
+        elif platform != "cpu":
+            k = Kernel(op, "xla", f"platform {platform}: native kernels are CPU-only")
+        else:
+            st = loader.load(lib)
+            if st.loaded:
+                k = Kernel(op, "native", f"oneDNN {st.onednn}, {st.path}")
+            else:
+                k = Kernel(op, "xla", f"{st.reason}; fix: {st.fix}" if st.fix else st.reason)
+        out[op] = k
+    return out
+
+
+def kernels_table() -> str:
+    """:func:`kernels` as lines ``  conv  native  (why)``, for printing."""
+    ks = kernels()
+    return "\n".join(f"  {k.op:<5} {k.backend:<7} {k.why}" for k in ks.values())
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Keep XLA's large per-execution temporaries resident (Linux/glibc only; a no-op
+    elsewhere). Returns ``True`` if the settings are in effect.
+
+    Why: XLA's CPU runtime allocates each execution's temporaries as one block (e.g. ~160 MB
+    for a ResNet-18 CIFAR training step at batch 32) and frees it when the execution ends.
+    glibc serves blocks that large with a fresh ``mmap`` and returns them with ``munmap``, so
+    every step the kernel maps and zero-fills the whole block again (page faults worth ~10% of
+    that step; docs/performance.md). This sets ``mallopt(M_ARENA_MAX, 1)``,
+    ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``: the block is
+    reused from the heap. Effects on the whole process: one malloc arena for all threads, and
+    freed memory is kept (peak usage is not returned to the OS); some memory-bound code in the
+    same process was measured slower with it. Call it early (threads keep the arena they
+    started with), before the first jitted call.
+    """
+    global _tuned
+    if _tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no such mallopt params)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _tuned = bool(
+        mallopt(_M_ARENA_MAX, 1)
+        and mallopt(_M_MMAP_MAX, 0)
+        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
+    return _tuned

@@ -1,0 +1,51 @@
+"""fdl.runtime: nothing happens at ``import fdl``; the explicit allocator call; fdl.kernels()."""
+
+import subprocess
+import sys
+
+import pytest
+
+import fdl
+import fdl.runtime
+from fdl import config
+
+# How many of glibc's mmapped blocks a 256 MiB malloc adds (1 with glibc's defaults, 0 once
+# M_MMAP_MAX is 0), after SETUP.
+PROBE = """
+import ctypes
+{setup}
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+before = libc.mallinfo2().hblks
+p = libc.malloc(256 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+def _mmapped_blocks(setup: str) -> str:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(setup=setup)], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_import_leaves_the_allocator_alone_and_tune_allocator_changes_it():
+    assert _mmapped_blocks("import fdl, fdl.nn, fdl.optim, fdl.train, fdl.runtime") == "1"
+    assert _mmapped_blocks("import fdl.runtime; assert fdl.runtime.tune_allocator()") == "0"
+
+
+def test_kernels_report():
+    ks = fdl.kernels()
+    assert list(ks) == ["conv", "lstm", "gru"]
+    for k in ks.values():
+        assert k.backend in ("native", "xla") and k.why
+        if k.backend == "native":
+            assert "oneDNN 3." in k.why
+    with config.override(conv_backend="xla", rnn_backend="xla"):
+        assert {k.backend for k in fdl.kernels().values()} == {"xla"}
+        assert "conv_backend = 'xla'" in fdl.kernels()["conv"].why
+    assert "conv " in fdl.runtime.kernels_table()
