@@ -254,5 +254,53 @@ WORKLOADS = [
 ]
 
 
+_DTYPE_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s64": 8,
+                "u64": 8, "pred": 1, "s8": 1, "u8": 1}
+
+
+def allreduce_bytes(model: str = "lenet", devices: int = 8) -> dict:
+    """The all-reduces XLA compiles into fdl's sharded step of ``model`` (``lenet``: this
+    workload; ``resnet18``: the CIFAR ResNet-18 of the ``resnet18`` workload, batch 32 per
+    device) over ``devices`` devices: ``{"count", "bytes", "largest", "params"}`` (bytes of
+    the reduced operands, per device and step)."""
+    import math
+    import re
+
+    import jax
+    import numpy as np
+
+    from fdl import optim, parallel
+
+    _use_devices(devices)
+    if model == "lenet":
+        from scripts.bench.workloads.lenet import fdl_lenet
+
+        net, shape = fdl_lenet(), (GLOBAL, 28, 28, 1)
+    else:
+        from fdl.models.vision import resnet18
+
+        net, shape = resnet18(num_classes=10, small_input=True), (32 * devices, 32, 32, 3)
+    mesh = parallel.data_mesh(devices)
+    _, params, state = net.init(jax.random.key(0), shape)
+    opt = optim.sgd(0.1, momentum=0.9)
+    step = parallel.make_sharded_train_step(net, opt, mesh=mesh)
+    batch = parallel.shard_batch((np.zeros(shape, np.float32), np.zeros(shape[0], np.int32)),
+                                 mesh)
+    args = parallel.replicate_on_mesh((params, state, opt.init(params)), mesh)
+    hlo = step.lower(*args, batch, jax.random.key(0)).compile().as_text()
+    sizes = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+        if m:
+            sizes.append(sum(_DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+                             for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"count": len(sizes), "bytes": sum(sizes), "largest": max(sizes, default=0),
+            "params": n_params}
+
+
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "partner":
     sys.exit(partner(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "allreduce":
+    # python -m scripts.bench.workloads.data_parallel allreduce [lenet|resnet18] [devices]
+    print(allreduce_bytes(*(sys.argv[2:3] or ["lenet"]), *map(int, sys.argv[3:4])))
