@@ -51,9 +51,9 @@ def _setup():
 @contextlib.contextmanager
 def _xla_kernels():
     """Trace with XLA's convolutions (the extension's kernels off)."""
-    from fdl.nn.conv_lowering import use_conv_backend
+    from fdl import config
 
-    with use_conv_backend("xla"):
+    with config.override(conv_backend="xla"):
         yield
 
 
