@@ -150,10 +150,13 @@ def init_child(name: str, layer: Layer, key, in_shape: Shape):
 def apply_child(name: str, layer: Layer, params, state, x, *, key=None, train=False, **kwargs):
     """Apply a child layer, prefixing any :class:`ShapeError` with ``name``. Extra keyword
     arguments (e.g. attention masks) are passed to the child's ``apply``."""
+    _checking.depth = getattr(_checking, "depth", 0) + 1  # see _checked: nested applies
     try:
         return layer.apply(params, state, x, key=key, train=train, **kwargs)
     except ShapeError as e:
         raise e.with_prefix(name) from None
+    finally:
+        _checking.depth -= 1
 
 
 def check_rank(layer: str, x_shape: Sequence[int], rank: int, layout: str) -> None:
@@ -416,9 +419,10 @@ def _describe(leaf) -> str:
     return f"shape {tuple(shape)}" if shape is not None else f"a {type(leaf).__name__}"
 
 
-def _params_problem(expected, given) -> tuple[tuple[str, ...], str] | None:
+def _params_problem(expected, given, extras: bool = True) -> tuple[tuple[str, ...], str] | None:
     """The first path (in layer order) at which ``given`` differs from ``expected``
-    (structure or shape) and what differs, or ``None``."""
+    (structure or shape) and what differs, or ``None``. ``extras=False`` accepts params
+    beyond the expected ones (a parent composite may hand its child a superset)."""
     exp = _flat_params(expected)
     got = dict(_flat_params(given))
     exp_paths = {p for p, _ in exp}
@@ -446,7 +450,7 @@ def _params_problem(expected, given) -> tuple[tuple[str, ...], str] | None:
         es, gs = getattr(e, "shape", None), getattr(g, "shape", None)
         if es is not None and (gs is None or tuple(es) != tuple(gs)):
             return path, f"expected shape {tuple(es)}, given {_describe(g)}"
-    for path in got:
+    for path in got if extras else ():
         if path not in exp_paths and not any(path[: len(p)] == p for p in exp_paths):
             return path, f"unexpected ({_describe(got[path])}): this layer makes no such param"
     return None
@@ -506,7 +510,9 @@ def _check_params(layer_name, init, children, cache, shape, params) -> bool:
     expected = cache[shape]
     if expected is None:
         return False
-    problem = _params_problem(expected, params)
+    # applied by the user (not inside another layer's apply): unexpected params are refused
+    top = getattr(_checking, "depth", 0) == 0 and len(_scope_stack) <= 1
+    problem = _params_problem(expected, params, extras=top)
     if problem is not None:
         path, what = problem
         lname, where, param = _layer_at(children, path, layer_name)

@@ -106,3 +106,30 @@ def test_under_jit_and_grad_and_nested_models_pass():
     with pytest.raises(nn.ShapeError, match=r"layer 'block/bn1' \(batch_norm\): param 'scale' "
                                             r"expected shape \(6,\), given shape \(7,\)"):
         jax.jit(net.apply)(bad, s, X)
+
+
+def test_a_parent_may_hand_an_inner_combinator_a_superset():
+    """A custom composite applying an inner serial to all of its params (its own extra
+    entries included) is fine; only the user's top-level call refuses unexpected params."""
+    from fdl.nn.core import Layer, apply_child, init_child
+
+    body = nn.serial(("fc", nn.dense(3)))
+    extra = nn.dense(3)
+
+    def init(key, in_shape):
+        out, p, s = init_child("body", body, jax.random.fold_in(key, 0), in_shape)
+        _, q, _ = init_child("skip", extra, jax.random.fold_in(key, 1), in_shape)
+        return out, {**p, "skip": q}, s
+
+    def apply(params, state, x, *, key=None, train=False):
+        y, _ = apply_child("body", body, params, state, x)  # the whole dict, "skip" too
+        z, _ = apply_child("skip", extra, params["skip"], {}, x)
+        return y + z, state
+
+    block = Layer(init, apply, name="block", children=(("body", body), ("skip", extra)))
+    _, p, s = block.init(jax.random.key(0), (2, 4))
+    y, _ = block.apply(p, s, jnp.ones((2, 4)))
+    assert y.shape == (2, 3)
+    bad = {**p, "fc": {"w": jnp.zeros((4, 5)), "b": jnp.zeros(5)}}
+    with pytest.raises(nn.ShapeError, match=r"param 'w' expected shape \(4, 3\)"):
+        block.apply(bad, s, jnp.ones((2, 4)))
