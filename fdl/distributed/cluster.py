@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 
 __all__ = ["ClusterSpec", "Timeouts", "ClusterConfigError", "detect_cluster", "parse_address",
-           "first_slurm_host"]
+           "first_slurm_host", "launched_processes"]
 
 # Environment protocol between ``fdl.launch`` and the processes it starts.
 ENV_ADDRESS = "FDL_COORDINATOR_ADDRESS"
@@ -172,6 +172,15 @@ def detect_cluster(env: Mapping[str, str] | None = None, *, coordinator_address:
         return ClusterSpec(f"{first_slurm_host(nodes)}:{port}", num,
                            _int(env["SLURM_PROCID"], "SLURM_PROCID"), "SLURM")
     return None
+
+
+def launched_processes(env: Mapping[str, str] | None = None) -> int:
+    """The process count ``fdl.launch`` gave this process (``FDL_NUM_PROCESSES``), else 1."""
+    env = os.environ if env is None else env
+    try:
+        return max(1, int(env.get(ENV_NUM, "1")))
+    except ValueError:
+        return 1
 
 
 def _complete(source: str, address, num, pid) -> ClusterSpec | None:

@@ -67,8 +67,21 @@ def _devices(devices: int | Sequence[Any] | None):
     return list(devices)
 
 
+def _check_joined() -> None:
+    """A process started by ``fdl.launch`` must have joined its run before building a mesh:
+    otherwise every process would train alone, each writing the same checkpoints."""
+    from fdl.distributed.cluster import launched_processes
+
+    n = launched_processes()
+    if n > 1 and jax.process_count() == 1:
+        raise RuntimeError(
+            f"this process was started as one of {n} (FDL_NUM_PROCESSES) but has not joined "
+            "the run: call fdl.distributed.initialize() first, before any JAX computation")
+
+
 def _mesh_devices(devices: int | Sequence[Any] | None):
     """Every device of every process (None), the first ``n`` (one process only), or a list."""
+    _check_joined()
     if jax.process_count() == 1 or not isinstance(devices, int):
         return _devices(devices) if devices is not None else jax.devices()
     if devices != jax.device_count():

@@ -106,3 +106,9 @@ def test_batch_not_divisible_by_the_devices_is_refused():
     with pytest.raises(ValueError, match="12 rows does not split over the 8 devices"):
         next(iter(loader))
     assert parallel.process_rows(parallel.batch_sharding(mesh), 16) is None  # one process
+
+
+def test_a_launched_process_that_did_not_join_cannot_build_a_mesh(monkeypatch):
+    monkeypatch.setenv("FDL_NUM_PROCESSES", "2")
+    with pytest.raises(RuntimeError, match="call fdl.distributed.initialize"):
+        parallel.data_mesh()
