@@ -65,15 +65,18 @@ def _split(order: np.ndarray, n: int, batch_size: int, last_batch: str) -> list[
 
 
 class ArrayLoader:
-    """Batches of a tuple of equal-length arrays.
+    """Batches of a tuple of equal-length arrays (or pytrees of them).
 
     ``ArrayLoader((x, y), batch_size=64, key=jax.random.key(0))`` yields ``(x_b, y_b)`` (or
-    ``(x_b, y_b, mask)`` with ``last_batch="pad"``) as device arrays. Iterating runs the rest of
+    ``(x_b, y_b, mask)`` with ``last_batch="pad"``) as device arrays. An element may be a pytree
+    (tuple, dict) of arrays, e.g. ``ArrayLoader(((src, src_len, tgt_in), (tgt_out, tgt_len)),
+    64)``: its batches have the same structure. Iterating runs the rest of
     the current epoch from the current position and then advances to the next epoch;
     ``state()``/``set_state()`` save and restore the position ``{"epoch", "batch"}``.
 
     Args:
-      arrays: a tuple (or list) of arrays with the same leading dimension.
+      arrays: a tuple (or list) of arrays, or pytrees of arrays, all with the same leading
+        dimension. ``self.arrays`` holds the leaves, in ``jax.tree`` order.
       batch_size: examples per batch, ``1 <= batch_size <= n`` (a larger one is refused).
       key: PRNG key for shuffling; ``None`` keeps the stored order (use for evaluation).
       last_batch: ``"drop"``, ``"keep"`` or ``"pad"`` (see module docstring).
@@ -109,7 +112,10 @@ class ArrayLoader:
     ):
         if not isinstance(arrays, (tuple, list)) or not arrays:
             raise TypeError("ArrayLoader: arrays must be a non-empty tuple of arrays")
-        self.arrays = tuple(np.asarray(a) for a in arrays)
+        leaves, self.structure = jax.tree.flatten(tuple(arrays))
+        if not leaves:
+            raise TypeError("ArrayLoader: arrays holds no array")
+        self.arrays = tuple(np.asarray(a) for a in leaves)
         n = len(self.arrays[0])
         for i, a in enumerate(self.arrays):
             if a.ndim == 0 or len(a) != n:
@@ -189,11 +195,18 @@ class ArrayLoader:
             return sum(a.nbytes for a in self.arrays) <= DEVICE_RESIDENT_MAX_BYTES
         return True
 
-    def device_arrays(self) -> tuple[jax.Array, ...]:
-        """The whole dataset on the default device (transferred once, then kept)."""
+    def device_arrays(self) -> tuple:
+        """The whole dataset on the default device (transferred once, then kept), in the
+        structure of ``arrays``."""
         if self._device_arrays is None:
-            self._device_arrays = tuple(jax.device_put(self.arrays))
+            leaves = list(jax.device_put(self.arrays))
+            self._device_arrays = jax.tree.unflatten(self.structure, leaves)
         return self._device_arrays
+
+    def _structured(self, flat: tuple) -> tuple:
+        """A batch of leaves (and the mask) in the structure of ``arrays``."""
+        k = len(self.arrays)
+        return (*jax.tree.unflatten(self.structure, list(flat[:k])), *flat[k:])
 
     def index_table(self, epoch: int, start: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """Batches ``start, start+1, ...`` of ``epoch`` as a table: ``(idx, mask)``, ``idx`` of
@@ -257,7 +270,8 @@ class ArrayLoader:
         """Batches ``start, start+1, ...`` of ``epoch`` (does not move the position)."""
         idxs = self._batch_rows(epoch)
         pad = self.last_batch == "pad"
-        gen = (self._place(self._host_batch(i), self.batch_size if pad else len(i))
+        gen = (self._structured(self._place(self._host_batch(i),
+                                            self.batch_size if pad else len(i)))
                for i in idxs[start:])
         if self.prefetch > 0:
             return _prefetch(gen, self.prefetch)

@@ -1,18 +1,32 @@
-"""Metrics: per-batch sums computed on device, and their summary on the host.
+"""Losses and metrics of a step: per-batch sums on the device, their summary on the host.
 
-A step returns a dict of *sums* over the (masked) examples of the batch, so batches of any size
-(and devices) add up exactly:
+A step returns a flat dict of *sums* over the real (unpadded) examples of its batch, so batches
+(and devices) add up exactly and an epoch's sums are the tree sum of its batches':
 
-- ``loss``: sum of per-example (per-token) losses; ``count``: number of examples (tokens);
-- ``correct``: correctly classified (classification only); ``top{k}``: label in the top ``k``.
+- ``loss``: the summed loss terms and ``count`` how many there were (examples, or tokens);
+- ``correct`` / ``top{k}``: correctly classified / label in the top ``k`` (classification:
+  outputs an array with one more axis than integer targets);
+- any other ``name``: a custom metric, averaged over ``name_count`` when present, else over
+  ``count``. A metric function returns ``{name: sum}`` or ``{name: (sum, count)}``; the pairs
+  are stored as ``name`` and ``name_count``.
 
-:func:`summarize` turns accumulated sums into ``loss`` (mean), ``acc`` (accuracy),
-``top{k}_acc`` and ``perplexity`` (``exp(mean loss)``, meaningful for cross-entropy).
+:func:`summarize` turns sums into means: ``loss``, ``acc``, ``top{k}_acc``, each custom metric,
+and ``perplexity`` (``exp(mean loss)``) when asked for (language models).
+
+The loss of a step is one of:
+
+- a name from :data:`LOSSES` or a callable ``loss(outputs, targets)`` returning per-example
+  losses (``(N,)``, ``(N, T)``, ...; the mean runs over real examples and any further axes) or
+  a pair ``(losses, weights)`` of the same shape (e.g. a valid-token mask: the mean is then
+  ``sum(losses * weights) / sum(weights)`` over real examples);
+- an :class:`Objective`: ``fn(outputs, targets, mask) -> (loss, metrics)`` for full control.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +42,8 @@ __all__ = [
     "batch_metrics",
     "summarize",
     "resolve_loss",
+    "make_objective",
+    "Objective",
     "LOSSES",
 ]
 
@@ -74,12 +90,40 @@ LOSSES: dict[str, Callable] = {
 
 def resolve_loss(loss: str | Callable) -> Callable:
     """A loss name from :data:`LOSSES` or a callable ``loss(outputs, targets) -> per-example``
-    losses (shape ``(N,)``, ``(N, T)``..., or a scalar mean)."""
+    losses (shape ``(N,)``, ``(N, T)``..., a scalar mean, or a ``(losses, weights)`` pair)."""
     if callable(loss):
         return loss
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {sorted(LOSSES)}")
     return LOSSES[loss]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A step's loss with full control: ``fn(outputs, targets, mask) -> (loss, metrics)``.
+
+    ``mask`` is ``None`` or the ``(N,)`` float mask of real examples (``last_batch="pad"``);
+    ``loss`` is the scalar the step minimises (already a mean: e.g. BERT's masked-LM mean plus
+    its next-sentence mean); ``metrics`` a dict of sums as in the module docstring. When it has
+    no ``count``, the batch's real examples are counted; when it has no ``loss``, ``loss *
+    count`` is recorded. Under ``pmap``/``shard_map`` the gradient is the mean of the
+    devices' gradients."""
+
+    fn: Callable
+
+
+def _first_leaf(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError("a batch needs at least one array")
+    return leaves[0]
+
+
+def _examples(mask, x) -> jax.Array:
+    """The number of real examples of a batch (float32)."""
+    if mask is not None:
+        return jnp.sum(mask).astype(jnp.float32)
+    return jnp.asarray(_first_leaf(x).shape[0], jnp.float32)
 
 
 def _weights(mask, shape, dtype):
@@ -90,18 +134,22 @@ def _weights(mask, shape, dtype):
     return jnp.broadcast_to(mask, shape)
 
 
-def weighted_loss(per, mask, n: int):
-    """``(total, count)`` of per-example losses under ``mask``; a scalar loss counts ``n``."""
+def weighted_loss(per, mask, n: int, weights=None):
+    """``(total, count)`` of per-example losses under ``mask`` (and per-entry ``weights``, of
+    ``per``'s shape); a scalar loss counts ``n``."""
     per = jnp.asarray(per)
     if per.ndim == 0:
         count = jnp.asarray(n, per.dtype) if mask is None else jnp.sum(mask).astype(per.dtype)
         return per * count, count
     w = _weights(mask, per.shape, per.dtype)
+    if weights is not None:
+        w = w * jnp.asarray(weights, per.dtype)
     return jnp.sum(per * w), jnp.sum(w)
 
 
 def batch_metrics(outputs, targets, mask, total, count, top_k: Sequence[int] = ()) -> dict:
-    """The sums listed in the module docstring for one batch (on device, float32)."""
+    """``loss``, ``count`` and, for classification, ``correct``/``top{k}`` sums of one batch
+    (on device, float32)."""
     m = {"loss": total.astype(jnp.float32), "count": count.astype(jnp.float32)}
     if (
         hasattr(outputs, "ndim")
@@ -116,16 +164,86 @@ def batch_metrics(outputs, targets, mask, total, count, top_k: Sequence[int] = (
     return m
 
 
-def summarize(sums: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Host floats from accumulated sums: ``loss``, ``acc``, ``top{k}_acc``, ``perplexity``;
-    keys prefixed with ``prefix`` (e.g. ``"train_"``)."""
+_RESERVED = ("loss", "count", "correct")
+
+
+def _flatten_metrics(metrics: dict, where: str) -> dict:
+    """``{name: sum | (sum, count)}`` as flat float32 sums (``name``, ``name_count``)."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"{where} must return a dict of sums, got {type(metrics).__name__}")
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ValueError(f"{where}: metric {name!r} must be a sum or a (sum, count) "
+                                 f"pair, got {len(value)} values")
+            out[f"{name}_count"] = jnp.asarray(value[1], jnp.float32)
+            value = value[0]
+        out[name] = jnp.asarray(value, jnp.float32)
+    return out
+
+
+def make_objective(loss: str | Callable | Objective, *, metrics: Callable | None = None,
+                   top_k: Sequence[int] = ()) -> Callable:
+    """``objective(outputs, targets, mask, x) -> (numerator, denominator, metric sums)``: the
+    step minimises ``numerator / denominator`` (``denominator`` ``None`` for an already
+    reduced loss) and sums ``metric sums`` over the epoch."""
+    top_k = tuple(int(k) for k in top_k)
+    if isinstance(loss, Objective):
+        fn = loss.fn
+
+        def objective(outputs, targets, mask, x):
+            value, m = fn(outputs, targets, mask)
+            m = _flatten_metrics(m, "Objective.fn")
+            count = m.setdefault("count", _examples(mask, x))
+            m.setdefault("loss", jax.lax.stop_gradient(value).astype(jnp.float32) * count)
+            return value, None, m
+    else:
+        loss_fn = resolve_loss(loss)
+
+        def objective(outputs, targets, mask, x):
+            per = loss_fn(outputs, targets)
+            weights = None
+            if isinstance(per, tuple):
+                per, weights = per
+            total, count = weighted_loss(per, mask, _first_leaf(x).shape[0], weights)
+            m = batch_metrics(outputs, targets, mask, jax.lax.stop_gradient(total), count, top_k)
+            return total, count, m
+
+    if metrics is None:
+        return objective
+
+    def with_metrics(outputs, targets, mask, x):
+        num, den, m = objective(outputs, targets, mask, x)
+        extra = _flatten_metrics(metrics(outputs, targets, mask), "metrics")
+        clash = sorted(set(extra) & set(m))
+        if clash:
+            raise ValueError(f"metrics: the names {clash} are already used by the loss's sums; "
+                             f"rename them")
+        return num, den, {**m, **extra}
+
+    return with_metrics
+
+
+_TOP = re.compile(r"top\d+")
+
+
+def summarize(sums: dict[str, Any], prefix: str = "", *, perplexity: bool = False
+              ) -> dict[str, float]:
+    """Host floats from accumulated sums: ``loss``, ``acc``, ``top{k}_acc``, custom metrics and
+    (with ``perplexity``) ``perplexity``; keys prefixed with ``prefix`` (e.g. ``"train_"``)."""
     sums = {k: float(np.asarray(v)) for k, v in jax.device_get(sums).items()}
     n = max(sums.get("count", 0.0), 1e-12)
     out = {"loss": sums["loss"] / n}
-    if "correct" in sums:
-        out["acc"] = sums["correct"] / n
     for k, v in sums.items():
-        if k.startswith("top"):
+        if k in ("loss", "count") or k.endswith("_count"):
+            continue
+        if k == "correct":
+            out["acc"] = v / n
+        elif _TOP.fullmatch(k):
             out[f"{k}_acc"] = v / n
-    out["perplexity"] = math.exp(min(out["loss"], 700.0))
+        else:
+            out[k] = v / max(sums.get(f"{k}_count", n), 1e-12)
+    if perplexity:
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))
     return {prefix + k: v for k, v in out.items()}

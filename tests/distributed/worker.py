@@ -140,7 +140,7 @@ def _sync_bn_check(mesh) -> dict:
 def run_steps(args) -> None:
     import jax
 
-    from fdl.train.loop import _accumulate
+    from fdl.train.device_loop import accumulate as _accumulate
 
     model, params, state, opt, loader, step, mesh = _setup(args.one_device)
     opt_state = opt.init(params)

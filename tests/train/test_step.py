@@ -61,7 +61,7 @@ def test_compiles_once_and_donates():
     p, s = params, state
     for i in range(3):
         p, s, o, m = step(p, s, o, (x, y), jax.random.key(i))
-    assert step._cache_size() == 1
+    assert step.call._cache_size() == 1
     assert np.isfinite(float(m["loss"]))
     # dropout in training needs the key: different keys, different losses
     ev = make_eval_step(model)

@@ -25,7 +25,7 @@ one-epoch call pays fit's per-call set-up (copies, optimizer init, the index tab
 row) every epoch, a training run once.
 
 Since 2026-11-30 (fifth session) fit runs each epoch as one compiled call, a loop on the device
-in which every step gathers its shuffled batch (``fdl.train.loop._device_steps``), while the
+in which every step gathers its shuffled batch (``fdl.train.device_loop.DeviceSteps``), while the
 bare loop dispatches one call per step. So fit can be faster than the bare loop: the ratio
 measures fit as a user gets it against the loop a user would write by hand.
 """
