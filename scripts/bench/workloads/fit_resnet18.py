@@ -1,6 +1,6 @@
 """Overhead of ``fdl.train.fit`` over the bare jitted step on ResNet-18 (CIFAR shape).
 
-One harness "step" is one epoch: 4 batches of 32 synthetic 3x32x32 images (128 examples),
+One harness "step" is one epoch: 3 batches of 32 synthetic 3x32x32 images (96 examples),
 ``fdl.models.vision.resnet18(num_classes=10, small_input=True)``, SGD lr 0.05 momentum 0.9 (the
 ``resnet18`` workload's model and hyperparameters). Both rows call the same compiled step
 (``fdl.train.make_train_step``): ``fdl fit`` runs ``fit(..., epochs=1)`` (its device loop:
@@ -26,7 +26,7 @@ from scripts.bench import common
 from scripts.bench.api import Workload
 from scripts.bench.workloads import _fit_rows
 
-_BATCHES = 4
+_BATCHES = 3
 _PENDING = None
 try:
     from fdl import optim as foptim
@@ -80,8 +80,8 @@ WORKLOADS = [
         description=_DESCRIPTION + " Kernels: the default (native where available, else XLA).",
         impls={} if _PENDING else _impls(None),
         pending=_PENDING,
-        quick_steps=8,
-        steps=16,
+        quick_steps=20,
+        steps=20,
         isolate=False,  # fit and the bare loop run the same fdl step in one process
         extra={"examples_per_step": _EXAMPLES},
     ),
@@ -90,8 +90,8 @@ WORKLOADS = [
         description=_DESCRIPTION + " Kernels: XLA's convolutions forced.",
         impls={} if _PENDING else _impls(_xla_kernels),
         pending=_PENDING,
-        quick_steps=8,
-        steps=16,
+        quick_steps=20,
+        steps=20,
         isolate=False,
         extra={"examples_per_step": _EXAMPLES},
     ),
