@@ -208,6 +208,18 @@ def _partitionable(step: Callable, mesh) -> Callable:
 # ----------------------------------------------------------------------------- pmap
 
 
+def _pmap_devices(devices: int | Sequence[Any] | None):
+    """``jax.pmap``'s ``devices``: ``None`` keeps pmap's default (this process's devices, with
+    collectives over the devices of *every* process); an explicit list limits the collectives
+    to those devices, which in a multi-process run would train each process alone."""
+    if devices is None:
+        return None
+    if jax.process_count() > 1:
+        raise ValueError("in a multi-process run the pmap steps use every device (devices=None): "
+                         "with explicit devices their collectives would not cross processes")
+    return _devices(devices)
+
+
 def replicate(tree, n: int | None = None):
     """Stack ``n`` (default: local device count) copies along a new leading axis for ``pmap``."""
     n = n or jax.local_device_count()
@@ -249,9 +261,11 @@ def make_pmap_train_step(
     ``params``/``state``/``opt_state`` carry a leading device axis (:func:`replicate`), the
     batch is ``(devices, per_device, ...)`` (:func:`split_batch`), ``key`` is one key shared by
     all devices (each device folds in its index, so dropout masks differ per device). Metrics
-    come back per device, all equal to the global sums.
+    come back per device, all equal to the global sums. In a multi-process run each process
+    passes its own rows (split over its local devices) and the collectives span every
+    process's devices.
     """
-    devs = _devices(devices)
+    devs = _pmap_devices(devices)
     inner = make_train_step(model, optimizer, loss, top_k=top_k, axis_name=axis_name, jit=False)
 
     def step(params, state, opt_state, batch, key):
@@ -266,6 +280,6 @@ def make_pmap_eval_step(model: Layer | Callable, loss: str | Callable = "cross_e
                         axis_name: str = "data", devices: int | Sequence[Any] | None = None,
                         top_k: Sequence[int] = ()) -> Callable:
     """``eval_step(params, state, batch)`` under ``pmap``; metrics are global sums."""
-    devs = _devices(devices)
+    devs = _pmap_devices(devices)
     inner = make_eval_step(model, loss, top_k=top_k, axis_name=axis_name, jit=False)
     return jax.pmap(inner, axis_name=axis_name, devices=devs)

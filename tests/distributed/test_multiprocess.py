@@ -19,7 +19,8 @@ def test_two_processes_equal_one_process_and_one_device(tmp_path):
     an epoch of 7 steps (BatchNorm over the global batch, dropout, a padded last batch whose 4
     real rows all sit in process 0), each process loading only its rows. Also SyncBatchNorm
     under shard_map over the 8 devices of 2 processes with unequal real rows per device
-    (``sync_bn*`` entries) == batch_norm on the real rows on one device."""
+    == batch_norm on the real rows on one device, and 3 pmap steps (BatchNorm with
+    ``axis_name``) == the plain step (``checks[...]`` entries)."""
     out = {name: str(tmp_path / f"{name}.npz") for name in ("p2x4", "p1x8", "p1x1")}
     runs = [
         procs.start(["-m", "fdl.launch", "-n", "2", "--cpu-devices", "4", procs.WORKER,
@@ -32,7 +33,8 @@ def test_two_processes_equal_one_process_and_one_device(tmp_path):
         assert code == 0, text
     two, eight, one = (procs.load(out[k]) for k in ("p2x4", "p1x8", "p1x1"))
     assert two["metrics['count']"] == 7 * 16 - 12  # the padding (12 rows) is not counted
-    assert any(k.startswith("sync_bn") for k in two)
+    assert any(k.startswith("checks['sync_bn']") for k in two)
+    assert any(k.startswith("checks['pmap']") for k in two)
     procs.assert_close(two, eight, what="2x4 vs 1x8")
     procs.assert_close(two, one, what="2x4 vs 1 device")
 

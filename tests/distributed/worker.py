@@ -83,7 +83,7 @@ def _write(out, params, state, metrics, extra=None) -> None:
         return
     flat = {}
     for name, tree in (("params", params), ("state", state), ("metrics", metrics),
-                       ("sync_bn", extra or {})):
+                       ("checks", extra or {})):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             flat[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
     tmp = out + ".tmp.npz"
@@ -137,6 +137,39 @@ def _sync_bn_check(mesh) -> dict:
     return {"loss": loss, "state": s, "grad_params": gp, "grad_x": to_host(gx)[mask > 0]}
 
 
+def _pmap_check(one_device: bool) -> dict:
+    """3 steps of the pmap train step (BatchNorm over ``data``, no dropout) on the first 16
+    examples, each process passing its rows; or the plain step on all 16 on one device."""
+    import jax
+
+    from fdl import nn, optim, parallel
+    from fdl.train import make_train_step
+
+    def model(axis):
+        return nn.serial(("fc1", nn.dense(16, use_bias=False)),
+                         ("bn1", nn.batch_norm(axis_name=axis)), ("act", nn.relu()),
+                         ("fc2", nn.dense(CLASSES)))
+
+    x, y = (a[:16] for a in _data())
+    opt = optim.sgd(0.1, momentum=0.9)
+    _, params, state = model(None).init(jax.random.key(0), (1, D))
+    opt_state = opt.init(params)
+    if one_device:
+        step = make_train_step(model(None), opt)
+        for i in range(3):
+            params, state, opt_state, _ = step(params, state, opt_state, (x, y),
+                                               jax.random.key(i))
+        return {"params": params, "state": state}
+    per = 16 // jax.process_count()
+    lo = jax.process_index() * per
+    batch = parallel.split_batch((x[lo:lo + per], y[lo:lo + per]))
+    step = parallel.make_pmap_train_step(model("data"), opt)
+    p, s, o = (parallel.replicate(t) for t in (params, state, opt_state))
+    for i in range(3):
+        p, s, o, _ = step(p, s, o, batch, jax.random.key(i))
+    return {"params": parallel.unreplicate(p), "state": parallel.unreplicate(s)}
+
+
 def run_steps(args) -> None:
     import jax
 
@@ -157,8 +190,10 @@ def run_steps(args) -> None:
             done += 1
             if done == args.steps:
                 break
-    sync = _sync_bn_check(mesh) if mesh is None or mesh.devices.size == 8 else {}
-    _write(args.out, params, state, sums, sync)
+    checks = {}
+    if mesh is None or mesh.devices.size == 8:
+        checks = {"sync_bn": _sync_bn_check(mesh), "pmap": _pmap_check(mesh is None)}
+    _write(args.out, params, state, sums, checks)
 
 
 def run_fit(args) -> None:
