@@ -43,9 +43,7 @@ def test_two_processes_train_one_run_and_resume_with_one(tmp_path):
     assert "epoch 2, train loss" in resumed and "epoch 1, train loss" not in resumed
     assert sorted(f for f in os.listdir(run) if f.startswith("ckpt_"))[-1] == \
         "ckpt_00000046.safetensors"
-    # the same two epochs in one process on one device, uninterrupted
-    ref = procs.run([*TRAIN, "--epochs", "2", "--output", str(tmp_path / "ref")], 300)
-    assert abs(_acc(resumed) - _acc(ref)) < 1e-3
+    assert 0.5 < _acc(resumed) <= 1  # (equality with one process: test_multiprocess.py)
 
 
 @pytest.mark.parametrize("argv, message", [
