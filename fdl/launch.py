@@ -14,7 +14,8 @@ progress bar only in process 0.
 Failure: as soon as one process ends with a non-zero status (an error, a signal, killed by
 the kernel) the launcher says which one and how, stops the others (``SIGTERM``, then
 ``SIGKILL`` after ``--grace`` seconds) and exits with that status. Ctrl-C is passed to every
-process (``fdl train`` then stops at a step boundary and prints how to resume). Without the
+process (``fdl train`` then stops at a step boundary and prints how to resume); ``SIGTERM``
+to the launcher (a scheduler's time limit) stops every process the same way. Without the
 launcher (a cluster), the distributed runtime's heartbeat stops the others (see
 :mod:`fdl.distributed`).
 
@@ -32,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -64,6 +66,14 @@ def child_env(process_id: int, num_processes: int, address: str, *,
     if cpu_devices is not None:
         env["XLA_FLAGS"] = _with_cpu_devices(env.get("XLA_FLAGS", ""), cpu_devices)
     return env
+
+
+class _Terminated(Exception):
+    """The launcher received SIGTERM."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 def _describe(code: int) -> str:
@@ -107,10 +117,14 @@ def launch(command: Sequence[str], num_processes: int, *, cpu_devices: int | Non
         raise ValueError("fdl.launch: no program to run")
     say = print_fn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     address = f"127.0.0.1:{port or free_port()}"
-    procs = [subprocess.Popen(list(command), env=child_env(
-        i, num_processes, address, cpu_devices=cpu_devices, timeouts=timeouts, base=env))
-        for i in range(num_processes)]
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: stop them all
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    procs: list[subprocess.Popen] = []
     try:
+        procs += [subprocess.Popen(list(command), env=child_env(
+            i, num_processes, address, cpu_devices=cpu_devices, timeouts=timeouts, base=env))
+            for i in range(num_processes)]
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
@@ -129,8 +143,14 @@ def launch(command: Sequence[str], num_processes: int, *, cpu_devices: int | Non
         say("fdl.launch: interrupted; passing Ctrl-C to every process")
         _stop(procs, max(grace, 10.0), signal.SIGINT)
         return 130
+    except _Terminated:
+        say("fdl.launch: terminated (SIGTERM); stopping every process")
+        _stop(procs, grace)
+        return 128 + signal.SIGTERM
     finally:
         _stop(procs, 0.0, signal.SIGKILL)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -118,6 +118,26 @@ def test_killed_process_without_launcher_fails_the_others_within_the_heartbeat(t
     assert elapsed < 5 + 25, elapsed
 
 
+def test_sigterm_to_the_launcher_stops_every_process(tmp_path):
+    pidfile = str(tmp_path / "pid")
+    run = procs.start(["-m", "fdl.launch", "-n", "2", "--cpu-devices", "1", "--grace", "2",
+                       procs.WORKER, "idle", "-", "--pidfile", pidfile])
+    try:
+        procs.wait_for_line(run, "ready", LIMIT)
+        while not all(os.path.exists(f"{pidfile}.{i}") for i in (0, 1)):
+            time.sleep(0.1)
+        pids = [int(open(f"{pidfile}.{i}").read()) for i in (0, 1)]
+        run.send_signal(signal.SIGTERM)
+        code, text = procs.finish(run, 60)
+    finally:
+        procs.kill_session(run)
+    assert code == 128 + signal.SIGTERM, text
+    assert "terminated (SIGTERM); stopping every process" in text
+    for pid in pids:  # both workers are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 @pytest.mark.parametrize("case", ["unreachable", "mismatched"])
 def test_bad_cluster_input_is_a_clear_error(tmp_path, case):
     from fdl.launch import free_port

@@ -231,6 +231,9 @@ def main(argv=None) -> int:
     import fdl.distributed
 
     info = fdl.distributed.initialize()
+    if args.pidfile and args.mode == "idle":
+        with open(f"{args.pidfile}.{info.index}", "w") as f:
+            f.write(str(os.getpid()))
     if args.mode == "idle":  # join, then wait to be killed (failure tests)
         import jax
         import jax.numpy as jnp
