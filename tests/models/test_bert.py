@@ -42,7 +42,7 @@ def test_tied_decoder_and_gathered_positions(model_params):
     model, params = model_params
     assert "decoder" not in params["mlm"]  # tied: the token table is the decoder
     x = _batch()
-    out, _ = model.apply(params, {}, x)
+    out, _ = jax.jit(model.apply)(params, {}, x)
     assert out.mlm_logits.shape == (3, 2, 40) and out.nsp_logits.shape == (3, 2)
     # MLM logits at gathered positions = the head on the full sequence, then gathered
     table = params["bert"]["embeddings"]["token"]["table"]

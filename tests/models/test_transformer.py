@@ -140,11 +140,13 @@ def test_translate_greedy_matches_full_pass_loop_and_beam_runs(model_and_params)
     res = run(model, params, src, vl, bos_id=1, eos_id=2, max_len=6)
     assert res.tokens.shape == (2, 6) and res.aux.shape == (2, 6, LAYERS, HEADS, 6)
     # greedy by re-running the full teacher-forced pass on the prefix
-    prefix = jnp.full((2, 1), 1, jnp.int32)
+    # (causal: the logits at position i do not depend on later tokens, so one fixed-shape
+    # program serves every prefix length)
+    prefix = jnp.zeros((2, 7), jnp.int32).at[:, 0].set(1)
     full = jax.jit(lambda p, x: model.apply(p, {}, x)[0])
-    for _ in range(6):
+    for i in range(6):
         logits = full(params, (src, vl, prefix))
-        prefix = jnp.concatenate([prefix, jnp.argmax(logits[:, -1], -1)[:, None]], 1)
+        prefix = prefix.at[:, i + 1].set(jnp.argmax(logits[:, i], -1))
     for b in range(2):
         n = int(res.lengths[b])
         np.testing.assert_array_equal(res.tokens[b, :n], prefix[b, 1:n + 1])
@@ -169,8 +171,8 @@ def test_bf16_compute_close_to_float32(key):
     b16 = transformer_encoder(V_SRC, D, FFN, HEADS, 2, compute_dtype=jnp.bfloat16)
     _, p, _ = f32.init(key, (2, 5))
     x = _toks((2, 5), V_SRC)
-    y32, _ = f32.apply(p, {}, x)
-    y16, _ = b16.apply(p, {}, x)
+    y32, _ = jax.jit(f32.apply)(p, {}, x)
+    y16, _ = jax.jit(b16.apply)(p, {}, x)
     assert y16.dtype == jnp.bfloat16 and p["embedding"]["table"].dtype == jnp.float32
     err = float(jnp.max(jnp.abs(y16.astype(jnp.float32) - y32)))
     assert 0 < err < 0.1
