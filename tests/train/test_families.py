@@ -230,3 +230,41 @@ def test_trainer_alone():
     assert "test_acc" in trainer.history.last
     trainer.run(3)  # continues from the position
     assert trainer.step == 9 and [r["epoch"] for r in trainer.history.rows] == [1, 2, 3]
+
+
+def test_bert_pretraining_trains_with_an_objective():
+    """BERT: tuple inputs, two losses (masked-LM mean over real positions + NSP mean)."""
+    from fdl.models.sequence.bert import BertConfig, bert_pretraining
+
+    cfg = BertConfig.d2l(vocab_size=20, num_hiddens=16, ffn_hiddens=32, num_heads=2,
+                         num_layers=1, max_len=16, dropout=0.0)
+    model = bert_pretraining(cfg)
+    n, t, p = 24, 8, 3
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 20, (n, t)).astype(np.int32)
+    segments = (np.arange(t) >= t // 2).astype(np.int32)[None].repeat(n, 0)
+    valid = np.full(n, t, np.int32)
+    positions = np.sort(rng.permuted(np.tile(np.arange(1, t), (n, 1)), axis=1)[:, :p], 1)
+    positions = positions.astype(np.int32)
+    labels = np.take_along_axis(tokens, positions, 1)
+    weights = np.ones((n, p), np.float32)
+    nsp = (tokens[:, 0] % 2).astype(np.int32)
+    x, y = (tokens, segments, valid, positions), (labels, weights, nsp)
+    _, params, state = model.init(jax.random.key(0), ((8, t), (8, t), (8,), (8, p)))
+
+    def objective(out, y, mask):
+        labels, weights, nsp = y
+        m = jnp.ones(nsp.shape) if mask is None else mask
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(out.mlm_logits), labels[..., None], -1)
+        w = weights * m[:, None]
+        mlm = jnp.sum(ce[..., 0] * w) / jnp.sum(w)
+        nce = -jnp.take_along_axis(jax.nn.log_softmax(out.nsp_logits), nsp[:, None], 1)[:, 0]
+        return mlm + jnp.sum(nce * m) / jnp.sum(m), {"mlm": (jnp.sum(ce[..., 0] * w), jnp.sum(w)),
+                                                      "nsp": jnp.sum(nce * m)}
+
+    res = fit(model, params, state, optim.adam(1e-2), (x, y), epochs=3, key=jax.random.key(1),
+              batch_size=8, loss=Objective(objective), progress=False, print_fn=None)
+    mlm = res.history["train_mlm"]
+    assert mlm[-1] < mlm[0]
+    row = res.history.last
+    assert row["train_loss"] == pytest.approx(row["train_mlm"] + row["train_nsp"], rel=1e-4)
