@@ -16,6 +16,8 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import jax
+
 from fdl.data.loader import ArrayLoader
 
 __all__ = ["IterableBatches", "as_batches"]
@@ -58,8 +60,9 @@ def as_batches(data: Any, batch_size: int | None, key, shuffle: bool, name: str)
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):
         if batch_size is None:
             raise ValueError(f"fit: {name} is a tuple of arrays; pass batch_size=")
-        if not shuffle:  # evaluation: a smaller set than one batch is fine
-            batch_size = min(batch_size, ArrayLoader(tuple(data), 1, device_put=False).n)
+        leaves = jax.tree.leaves(tuple(data))
+        if not shuffle and leaves:  # evaluation: a smaller set than one batch is fine
+            batch_size = min(batch_size, len(leaves[0]))
         return ArrayLoader(tuple(data), batch_size, key=key if shuffle else None,
                            last_batch="pad")
     if callable(getattr(data, "epoch", None)) or hasattr(data, "__iter__"):
