@@ -1,4 +1,5 @@
-"""Testing helpers: finite-difference gradient checks and hypothesis strategies.
+"""Testing helpers: finite-difference gradient checks, hypothesis strategies, and the check
+that a function lowers for CPU, GPU and TPU (:func:`check_lowers_on_all_platforms`).
 
 Gradient checks need float64: run them under ``jax.config.update("jax_enable_x64", True)``
 (the test session does) and feed float64 inputs. Typical use inside a hypothesis test::
@@ -27,11 +28,13 @@ import numpy as np
 from jax.test_util import check_grads as _jax_check_grads
 
 __all__ = [
+    "check_lowers_on_all_platforms",
     "check_gradients",
     "check_layer_gradients",
     "finite_difference_grad",
     "shapes",
     "arrays",
+    "native_targets",
     "require_x64",
 ]
 
@@ -176,3 +179,34 @@ def arrays(shape, *, min_value: float = -2.0, max_value: float = 2.0,
     if kinks:
         strat = strat.map(lambda a: np.vectorize(away, otypes=[np.float64])(a) if a.size else a)
     return strat
+
+
+def native_targets() -> tuple[str, ...]:
+    """The XLA custom-call targets of fdl's native CPU kernels."""
+    from fdl._ext import build
+
+    return tuple(t for lib in build.LIBRARIES.values() for t in lib.targets)
+
+
+def check_lowers_on_all_platforms(fn: Callable[..., Any], *args,
+                                  platforms: Sequence[str] = ("cpu", "cuda", "tpu")
+                                  ) -> dict[str, str]:
+    """Export ``jax.jit(fn)(*args)`` with :mod:`jax.export` for ``platforms`` together (one
+    multi-platform module) and for each non-CPU platform alone; assert that each lowers and
+    that no fdl native custom call appears in a non-CPU module (GPU/TPU get XLA's kernels).
+    Returns the module texts by platform (``"all"`` for the multi-platform one). Any model
+    family's training step can be checked with it (see /work/coord/api/native.md)."""
+    from jax import export
+
+    allowed = [export.DisabledSafetyCheck.custom_call(t) for t in native_targets()]
+    jitted = jax.jit(fn)
+    together = export.export(jitted, platforms=tuple(platforms), disabled_checks=allowed)(*args)
+    texts = {"all": together.mlir_module()}
+    for platform in platforms:
+        if platform == "cpu":
+            continue
+        text = export.export(jitted, platforms=(platform,))(*args).mlir_module()
+        found = [t for t in native_targets() if t in text]
+        assert not found, f"fdl native custom calls in the {platform} module: {found}"
+        texts[platform] = text
+    return texts

@@ -1,4 +1,4 @@
-"""How ``conv2d`` is computed: one entry point, lowering chosen per call.
+"""How ``conv2d`` is computed: one entry point, lowering chosen per call and per platform.
 
 ``conv2d_nhwc(x, w, stride, padding, dilation, groups)`` has exactly the semantics of
 ``lax.conv_general_dilated`` with NHWC inputs, HWIO kernels and explicit padding pairs.
@@ -6,12 +6,21 @@
 Lowerings (see ``docs/performance.md`` for the measurements behind the choice):
 
 - native: oneDNN's convolution (forward, backward-data, backward-weights) called as an XLA FFI
-  custom call from fdl's native library (:mod:`fdl._ext`, built when fdl is installed). Used
-  for float32 rank-4 inputs with non-negative padding. Reverse-mode (``grad``, ``vjp``, any
-  order) and ``vmap`` work (under ``vmap`` an unbatched kernel folds the batch into N; a batched
-  kernel loops per example).
-- ``xla``: ``lax.conv_general_dilated`` (XLA's CPU lowering). Used for every other dtype or
-  configuration, and whenever the native library is unavailable (with a one-time warning).
+  custom call from fdl's native library (:mod:`fdl._ext`, built when fdl is installed), when
+  lowering for the CPU. Used for float32 rank-4 inputs with non-negative padding.
+- ``xla``: ``lax.conv_general_dilated`` (XLA's lowering; cuDNN's kernels on GPU). Used when
+  lowering for any other platform, for every other dtype or configuration, and whenever the
+  native library is unavailable (with a one-time warning).
+
+The native path is three JAX primitives in one (``fdl_conv``, ``kind`` = forward,
+backward-data, backward-weights), each bilinear in its two operands, with transpose rules that
+are the other two: so ``grad`` (any order), ``jvp``/``jacfwd``, Hessian-vector products and
+``vmap`` (an unbatched kernel folds the batch into N; a batched one maps sequentially) all stay
+native. Each has a CPU lowering (the custom call) and a default lowering (XLA's convolution and
+its transposes), so a jitted model lowers for GPU/TPU too (``jax.export`` with
+``platforms=("cpu", "cuda", "tpu")``). Under a sharded ``jit`` on several devices the custom
+call is partitioned over the batch axis (``custom_partitioning``: each device convolves its
+shard; the weight gradient is summed over the batch axis), not all-gathered.
 
 Selection: ``fdl.config.conv_backend`` (``auto`` | ``native`` | ``xla``), read when a function
 is traced; ``fdl.kernels()`` reports what ``auto`` gives on this machine.
@@ -24,6 +33,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fdl import config
 from fdl.nn.conv_xla import conv_general
@@ -32,6 +47,9 @@ __all__ = ["conv2d_nhwc", "native_available"]
 
 # (stride, padding, dilation, groups) as nested tuples of Python ints.
 _Geom = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int], int]
+
+_TARGETS = {"fwd": "fdl_conv_fwd", "bwd_data": "fdl_conv_bwd_data",
+            "bwd_weights": "fdl_conv_bwd_weights"}
 
 
 def native_available() -> bool:
@@ -59,68 +77,153 @@ def _attrs(geom: _Geom) -> dict:
     return dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr, dh=dh, dw=dw, groups=g)
 
 
-def _call(target: str, a: jax.Array, b: jax.Array, out_shape, geom: _Geom) -> jax.Array:
-    return jax.ffi.ffi_call(
-        target,
-        jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
-        vmap_method="expand_dims",
-    )(a, b, **_attrs(geom))
+# ----------------------------------------------------------------------------- the primitive
+#
+# fdl_conv(a, b; kind, geom, hw), bilinear in (a, b):
+#   fwd:          a = x (N,H,W,C),  b = w (KH,KW,C/g,O)  -> y  (N,OH,OW,O)
+#   bwd_data:     a = dy,           b = w; hw = (H, W)    -> dx (N,H,W,C)
+#   bwd_weights:  a = x,            b = dy; hw = (KH, KW) -> dw (KH,KW,C/g,O)
+
+_conv_p = Primitive("fdl_conv")
 
 
-# Three mutually-differentiating custom_vjp functions: each is bilinear, and the cotangents of
-# each are expressed with the other two, so derivatives of any order stay on oneDNN.
+def _conv(kind: str, a, b, geom: _Geom, hw: tuple[int, int] | None = None) -> jax.Array:
+    return _conv_p.bind(a, b, kind=kind, geom=geom, hw=hw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dnnl_fwd(x: jax.Array, w: jax.Array, geom: _Geom) -> jax.Array:
-    n, ih, iw, _ = x.shape
-    kh, kw, _, oc = w.shape
-    oh, ow = _out_hw(ih, iw, kh, kw, geom)
-    return _call("fdl_conv_fwd", x, w, (n, oh, ow, oc), geom)
+def _out_shape(kind, a_shape, b_shape, geom, hw) -> tuple[int, ...]:
+    if kind == "fwd":
+        return (a_shape[0], *_out_hw(a_shape[1], a_shape[2], b_shape[0], b_shape[1], geom),
+                b_shape[3])
+    if kind == "bwd_data":
+        return (a_shape[0], *hw, b_shape[2] * geom[3])
+    return (*hw, a_shape[3] // geom[3], b_shape[3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dnnl_bwd_data(dy: jax.Array, w: jax.Array, geom: _Geom, x_hw: tuple[int, int]) -> jax.Array:
-    """Gradient w.r.t. the input of ``_dnnl_fwd(x, w, geom)`` with ``x`` of spatial size x_hw."""
-    return _call("fdl_conv_bwd_data", dy, w, (dy.shape[0], *x_hw, w.shape[2] * geom[3]), geom)
+def _abstract_eval(a, b, *, kind, geom, hw):
+    return jax.core.ShapedArray(_out_shape(kind, a.shape, b.shape, geom, hw), a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dnnl_bwd_weights(x: jax.Array, dy: jax.Array, geom: _Geom, k_hw: tuple[int, int]) -> jax.Array:
-    ic, oc = x.shape[3], dy.shape[3]
-    return _call("fdl_conv_bwd_weights", x, dy, (*k_hw, ic // geom[3], oc), geom)
+def _xla_impl(a, b, *, kind, geom, hw):
+    """The same computation with XLA's convolution and its transposes (the lowering for every
+    platform but the CPU)."""
+    (sh, sw), pads, dil, g = geom
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (sh, sw), pads, rhs_dilation=dil,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=g)
+
+    if kind == "fwd":
+        return conv(a, b)
+    out = jax.ShapeDtypeStruct(_out_shape(kind, a.shape, b.shape, geom, hw), a.dtype)
+    if kind == "bwd_data":
+        return jax.linear_transpose(lambda x: conv(x, b), out)(a)[0]
+    return jax.linear_transpose(lambda w: conv(a, w), out)(b)[0]
 
 
-def _fwd_fwd(x, w, geom):
-    return _dnnl_fwd(x, w, geom), (x, w)
+def _native_impl(a, b, *, kind, geom, hw):
+    out = jax.ShapeDtypeStruct(_out_shape(kind, a.shape, b.shape, geom, hw), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS[kind], out)(a, b, **_attrs(geom))
 
 
-def _fwd_bwd(geom, res, dy):
-    x, w = res
-    return _dnnl_bwd_data(dy, w, geom, x.shape[1:3]), _dnnl_bwd_weights(x, dy, geom, w.shape[:2])
+def _batch_spec(sharding) -> object:
+    """The mesh axes the leading (batch) axis is split over, or ``None``."""
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else ()
+    return spec[0] if len(spec) else None
 
 
-def _bd_fwd(dy, w, geom, x_hw):
-    return _dnnl_bwd_data(dy, w, geom, x_hw), (dy, w)
+@functools.cache
+def _partitioned(kind: str, geom: _Geom, hw) -> custom_partitioning:
+    """The custom call partitioned over the batch axis under a sharded ``jit``: forward and
+    backward-data on each device's batch shard (the kernel replicated), backward-weights on the
+    shards followed by a sum over the batch axes."""
+    def impl(a, b):  # (custom_partitioning needs plain positional parameters)
+        return _native_impl(a, b, kind=kind, geom=geom, hw=hw)
+
+    fn = custom_partitioning(impl)
+
+    def infer(mesh, arg_shapes, result_shape):
+        axes = _batch_spec(arg_shapes[0].sharding)
+        return NamedSharding(mesh, P() if kind == "bwd_weights" else P(axes))
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = _batch_spec(arg_shapes[0].sharding)
+        if kind == "bwd_weights":
+            def summed(a, b):
+                out = impl(a, b)
+                return out if axes is None else lax.psum(out, axes)
+
+            shard = NamedSharding(mesh, P(axes))
+            return mesh, summed, NamedSharding(mesh, P()), (shard, shard)
+        return (mesh, impl, NamedSharding(mesh, P(axes)),
+                (NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())))
+
+    rule = {"fwd": "b h w c, k l i o -> b p q o", "bwd_data": "b p q o, k l i o -> b h w c",
+            "bwd_weights": "b h w c, b p q o -> k l i o"}[kind]
+    fn.def_partition(infer_sharding_from_operands=infer, partition=partition,
+                     sharding_rule=rule)
+    return fn
 
 
-def _bd_bwd(geom, x_hw, res, ddx):
-    dy, w = res
-    return _dnnl_fwd(ddx, w, geom), _dnnl_bwd_weights(ddx, dy, geom, w.shape[:2])
+def _cpu_lowering(ctx, a, b, *, kind, geom, hw):
+    from jax._src import sharding_impls
+
+    axis_ctx = ctx.module_context.axis_context
+    if isinstance(axis_ctx, sharding_impls.ShardingContext) and axis_ctx.num_devices > 1:
+        fn = _partitioned(kind, geom, hw)
+    else:
+        fn = functools.partial(_native_impl, kind=kind, geom=geom, hw=hw)
+    return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b)
 
 
-def _bw_fwd(x, dy, geom, k_hw):
-    return _dnnl_bwd_weights(x, dy, geom, k_hw), (x, dy)
+def _transpose_a(ct, a, b, *, kind, geom, hw):
+    """Cotangent of ``a`` (linear) given the output's."""
+    if kind == "fwd":
+        return _conv("bwd_data", ct, b, geom, a.aval.shape[1:3])
+    if kind == "bwd_data":
+        return _conv("fwd", ct, b, geom)
+    return _conv("bwd_data", b, ct, geom, a.aval.shape[1:3])
 
 
-def _bw_bwd(geom, k_hw, res, ddw):
-    x, dy = res
-    return _dnnl_bwd_data(dy, ddw, geom, x.shape[1:3]), _dnnl_fwd(x, ddw, geom)
+def _transpose_b(ct, a, b, *, kind, geom, hw):
+    """Cotangent of ``b`` (linear) given the output's."""
+    if kind == "fwd":
+        return _conv("bwd_weights", a, ct, geom, b.aval.shape[:2])
+    if kind == "bwd_data":
+        return _conv("bwd_weights", ct, a, geom, b.aval.shape[:2])
+    return _conv("fwd", a, ct, geom)
 
 
-_dnnl_fwd.defvjp(_fwd_fwd, _fwd_bwd)
-_dnnl_bwd_data.defvjp(_bd_fwd, _bd_bwd)
-_dnnl_bwd_weights.defvjp(_bw_fwd, _bw_bwd)
+def _batch(args, dims, *, kind, geom, hw):
+    (a, b), (da, db) = args, dims
+    if db is None and kind != "bwd_weights":  # one kernel for all: fold the batch into N
+        a = jnp.moveaxis(a, da, 0)
+        out = _conv(kind, a.reshape(-1, *a.shape[2:]), b, geom, hw)
+        return out.reshape(a.shape[0], -1, *out.shape[1:]), 0
+    size = a.shape[da] if da is not None else b.shape[db]
+    a = batching.bdim_at_front(a, da, size)
+    b = batching.bdim_at_front(b, db, size)
+    return lax.map(lambda ab: _conv(kind, ab[0], ab[1], geom, hw), (a, b)), 0
+
+
+def _register() -> None:
+    from jax._src import dispatch
+
+    _conv_p.def_abstract_eval(_abstract_eval)
+    _conv_p.def_impl(functools.partial(dispatch.apply_primitive, _conv_p))
+    ad.defbilinear(_conv_p, _transpose_a, _transpose_b)
+    batching.primitive_batchers[_conv_p] = _batch
+    mlir.register_lowering(_conv_p, mlir.lower_fun(_xla_impl, multiple_results=False))
+    mlir.register_lowering(_conv_p, _cpu_lowering, platform="cpu")
+    # its CPU lowering may partition (custom_partitioning), which needs the devices
+    dispatch.prim_requires_devices_during_lowering.add(_conv_p)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------- dispatch
 
 
 def _native_eligible(x: jax.Array, w: jax.Array, geom: _Geom) -> str:
@@ -187,5 +290,5 @@ def conv2d_nhwc(
         int(groups),
     )
     if _use_native(x, w, geom):
-        return _dnnl_fwd(x, w, _exact_geometry(x, w.shape[0], w.shape[1], geom))
+        return _conv("fwd", x, w, _exact_geometry(x, w.shape[0], w.shape[1], geom))
     return _xla_conv(x, w, stride, padding, dilation, groups)

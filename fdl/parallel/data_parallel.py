@@ -6,12 +6,9 @@ The step computes exactly the single-device step on the global batch (BatchNorm 
 batch: no ``axis_name`` needed). The mesh is built with ``AxisType.Auto`` (``jax.make_mesh``
 defaults to Explicit axes since JAX 0.7; with Auto, sharding is a layout decision made by
 ``in_shardings``/``out_shardings`` and model code needs no sharding annotations).
-On more than one device the sharded steps trace their convolutions with XLA's lowering
-(``fdl.config.override(conv_backend="xla")``): the oneDNN custom call has no partitioning
-rule, so inside a partitioned ``jit`` XLA would all-gather its inputs and every device would
-convolve the *global* batch. (A plain ``jax.jit`` over sharded inputs written by hand has the
-same problem: wrap its body in ``fdl.config.override(conv_backend="xla")``. ``pmap`` and
-single-device steps keep oneDNN.)
+fdl's native CPU kernels (oneDNN convolutions) partition themselves over the batch axis under
+a sharded ``jit`` (each device convolves its shard; see :mod:`fdl.nn.conv_lowering`), so the
+sharded steps use the same kernels as single-device steps.
 
 **pmap**: every device runs the step on its shard; gradients are averaged with ``lax.pmean``
 over ``axis_name`` (weighted so that padded shards still give the global-batch gradient),
@@ -32,7 +29,6 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fdl import config
 from fdl.distributed.placement import global_batch, put_global
 from fdl.nn.core import Layer
 from fdl.train.step import make_eval_step, make_train_step
@@ -172,7 +168,7 @@ def make_sharded_train_step(
     (default :func:`data_mesh`): batch sharded on ``data``, everything else replicated."""
     mesh = mesh if mesh is not None else data_mesh()
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
-    step = _partitionable(make_train_step(model, optimizer, loss, top_k=top_k, jit=False), mesh)
+    step = make_train_step(model, optimizer, loss, top_k=top_k, jit=False)
     jitted = jax.jit(
         step,
         in_shardings=(rep, rep, rep, bat, rep),
@@ -188,21 +184,8 @@ def make_sharded_eval_step(model: Layer | Callable, loss: str | Callable = "cros
     """``eval_step(params, state, batch) -> metrics`` sharded like the train step."""
     mesh = mesh if mesh is not None else data_mesh()
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
-    step = _partitionable(make_eval_step(model, loss, top_k=top_k, jit=False), mesh)
+    step = make_eval_step(model, loss, top_k=top_k, jit=False)
     return jax.jit(step, in_shardings=(rep, rep, bat), out_shardings=rep)
-
-
-def _partitionable(step: Callable, mesh) -> Callable:
-    """``step`` traced with XLA convolutions when the mesh has more than one device (see the
-    module docstring: the oneDNN custom call would be replicated, not partitioned)."""
-    if mesh.devices.size <= 1:
-        return step
-
-    def traced_with_xla_convs(*args):
-        with config.override(conv_backend="xla"):
-            return step(*args)
-
-    return traced_with_xla_convs
 
 
 # ----------------------------------------------------------------------------- pmap

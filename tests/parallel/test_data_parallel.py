@@ -130,9 +130,12 @@ def test_bad_device_counts():
 
 
 def test_sharded_step_partitions_convolutions(devices_ok):
-    """The oneDNN custom call has no partitioning rule: inside a partitioned jit XLA would
-    all-gather its inputs and convolve the global batch on every device. The sharded steps
-    trace with XLA convolutions, so nothing is gathered and each device convolves its shard."""
+    """float32, the default backend: each device convolves its own shard -- with fdl's native
+    kernels, the oneDNN custom calls run on the per-device batch and the kernel gradients are
+    summed (custom_partitioning), nothing is all-gathered -- and
+    the sharded step equals the single-device step."""
+    from fdl._ext import loader
+
     model = cnn()
     _, params, state = model.init(jax.random.key(0), (1, 6, 6, 2))
     params, state = jax.tree.map(lambda a: a.astype(jnp.float32), (params, state))
@@ -141,9 +144,50 @@ def test_sharded_step_partitions_convolutions(devices_ok):
     sb = shard_batch(_data(), mesh)
     step = make_sharded_train_step(model, opt, mesh=mesh, donate=False)
     hlo = step.lower(params, state, opt.init(params), sb, jax.random.key(0)).compile().as_text()
-    assert "fdl_conv" not in hlo
     assert "all-gather" not in hlo
-    conv_shapes = [line for line in hlo.splitlines() if " convolution(" in line]
-    assert conv_shapes and all(f"f32[{16 // N_DEV}," in c for c in conv_shapes[:1])
+    native = loader.load("conv").loaded
+    # (the only conv is the first layer: no input gradient, so no backward-data call)
+    assert ("fdl_conv_fwd" in hlo) == native and ("fdl_conv_bwd_weights" in hlo) == native
+    batched = [line for line in hlo.splitlines()
+               if " convolution(" in line or "fdl_conv_fwd" in line]
+    assert batched and all(f"f32[{16 // N_DEV}," in c for c in batched
+                           if "custom-call(" in c or " convolution(" in c)
     ev = make_sharded_eval_step(model, mesh=mesh)
     assert "all-gather" not in ev.lower(params, state, sb).compile().as_text()
+    p1, s1, m1 = _single(model, params, state, opt, _data())
+    p, s, o = params, state, opt.init(params)
+    for i in range(2):
+        p, s, o, m = step(p, s, o, sb, jax.random.key(i))
+    _close((p, s, m), (p1, s1, m1), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_sharded_step_partitions_native_rnn_loops(devices_ok, kind):
+    """The native LSTM/GRU loops run per device on the batch shard under a sharded jit (their
+    weight gradients summed over the batch axis), nothing is all-gathered, and the step equals
+    the single-device step."""
+    from fdl._ext import loader
+
+    vocab = 11
+    model = nn.serial(("embed", nn.embedding(vocab, 8)), ("rnn", getattr(nn, kind)(16)),
+                      ("out", nn.dense(vocab)))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, vocab, (16, 5)), jnp.int32)
+    y = jnp.asarray(rng.integers(0, vocab, (16, 5)), jnp.int32)
+    _, params, state = model.init(jax.random.key(0), x.shape)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    opt = optim.sgd(0.5)
+    mesh = data_mesh()
+    sb = shard_batch((x, y), mesh)
+    step = make_sharded_train_step(model, opt, mesh=mesh, donate=False)
+    hlo = step.lower(params, state, opt.init(params), sb, jax.random.key(1)).compile().as_text()
+    assert "all-gather" not in hlo
+    calls = [line for line in hlo.splitlines() if "custom-call(" in line and "fdl_" in line]
+    if loader.load("rnn").loaded:
+        assert any(f"fdl_{kind}_fwd" in c for c in calls)
+        assert any(f"fdl_{kind}_bwd_dw" in c for c in calls)
+        assert all(f"f32[5,{16 // N_DEV}," in c for c in calls)  # (T, per-device batch, .)
+    one = make_train_step(model, opt, donate=False)(params, state, opt.init(params), (x, y),
+                                                    jax.random.key(1))
+    _close(step(params, state, opt.init(params), sb, jax.random.key(1)), one, rtol=1e-4,
+           atol=1e-6)

@@ -223,7 +223,7 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
         d_b_hh = jnp.sum(d_hh2, 0) if kind == "gru" else d_b_ih
         d_params = {"w_ih": xs.reshape(rows, n_in).T @ d_xp2, "w_hh": d_w_hh, "b_ih": d_b_ih,
                     "b_hh": d_b_hh}
-    d_xs = (d_xp2 @ w_ih.T).reshape(t_len, batch, n_in)
+    d_xs = jnp.einsum("tbg,cg->tbc", d_xp, w_ih)  # (no (T*B, .) reshape: B may be sharded)
     return d_params, d_xs, d0
 
 
@@ -250,5 +250,9 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
     dtypes = {jnp.result_type(a) for a in (*params.values(), xs,
                                            *jax.tree_util.tree_leaves(carry))}
     dtype = dtypes.pop() if len(dtypes) == 1 else None
-    native = dtype is not None and use_native(kind, dtype)
-    return _fused_dir(kind, int(unroll), native, params, xs, carry)
+    if dtype is not None and use_native(kind, dtype):
+        # the native loop when lowering for the CPU, the XLA loop for any other platform
+        return lax.platform_dependent(
+            params, xs, carry, cpu=functools.partial(_fused_dir, kind, int(unroll), True),
+            default=functools.partial(_fused_dir, kind, int(unroll), False))
+    return _fused_dir(kind, int(unroll), False, params, xs, carry)

@@ -10,7 +10,6 @@ same buffers as the XLA loops in :mod:`fdl.nn.recurrent.fused`; float32 only.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from fdl import config
@@ -36,22 +35,33 @@ def use_native(kind: str, dtype) -> bool:
     return st.loaded
 
 
-def _f32(*shapes):
-    return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+# Batch axes of each call's operands and results (None: none; for a result, a sum over the
+# batch): the time-major (T, B, .) buffers have it at 1, the (B, H) states at 0; the weights
+# have none and their gradients are sums. fdl._ext.calls partitions the calls over it under a
+# sharded jit.
+_LSTM_FWD = dict(batch_in=(1, None, 0, 0), batch_out=(1, 1, 1))
+_LSTM_BWD = dict(batch_in=(1, None, 0, 1, 1, 0, 0, 0, 1, 1),
+                 batch_out=(1, 0, 0, None, None, None))
+_GRU_FWD = dict(batch_in=(1, None, None, 0), batch_out=(1, 1, 1))
+_GRU_BWD = dict(batch_in=(1, None, 0, 1, 1, 1, 0, 1),
+                batch_out=(1, 1, 0, None, None, None, None))
 
 
-def _native_call(target, out_shapes, *args):
+def _native_call(target, out_shapes, *args, batch_in, batch_out):
+    from fdl._ext.calls import native_call
+
     # operand 0 (the (T, B, G*H) buffer) is updated in place: it becomes result 0
-    return jax.ffi.ffi_call(target, _f32(*out_shapes), input_output_aliases={0: 0},
-                            vmap_method="sequential")(*args)
+    return native_call(target, out_shapes, *args, batch_in=batch_in, batch_out=batch_out,
+                       aliases=((0, 0),))
 
 
 def lstm_native_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
     t_len, batch, _ = xs.shape
     n_h = w_hh.shape[0]
-    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, 4 * n_h)
+    xp = jnp.einsum("tbc,cg->tbg", xs, w_ih) + b  # (no (T*B, C) reshape: B may be sharded)
     hs = (t_len, batch, n_h)
-    acts, ys, cs = _native_call("fdl_lstm_fwd", (xp.shape, hs, hs), xp, w_hh, h0, c0)
+    acts, ys, cs = _native_call("fdl_lstm_fwd", (xp.shape, hs, hs), xp, w_hh, h0, c0,
+                                **_LSTM_FWD)
     return (ys[-1], cs[-1]), ys, (acts, cs)
 
 
@@ -61,16 +71,17 @@ def lstm_native_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys, xs):
     g = w_hh.shape[1]
     dg, dh0, dc0, d_w_hh, d_w_ih, d_b = _native_call(
         "fdl_lstm_bwd_dw", (acts.shape, h0.shape, h0.shape, w_hh.shape, (xs.shape[-1], g), (g,)),
-        acts, w_hh.T, c0, cs, d_ys, d_carry[0], d_carry[1], h0, ys, xs)
+        acts, w_hh.T, c0, cs, d_ys, d_carry[0], d_carry[1], h0, ys, xs, **_LSTM_BWD)
     return (dh0, dc0), dg, dg, {"w_hh": d_w_hh, "w_ih": d_w_ih, "b_ih": d_b, "b_hh": d_b}
 
 
 def gru_native_forward(unroll, w_ih, w_hh, b_ih, b_hh, xs, h0):
     t_len, batch, _ = xs.shape
     n_h = w_hh.shape[0]
-    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b_ih).reshape(t_len, batch, 3 * n_h)
+    xp = jnp.einsum("tbc,cg->tbg", xs, w_ih) + b_ih
     hs = (t_len, batch, n_h)
-    acts, ys, hns = _native_call("fdl_gru_fwd", (xp.shape, hs, hs), xp, w_hh, b_hh, h0)
+    acts, ys, hns = _native_call("fdl_gru_fwd", (xp.shape, hs, hs), xp, w_hh, b_hh, h0,
+                                 **_GRU_FWD)
     return ys[-1], ys, (acts, hns)
 
 
@@ -81,5 +92,5 @@ def gru_native_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys, xs):
     d_xp, d_hh, dh0, d_w_hh, d_w_ih, d_b_ih, d_b_hh = _native_call(
         "fdl_gru_bwd_dw", (acts.shape, acts.shape, h0.shape, w_hh.shape, (xs.shape[-1], g),
                            (g,), (g,)),
-        acts, w_hh.T, h0, ys, hns, d_ys, d_h, xs)
+        acts, w_hh.T, h0, ys, hns, d_ys, d_h, xs, **_GRU_BWD)
     return dh0, d_xp, d_hh, {"w_hh": d_w_hh, "w_ih": d_w_ih, "b_ih": d_b_ih, "b_hh": d_b_hh}

@@ -74,7 +74,7 @@ def _ref(lib: str, kind: str):
 
 def _workload(kind: str) -> Workload:
     h = common.CHARLM
-    impls = {} if _PENDING else {"fdl": _fdl(kind)}
+    impls = {} if _PENDING else {"fdl": _fdl(kind), "fdl (xla)": common.xla_kernels(_fdl(kind))}
     impls.update({
         "Flax linen (nn.RNN scan)": _ref("flax", kind),
         f"Equinox ({'LSTMCell' if kind == 'lstm' else 'GRUCell'} under lax.scan)":

@@ -224,6 +224,7 @@ _impls = {"fdl (1 device)": _fdl_single(1)}
 for _n in (2, 4, 8):
     _impls[f"fdl (1 device, {_n} x batch {GLOBAL // _n})"] = _fdl_single(_n)
     _impls[f"fdl (sharded jit, {_n} devices)"] = _fdl_sharded(_n)
+_impls["fdl (xla, sharded jit, 8 devices)"] = common.xla_kernels(_fdl_sharded(8))
 _impls["fdl (2 processes x 4 devices)"] = _fdl_processes(2, 4)
 _impls.update({
     "Flax linen (1 device)": _flax(1),

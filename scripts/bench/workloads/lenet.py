@@ -78,7 +78,7 @@ def _flops():
     return flax_models.classifier_flops("lenet")
 
 
-_impls = {} if _PENDING else {"fdl": _fdl}
+_impls = {} if _PENDING else {"fdl": _fdl, "fdl (xla)": common.xla_kernels(_fdl)}
 _impls.update({"Flax linen": _flax, "Equinox": _equinox, "PyTorch eager": _torch,
                "torch.compile": _torch_compile})
 

@@ -102,7 +102,7 @@ def _flops():
     return flax_models.classifier_flops("resnet18")
 
 
-_impls = {} if _PENDING else {f"fdl ({_SOURCE})": _fdl}
+_impls = {} if _PENDING else {f"fdl ({_SOURCE})": _fdl, "fdl (xla)": common.xla_kernels(_fdl)}
 _impls.update({"Flax linen": _flax, "Equinox": _equinox, "PyTorch eager": _torch,
                "torch.compile": _torch_compile})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from scripts.bench import common
 from scripts.bench.api import Workload
 
 _PENDING = None
@@ -108,7 +109,8 @@ def _flops(batch: int):
 
 
 def _workload(batch: int) -> Workload:
-    impls = {} if _PENDING else {"fdl": _fdl(batch)}
+    impls = {} if _PENDING else {"fdl": _fdl(batch),
+                                 "fdl (xla)": common.xla_kernels(_fdl(batch))}
     impls.update({"Flax linen": _flax(batch), "PyTorch eager": _torch(batch, False)})
     if batch == 1:  # at batch 64 a step takes seconds: the goal's reference (eager) only
         impls["torch.compile"] = _torch(batch, True)
