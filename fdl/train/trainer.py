@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdl.train.callbacks import Callback
-from fdl.train.device_loop import accumulate, calls, device_steps, epoch_table, evaluate_sums
+from fdl.train.device_loop import (
+    accumulate,
+    calls,
+    device_steps,
+    epoch_table,
+    evaluate_sums,
+    host_steps,
+)
 from fdl.train.history import History
 from fdl.train.metrics import summarize
 from fdl.train.step import EvalStep, TrainStep
@@ -244,16 +251,31 @@ class Trainer:
             self._ahead = epoch_table(data, epoch + 1, 0)
         return seen
 
+    def _host_step(self, batch):
+        """One step on a host batch: one compiled call with the key and the metric sum when
+        the step's pure function is known (``HostSteps``), else the step, ``fold_in`` and a
+        jitted sum."""
+        run = host_steps(self.train_step)
+        if run is not None:
+            if self._counter is None:
+                self._counter = np.uint32(self.step)
+            (self.params, self.state, self.opt_state, self.epoch_sums, metrics,
+             self._counter) = run(self.params, self.state, self.opt_state, self.epoch_sums,
+                                  self._counter, batch, self.key)
+            return metrics
+        self.params, self.state, self.opt_state, metrics = self.train_step(
+            self.params, self.state, self.opt_state, batch,
+            jax.random.fold_in(self.key, self.step))
+        self.epoch_sums = (metrics if self.epoch_sums is None
+                           else accumulate(self.epoch_sums, metrics))
+        return metrics
+
     def _host_epoch(self, epoch: int, first: int) -> int:
         """The epoch's steps from batch ``first``, one compiled call per host batch."""
         seen = 0
         for batch in self.data.epoch_batches(epoch, first):
-            self.params, self.state, self.opt_state, metrics = self.train_step(
-                self.params, self.state, self.opt_state, batch,
-                jax.random.fold_in(self.key, self.step))
+            metrics = self._host_step(batch)
             self.step, seen, self.data.batch = self.step + 1, seen + 1, self.data.batch + 1
-            self.epoch_sums = (metrics if self.epoch_sums is None
-                               else accumulate(self.epoch_sums, metrics))
             self._after_call(metrics, 1)
             if self.stop:
                 break

@@ -258,3 +258,16 @@ def test_epoch_metrics_are_fetched_after_the_next_epochs_first_step(monkeypatch)
     res = _run(train_step=step_fn, eval_data=None, epochs=2)  # one call per epoch
     assert res.steps == 6 and calls[0] == 2
     assert fetched_at[0] == 2
+
+
+def test_host_batches_in_one_call_per_step_equal_the_plain_callable(monkeypatch):
+    """Host batches with a TrainStep run step, key and metric sum in one compiled call
+    (HostSteps); a plain callable (e.g. a sharded step) gets fold_in and a jitted sum: the
+    same numbers, bitwise."""
+    monkeypatch.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
+    step = make_train_step(MODEL, OPT)
+    one_call = _run(train_step=step, eval_data=None)
+    plain = _run(train_step=lambda *a: step.call(*a), eval_data=None)
+    assert leaves_equal(one_call.params, plain.params)
+    assert leaves_equal(one_call.opt_state, plain.opt_state)
+    assert _numbers(one_call.history) == _numbers(plain.history)
