@@ -80,6 +80,7 @@ from fdl.nn.recurrent import (
     rnn_cell,
     scan_cell,
 )
+from fdl.nn.state import init_state, reset_state
 from fdl.nn.tree import count_params, flatten_dict, path_mask, select, unflatten_dict
 
 __all__ = [
@@ -108,7 +109,7 @@ __all__ += [  # attention
     "padding_mask", "self_attention", "valid_lens_mask",
 ]
 
-__all__ += [  # recurrent
-    "RecurrentLayer", "detach_state", "gru", "gru_cell", "lstm", "lstm_cell", "rnn", "rnn_cell",
-    "scan_cell",
+__all__ += [  # recurrent, state helpers
+    "RecurrentLayer", "detach_state", "gru", "gru_cell", "init_state", "lstm", "lstm_cell",
+    "reset_state", "rnn", "rnn_cell", "scan_cell",
 ]

@@ -27,6 +27,12 @@ def _leaves(s):
     return s if isinstance(s, tuple) else (s,)
 
 
+def _layer_state(kind, h0):
+    """torch's (L*D, B, H) initial state(s) -> fdl's batch-first layer state."""
+    parts = [jnp.swapaxes(jnp.asarray(a.detach().numpy()), 0, 1) for a in _leaves(h0)]
+    return dict(zip(("h", "c"), parts, strict=False))
+
+
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True), (3, False)])
 def test_equals_torch(kind, num_layers, bidirectional):
@@ -39,18 +45,27 @@ def test_equals_torch(kind, num_layers, bidirectional):
     h0 = (h0, torch.randn(num_layers * d, B, H, generator=g)) if kind == "lstm" else h0
     with torch.no_grad():
         y_t, hn_t = m(x, h0)
-    s0 = tuple(jnp.asarray(a.numpy()) for a in h0) if kind == "lstm" else jnp.asarray(h0.numpy())
     assert params["l0"]["fwd"]["w_ih"].dtype == jnp.float32
-    y, hn = jax.jit(layer.apply_with_state)(params, jnp.asarray(x.numpy()), s0)
+    if bidirectional:  # carry="reset": apply starts from zeros; a given h0 via the helper
+        s0 = tuple(jnp.asarray(a.numpy()) for a in _leaves(h0))
+        y, hn = jax.jit(layer.apply_with_state)(params, jnp.asarray(x.numpy()),
+                                                s0 if kind == "lstm" else s0[0])
+    else:  # the layer protocol: the initial carry is the layer state, the final one returned
+        y, st = jax.jit(layer.apply)(params, _layer_state(kind, h0), jnp.asarray(x.numpy()))
+        hn = tuple(jnp.swapaxes(st[k], 0, 1) for k in ("h", "c")[: len(st)])
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), y_t.numpy(), rtol=1e-5, atol=1e-5)
     for a, b in zip(_leaves(hn), _leaves(hn_t), strict=True):
         np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
-    # zero initial state (the layer-protocol apply)
+    # zero initial state: apply from the state init returns; final carry = torch's h_n
     with torch.no_grad():
-        y0_t, _ = m(x)
-    y0, _ = layer.apply(params, {}, jnp.asarray(x.numpy()))
+        y0_t, hn0_t = m(x)
+    _, _, state0 = layer.init(jax.random.key(0), (B, T, F))
+    y0, st0 = layer.apply(params, state0, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(y0), y0_t.numpy(), rtol=1e-5, atol=1e-5)
+    for name, b in zip(("h", "c"), _leaves(hn0_t), strict=False):
+        np.testing.assert_allclose(np.asarray(jnp.swapaxes(st0[name], 0, 1)), b.numpy(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -65,11 +80,12 @@ def test_seq_lengths_equal_packed_sequences(kind):
     with torch.no_grad():
         out_p, hn_t = m(packed)
     y_t, _ = torch.nn.utils.rnn.pad_packed_sequence(out_p, batch_first=True, total_length=T)
-    y, hn = layer.apply_with_state(params, jnp.asarray(x.numpy()),
-                                   seq_lengths=jnp.asarray(lens))
+    _, _, state0 = layer.init(jax.random.key(0), (B, T, F))
+    y, st = layer.apply(params, state0, jnp.asarray(x.numpy()), seq_lengths=jnp.asarray(lens))
     np.testing.assert_allclose(np.asarray(y), y_t.numpy(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(_leaves(hn), _leaves(hn_t), strict=True):
-        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
+    for name, b in zip(("h", "c"), _leaves(hn_t), strict=False):
+        np.testing.assert_allclose(np.asarray(jnp.swapaxes(st[name], 0, 1)), b.numpy(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
@@ -90,7 +106,7 @@ def test_round_trip_to_torch(kind, key):
 
 def test_converter_bad_inputs_and_no_bias():
     with pytest.raises(ValueError, match="unexpected key"):
-        rnn_params_from_torch({"weight_hr_l0": np.zeros((2, 2))})
+        rnn_params_from_torch({"weight_xx_l0": np.zeros((2, 2))})
     with pytest.raises(ValueError, match="empty"):
         rnn_params_from_torch({})
     m = torch.nn.GRU(3, 4, bias=False)
@@ -143,3 +159,77 @@ def _check_backend_equals_torch(kind, backend):
     np.testing.assert_allclose(np.asarray(gx), x.grad.numpy(), rtol=1e-4, atol=1e-5)
     for a, b in zip(_leaves(gs), h0, strict=True):
         np.testing.assert_allclose(np.asarray(a), b.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+def test_relu_rnn_equals_torch(num_layers, bidirectional):
+    """nn.rnn(nonlinearity="relu") == torch.nn.RNN(nonlinearity="relu"): outputs, final state
+    and gradients (fused custom VJP and the scan path)."""
+    B, T, F, H = 3, 6, 4, 5
+    torch.manual_seed(7)
+    m = torch.nn.RNN(F, H, num_layers=num_layers, bidirectional=bidirectional,
+                     nonlinearity="relu", batch_first=True)
+    params = jax.tree_util.tree_map(jnp.asarray, rnn_params_from_torch(m.state_dict()))
+    x = torch.randn(B, T, F, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    y_t, hn_t = m(x)
+    (torch.sin(y_t).sum() + torch.cos(hn_t).sum()).backward()
+    grads_t = rnn_params_from_torch({k: p.grad for k, p in m.named_parameters()})
+    for impl in ("fused", "scan"):
+        layer = nn.rnn(H, num_layers=num_layers, bidirectional=bidirectional,
+                       nonlinearity="relu", impl=impl)
+        _, _, state0 = layer.init(jax.random.key(0), (B, T, F))
+
+        def loss(p, x, layer=layer, state0=state0):
+            y, st = layer.apply(p, state0, x)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(st["h"])), (y, st)
+
+        (_, (y, st)), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            params, jnp.asarray(x.detach().numpy()))
+        np.testing.assert_allclose(np.asarray(y), y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(jnp.swapaxes(st["h"], 0, 1)),
+                                   hn_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(grads_t),
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(gx), x.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+def test_lstm_proj_size_equals_torch(num_layers, bidirectional):
+    """nn.lstm(proj_size=P) == torch.nn.LSTM(proj_size=P) with imported weights (weight_hr):
+    outputs, final (h, c) from a non-zero initial state, and gradients; export round-trips."""
+    B, T, F, H, P = 3, 5, 4, 6, 3
+    d = 2 if bidirectional else 1
+    torch.manual_seed(9)
+    m = torch.nn.LSTM(F, H, num_layers=num_layers, bidirectional=bidirectional, proj_size=P,
+                      batch_first=True)
+    params = jax.tree_util.tree_map(jnp.asarray, rnn_params_from_torch(m.state_dict()))
+    assert params["l0"]["fwd"]["w_hr"].shape == (H, P)
+    assert set(rnn_params_to_torch(params)) == set(m.state_dict())
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(B, T, F, generator=g, requires_grad=True)
+    h0 = (torch.randn(num_layers * d, B, P, generator=g),
+          torch.randn(num_layers * d, B, H, generator=g))
+    y_t, (h_t, c_t) = m(x, h0)
+    (torch.sin(y_t).sum() + torch.cos(h_t).sum() + torch.cos(c_t).sum()).backward()
+    grads_t = rnn_params_from_torch({k: p.grad for k, p in m.named_parameters()})
+    layer = nn.lstm(H, num_layers=num_layers, bidirectional=bidirectional, proj_size=P)
+
+    def loss(p, x):
+        y, (h, c) = layer.apply_with_state(p, x, tuple(jnp.asarray(a.numpy()) for a in h0))
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(h)) + jnp.sum(jnp.cos(c)), (y, h, c)
+
+    (_, (y, h, c)), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        params, jnp.asarray(x.detach().numpy()))
+    assert y.shape == (B, T, d * P)
+    for a, b in ((y, y_t), (h, h_t), (c, c_t)):
+        np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(grads_t),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), x.grad.numpy(), rtol=1e-4, atol=1e-5)
+    if not bidirectional:  # through the layer protocol: state in, final state out
+        y2, st = layer.apply(params, _layer_state("lstm", h0), jnp.asarray(x.detach().numpy()))
+        np.testing.assert_allclose(np.asarray(y2), y_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(jnp.swapaxes(st["c"], 0, 1)),
+                                   c_t.detach().numpy(), rtol=1e-5, atol=1e-5)

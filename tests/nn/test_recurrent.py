@@ -115,17 +115,22 @@ def test_layer_shapes_names_and_init_apply_agree(kind, key):
     layer = MAKE[kind](6, num_layers=2, bidirectional=True)
     out_shape, params, state = layer.init(key, (3, 5, 4))
     g = R.CELL_GATES[kind]
-    assert state == {}
+    assert layer.carry == "reset"  # the default (and only) mode of a bidirectional layer
+    want = {"h": (3, 4, 6), "c": (3, 4, 6)} if kind == "lstm" else {"h": (3, 4, 6)}
+    assert jax.tree_util.tree_map(jnp.shape, state) == want
+    assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(state))
     assert set(params) == {"l0", "l1"} and set(params["l0"]) == {"fwd", "bwd"}
     assert params["l0"]["fwd"]["w_ih"].shape == (4, g * 6)
     assert params["l1"]["bwd"]["w_ih"].shape == (12, g * 6)
     assert params["l1"]["bwd"]["w_hh"].shape == (6, g * 6)
     assert params["l0"]["fwd"]["b_hh"].shape == (g * 6,)
     x = jnp.ones((3, 5, 4), jnp.float32)
-    y, _ = layer.apply(params, state, x)
+    y, new_state = layer.apply(params, state, x)
     assert y.shape == out_shape == (3, 5, 12)
     y2, final = layer.apply_with_state(params, x)
     np.testing.assert_array_equal(y, y2)
+    for name, a in zip(("h", "c"), jax.tree_util.tree_leaves(final), strict=False):
+        np.testing.assert_array_equal(np.swapaxes(new_state[name], 0, 1), a)
     for a in jax.tree_util.tree_leaves(final):
         assert a.shape == (4, 3, 6)
     assert jax.tree_util.tree_structure(final) == jax.tree_util.tree_structure(
@@ -144,17 +149,85 @@ def test_time_major_layer(kind, key):
     _allclose(sb, st_, rtol=1e-6, atol=1e-6)
 
 
-def test_state_carry_equals_one_long_sequence(key):
-    """Splitting a sequence in two and carrying the final state equals one pass."""
-    layer = nn.lstm(5, num_layers=2)
-    _, params, _ = layer.init(key, (2, 8, 3))
+@pytest.mark.parametrize("kind,kw", [("rnn", {}), ("rnn", {"nonlinearity": "relu"}),
+                                     ("gru", {}), ("lstm", {}), ("lstm", {"proj_size": 3}),
+                                     ("gru", {"impl": "scan", "unroll": 2})])
+def test_state_carry_equals_one_long_sequence(kind, kw, key):
+    """The layer protocol carries the recurrence: apply on x[:, :5] then on x[:, 5:] from the
+    returned state equals one apply on x (outputs and final state), under jit too."""
+    layer = MAKE[kind](5, num_layers=2, **kw)
+    assert layer.carry == "keep"
+    _, params, state0 = layer.init(key, (2, 8, 3))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 3)))
-    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
-    y, s = layer.apply_with_state(params, x)
-    y1, s1 = layer.apply_with_state(params, x[:, :5])
-    y2, s2 = layer.apply_with_state(params, x[:, 5:], s1)
+    params, state0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), (params, state0))
+    apply = jax.jit(layer.apply)
+    y, s = apply(params, state0, x)
+    y1, s1 = apply(params, state0, x[:, :5])
+    y2, s2 = apply(params, s1, x[:, 5:])
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-12, atol=1e-12)
     _allclose(s2, s, rtol=1e-12, atol=1e-12)
+    # the state keeps its dtype from call to call
+    assert {a.dtype for a in jax.tree_util.tree_leaves(s2)} == {jnp.dtype(jnp.float64)}
+    _, s32 = apply(params, layer.init(key, (2, 8, 3))[2], x)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(s32)} == {jnp.dtype(jnp.float32)}
+    # an empty state means zeros, like the state init returned
+    _allclose(layer.apply(params, {}, x), (y, s), rtol=0, atol=0)
+
+
+def test_carry_reset_mode_and_state_helpers(key):
+    """carry="reset" starts every call from zeros (and still returns the final carry);
+    nn.reset_state zeros a path; nn.init_state builds a state for another batch size."""
+    keep, reset = nn.gru(4), nn.gru(4, carry="reset")
+    model = nn.serial(("rnn", keep), ("out", nn.dense(2)))
+    _, params, state = model.init(key, (3, 6, 2))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6, 2)), jnp.float32)
+    _, s1 = model.apply(params, state, x)
+    assert not np.allclose(s1["rnn"]["h"], 0)
+    y_again, _ = model.apply(params, s1, x)
+    y_fresh, _ = model.apply(params, nn.reset_state(s1, "rnn"), x)
+    np.testing.assert_array_equal(y_fresh, model.apply(params, state, x)[0])
+    assert not np.allclose(y_again, y_fresh)
+    y_r, s_r = reset.apply(params["rnn"], s1["rnn"], x)  # ignores the given carry
+    np.testing.assert_array_equal(y_r, keep.apply(params["rnn"], {}, x)[0])
+    np.testing.assert_array_equal(s_r["h"], s1["rnn"]["h"])
+    one = nn.init_state(model, (1, 6, 2))
+    assert one["rnn"]["h"].shape == (1, 1, 4) and np.all(np.asarray(one["rnn"]["h"]) == 0)
+    with pytest.raises(KeyError, match="decoder"):
+        nn.reset_state(s1, "decoder/rnn")
+    with pytest.raises(ValueError, match="bidirectional"):
+        nn.lstm(4, bidirectional=True, carry="keep")
+    with pytest.raises(ValueError, match="carry"):
+        nn.gru(4, carry="sometimes")
+
+
+def test_bad_state_and_lengths_name_the_layer(key):
+    """A state from another batch size or another layer, and out-of-range lengths: a
+    ShapeError naming the layer path, the expected and the given shapes; under jit the
+    length check raises at run time instead of returning NaN."""
+    model = nn.serial(("enc", nn.serial(("rnn", nn.lstm(4, num_layers=2)))),
+                      ("out", nn.dense(2)))
+    _, params, state = model.init(key, (3, 5, 2))
+    x = jnp.ones((3, 5, 2))
+    with pytest.raises(nn.ShapeError, match=r"'enc/rnn' \(lstm\).*\(2, 2, 4\).*batch of 2, "
+                                            r"got \(3, 2, 4\)"):
+        model.apply(params, state, x[:2])
+    _, _, gru_state = nn.gru(4, num_layers=2).init(key, (3, 5, 2))
+    with pytest.raises(nn.ShapeError, match=r"'enc/rnn'.*keys \['c', 'h'\], got \['h'\]"):
+        model.apply(params, {"enc": {"rnn": gru_state}}, x)
+    _, _, wide = nn.lstm(6, num_layers=2).init(key, (3, 5, 2))
+    with pytest.raises(nn.ShapeError, match=r"expected state\['h'\] of shape \(3, 2, 4\)"):
+        model.apply(params, {"enc": {"rnn": wide}}, x)
+    layer = nn.gru(4)
+    _, p, s = layer.init(key, (2, 5, 2))
+    for bad in ([9, 2], [-1, 2]):
+        with pytest.raises(nn.ShapeError, match=r"seq_lengths must lie in \[0, 5\]"):
+            layer.apply(p, s, x[:2], seq_lengths=jnp.array(bad))
+    with pytest.raises(nn.ShapeError, match="integer seq_lengths"):
+        layer.apply(p, s, x[:2], seq_lengths=jnp.array([1.0, 2.0]))
+    f = jax.jit(lambda lens: layer.apply(p, s, x[:2], seq_lengths=lens)[0])
+    assert f(jnp.array([5, 0])).shape == (2, 5, 4)
+    with pytest.raises(Exception, match=r"seq_lengths must lie in \[0, 5\]"):
+        jax.block_until_ready(f(jnp.array([9, 2])))
 
 
 def test_detach_state_stops_gradient(key):

@@ -27,20 +27,22 @@ when bidirectional).
 GRU ``r, z = σ(.)``, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = (1 - z) n + z h``;
 LSTM ``i, f, o = σ(.)``, ``g = tanh(.)``, ``c' = f c + i g``, ``h' = o tanh(c')``.
 
-**States** (recurrent hidden states, not the layer-protocol ``state``) follow PyTorch's layout:
-an array ``(num_layers * num_directions, batch, H)`` (index ``layer * num_directions +
-direction``) for RNN/GRU and a pair ``(h, c)`` of such arrays for LSTM.
+**State**: the recurrent carry is layer state (:mod:`fdl.nn.recurrent.layers`): ``init`` returns
+the zero carry for the batch size of ``in_shape``, batch first -- ``{"h": (batch, L*D, H)}``
+(LSTM: plus ``"c"``) -- and ``apply`` starts from the carry in ``state`` and returns the final
+one, so truncated BPTT is feeding ``new_state`` back::
 
-Layers (``rnn``, ``gru``, ``lstm``) follow the layer protocol (input ``(batch, steps, features)``,
-output ``(batch, steps, num_directions * H)``, zero initial state). Models that need initial or
-final states (language models carrying state across minibatches, encoder--decoder) call
-:meth:`RecurrentLayer.apply_with_state`::
+    lm = nn.serial(("rnn", nn.gru(256)), ("out", nn.dense(vocab)))
+    _, params, state = lm.init(key, (batch, steps, vocab))
+    logits, state = lm.apply(params, state, x_chunk1)      # continues from zeros
+    logits, state = lm.apply(params, state, x_chunk2)      # continues from chunk 1
+    state = nn.reset_state(state, "rnn")                   # a new sequence starts
 
-    enc = nn.gru(32, num_layers=2, dropout=0.1)
-    _, params, _ = enc.init(key, (batch, steps, embed))
-    outputs, h_n = enc.apply_with_state(params, x, h0, key=key, train=True)   # h0 may be None
-
-Truncated BPTT: carry ``h_n`` into the next minibatch through :func:`detach_state`.
+``carry="reset"`` (and every bidirectional layer) starts each call from zeros instead;
+``apply(..., seq_lengths=...)`` handles variable lengths (checked: out of range is an error).
+:meth:`RecurrentLayer.apply_with_state` takes and returns PyTorch's ``(L*D, batch, H)`` layout
+(``h0``/``h_n``, a pair ``(h, c)`` for the LSTM). Options beyond PyTorch's defaults:
+``nn.rnn(nonlinearity="relu")``, ``nn.lstm(proj_size=P)``.
 
 **Implementations** (``impl=``): ``"fused"`` (default) runs each direction through
 :func:`fused_direction` -- input projection + recurrence under one hand-written VJP; for float32
@@ -58,9 +60,11 @@ from fdl.nn.recurrent.cells import (
     lstm_cell,
     project_inputs,
     rnn_cell,
+    rnn_relu_cell,
 )
 from fdl.nn.recurrent.fused import fused_direction
 from fdl.nn.recurrent.layers import (
+    CARRY_MODES,
     RecurrentLayer,
     apply_with_state,
     detach_state,
@@ -73,6 +77,7 @@ from fdl.nn.recurrent.layers import (
 from fdl.nn.recurrent.scan import reverse_within_lengths, scan_cell
 
 __all__ = [
+    "CARRY_MODES",
     "CELL_GATES",
     "RecurrentLayer",
     "apply_with_state",
@@ -88,6 +93,7 @@ __all__ = [
     "reverse_within_lengths",
     "rnn",
     "rnn_cell",
+    "rnn_relu_cell",
     "run_direction",
     "scan_cell",
 ]

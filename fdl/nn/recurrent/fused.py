@@ -137,25 +137,27 @@ def _gru_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
     return d0, d_xp, d_hh
 
 
-def _rnn_dir_forward(unroll, w_ih, w_hh, b, xs, h0):
+def _rnn_dir_forward(unroll, w_ih, w_hh, b, xs, h0, relu=False):
     t_len, batch, _ = xs.shape
     n_h = w_hh.shape[0]
     xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, n_h)
+    act = jax.nn.relu if relu else jnp.tanh
 
     def step(h, x):
-        h = jnp.tanh(x + h @ w_hh)
+        h = act(x + h @ w_hh)
         return h, h
 
     h, ys = lax.scan(step, h0, xp, unroll=unroll)
     return h, ys, ()
 
 
-def _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
+def _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys, relu=False):
     w_t = w_hh.T
 
     def step(dh, inp):
         dy, h = inp
-        da = (dh + dy) * (1 - h * h)
+        # d act / d a from the output: relu' = [h > 0], tanh' = 1 - h^2
+        da = (dh + dy) * ((h > 0).astype(h.dtype) if relu else (1 - h * h))
         return da @ w_t, da
 
     d0, da = lax.scan(step, d_h, (d_ys, ys), reverse=True, unroll=unroll)
@@ -170,7 +172,7 @@ def _dir_forward(kind, unroll, native, params, xs, carry):
     if kind == "gru":
         fwd = gru_native_forward if native else _gru_dir_forward
         return fwd(unroll, w_ih, w_hh, b_ih, b_hh, xs, carry)
-    return _rnn_dir_forward(unroll, w_ih, w_hh, b_ih + b_hh, xs, carry)
+    return _rnn_dir_forward(unroll, w_ih, w_hh, b_ih + b_hh, xs, carry, kind == "rnn_relu")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -210,7 +212,8 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
             d0, d_xp, d_hh = _gru_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
     else:
         h0 = carry0
-        d0, d_xp, d_hh = _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys)
+        d0, d_xp, d_hh = _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys,
+                                           kind == "rnn_relu")
     rows = t_len * batch
     d_xp2 = d_xp.reshape(rows, -1)
     d_hh2 = d_hh.reshape(rows, -1)
@@ -233,7 +236,8 @@ _fused_dir.defvjp(_fused_dir_fwd, _fused_dir_bwd)
 def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unroll: int = 1
                     ) -> tuple[Any, jax.Array]:
     """One direction of one layer -- the input projection and the recurrence of a built-in
-    cell (``kind`` in ``"rnn"``, ``"gru"``, ``"lstm"``) -- on time-major ``xs`` (T, B, in),
+    cell (``kind`` in ``"rnn"``, ``"rnn_relu"``, ``"gru"``, ``"lstm"``; no LSTM projection,
+    ``w_hr``: use :func:`~fdl.nn.recurrent.scan.scan_cell`) -- on time-major ``xs`` (T, B, in),
     with a custom VJP (see the comment above). Same values as ``project_inputs`` +
     :func:`scan_cell`. Returns ``(final_carry, ys (T, B, H))``. Reverse-mode only (no
     ``jax.jvp``: use ``impl="scan"``). The float32 LSTM/GRU time loop runs in the native
@@ -242,6 +246,9 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
     if kind not in CELL_GATES:
         raise ValueError(f"fused_direction: kind must be one of {sorted(CELL_GATES)}, got "
                          f"{kind!r}")
+    if "w_hr" in params:
+        raise ValueError("fused_direction: the LSTM projection (w_hr, proj_size) runs through "
+                         "scan_cell / impl='scan'")
     if kind == "lstm":
         carry = tuple(carry)
     params = {k: params[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")}
