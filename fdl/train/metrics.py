@@ -193,7 +193,14 @@ def make_objective(loss: str | Callable | Objective, *, metrics: Callable | None
         fn = loss.fn
 
         def objective(outputs, targets, mask, x):
-            value, m = fn(outputs, targets, mask)
+            result = fn(outputs, targets, mask)
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise TypeError(f"Objective.fn must return (loss, metrics), got "
+                                f"{type(result).__name__}")
+            value, m = result
+            if jnp.ndim(value) != 0:
+                raise ValueError(f"Objective.fn: the loss must be a scalar, got shape "
+                                 f"{jnp.shape(value)}")
             m = _flatten_metrics(m, "Objective.fn")
             count = m.setdefault("count", _examples(mask, x))
             m.setdefault("loss", jax.lax.stop_gradient(value).astype(jnp.float32) * count)
@@ -205,7 +212,13 @@ def make_objective(loss: str | Callable | Objective, *, metrics: Callable | None
             per = loss_fn(outputs, targets)
             weights = None
             if isinstance(per, tuple):
+                if len(per) != 2:
+                    raise ValueError(f"loss: a tuple result must be (losses, weights), got "
+                                     f"{len(per)} values")
                 per, weights = per
+                if jnp.shape(weights) != jnp.shape(per):
+                    raise ValueError(f"loss: weights of shape {jnp.shape(weights)} for losses "
+                                     f"of shape {jnp.shape(per)}; they must be equal")
             total, count = weighted_loss(per, mask, _first_leaf(x).shape[0], weights)
             m = batch_metrics(outputs, targets, mask, jax.lax.stop_gradient(total), count, top_k)
             return total, count, m

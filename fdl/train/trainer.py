@@ -122,6 +122,10 @@ class Trainer:
         self.data, self.eval_data, self.eval_state = data, eval_data, eval_state
         self.params, self.state, self.opt_state, self.key = params, state, opt_state, key
         self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be fdl.train.Callback instances (subclass it "
+                                f"and override the hooks you need), got {cb!r}")
         self.steps_per_call_cap = steps_per_call
         self.say = say or (lambda *_: None)
         self._data_key_from = data_key_from

@@ -268,3 +268,29 @@ def test_bert_pretraining_trains_with_an_objective():
     assert mlm[-1] < mlm[0]
     row = res.history.last
     assert row["train_loss"] == pytest.approx(row["train_mlm"] + row["train_nsp"], rel=1e-4)
+
+
+def test_bad_losses_and_callbacks_are_refused_clearly():
+    model = tiny_mlp(bn=False)
+    params, state = init(model)
+    opt = optim.sgd(0.1)
+    batch, key = blobs(4), jax.random.key(0)
+
+    def run(loss):
+        make_train_step(model, opt, loss, donate=False)(params, state, opt.init(params), batch,
+                                                        key)
+
+    with pytest.raises(TypeError, match=r"must return \(loss, metrics\)"):
+        run(Objective(lambda out, y, mask: jnp.sum(out)))
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        run(Objective(lambda out, y, mask: (out, {})))
+    with pytest.raises(ValueError, match=r"\(losses, weights\)"):
+        run(lambda out, y: (out[:, 0], out[:, 0], out[:, 0]))
+    with pytest.raises(ValueError, match="must be equal"):
+        run(lambda out, y: (out[:, 0], jnp.ones(3)))
+    with pytest.raises(TypeError, match="must return a dict of sums"):
+        make_train_step(model, opt, metrics=lambda o, y, m: 1.0, donate=False)(
+            params, state, opt.init(params), batch, key)
+    with pytest.raises(TypeError, match="fdl.train.Callback instances"):
+        fit(model, params, state, opt, blobs(8), epochs=1, key=key, batch_size=4,
+            callbacks=[lambda trainer: None], progress=False, print_fn=None)
