@@ -1,6 +1,7 @@
-"""Data: in-memory loaders, synthetic sets, image dataset readers, augmentation, text."""
+"""Data: in-memory loaders, synthetic sets, image dataset readers, augmentation, text,
+detection sets (banana-style generator, banana and VOC readers)."""
 
-from fdl.data import augment  # noqa: F401
+from fdl.data import augment, detection  # noqa: F401
 from fdl.data.datasets import (  # noqa: F401  (image datasets)
     DATASETS,
     DatasetError,
