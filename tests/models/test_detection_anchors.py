@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fdl.models import detection as D
 
 torch = pytest.importorskip("torch")
-import d2l_detection_reference as book  # noqa: E402  (tests/models is on sys.path)
+from scripts.bench.references import tinyssd_torch as book  # noqa: E402  (the book's code)
 
 
 @pytest.mark.parametrize("hw,sizes,ratios", [((32, 32), [0.2, 0.272], [1, 2, 0.5]),
@@ -37,8 +37,12 @@ ANCHORS = np.array([[0, 0.1, 0.2, 0.3], [0.15, 0.2, 0.4, 0.4], [0.63, 0.05, 0.88
                     [0.66, 0.45, 0.8, 0.8], [0.57, 0.3, 0.92, 0.9]], np.float32)
 
 
+_target = jax.jit(D.multibox_target)
+_detection = jax.jit(D.multibox_detection)
+
+
 def test_multibox_target_book_example():
-    offsets, mask, labels = map(np.asarray, D.multibox_target(ANCHORS, GT))
+    offsets, mask, labels = map(np.asarray, _target(ANCHORS, GT))
     np.testing.assert_array_equal(labels, [[0, 1, 2, 0, 2]])
     np.testing.assert_array_equal(mask, [[0] * 4 + [1] * 8 + [0] * 4 + [1] * 4])
     printed = [0, 0, 0, 0, 1.40e00, 1.00e01, 2.59e00, 7.18e00, -1.20e00, 2.69e-01, 1.68e00,
@@ -50,7 +54,7 @@ def test_multibox_detection_book_example():
     anchors = np.array([[0.1, 0.08, 0.52, 0.92], [0.08, 0.2, 0.56, 0.95],
                         [0.15, 0.3, 0.62, 0.91], [0.55, 0.2, 0.9, 0.88]], np.float32)
     cls_probs = np.array([[[0] * 4, [0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.9]]], np.float32)
-    out = np.asarray(D.multibox_detection(cls_probs, np.zeros((1, 16), np.float32), anchors))
+    out = np.asarray(_detection(cls_probs, np.zeros((1, 16), np.float32), anchors))
     expected = [[0, 0.9, 0.1, 0.08, 0.52, 0.92], [1, 0.9, 0.55, 0.2, 0.9, 0.88],
                 [-1, 0.8, 0.08, 0.2, 0.56, 0.95], [-1, 0.7, 0.15, 0.3, 0.62, 0.91]]
     np.testing.assert_allclose(out[0], expected, rtol=1e-6)
@@ -78,9 +82,6 @@ def ground_truth(draw, batch=3, max_objects=4):
     return labels, per_image
 
 
-_target = jax.jit(D.multibox_target)
-
-
 @settings(max_examples=8)
 @given(ground_truth())
 def test_multibox_target_equals_book(case):
@@ -103,7 +104,7 @@ def test_multibox_detection_equals_book(seed):
     logits = rng.normal(size=(2, a, 3)).astype(np.float32) * 3
     probs = np.asarray(jax.nn.softmax(logits, -1)).transpose(0, 2, 1)
     offsets = rng.normal(size=(2, a * 4)).astype(np.float32) * 0.5
-    got = np.asarray(jax.jit(D.multibox_detection)(probs, offsets, _ANC))
+    got = np.asarray(_detection(probs, offsets, _ANC))
     expected = book.multibox_detection(torch.tensor(probs), torch.tensor(offsets),
                                        torch.tensor(np.asarray(_ANC))[None]).numpy()
     np.testing.assert_array_equal(got[..., 0], expected[..., 0])
@@ -127,7 +128,7 @@ def test_offsets_round_trip(seed):
 
 def test_all_padding_image_is_all_background():
     labels = np.full((1, 3, 5), -1, np.float32)
-    off, mask, cls = map(np.asarray, D.multibox_target(ANCHORS, labels))
+    off, mask, cls = map(np.asarray, _target(ANCHORS, labels))
     assert not off.any() and not mask.any() and not cls.any()
 
 

@@ -14,7 +14,7 @@ from fdl.models import detection as D
 from fdl.nn.tree import flatten_dict, unflatten_dict
 
 torch = pytest.importorskip("torch")
-import d2l_detection_reference as book  # noqa: E402  (tests/models is on sys.path)
+from scripts.bench.references import tinyssd_torch as book  # noqa: E402  (the book's code)
 
 
 def test_shapes_and_param_names():
@@ -65,7 +65,9 @@ def pair():
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     net = D.tiny_ssd(num_classes=2)
-    params, state = jax.jit(net.init_params, static_argnums=1)(jax.random.key(0), (3, 64, 64, 3))
+    # only the structure is needed: every array comes from the PyTorch model
+    params, state = jax.eval_shape(lambda k: net.init_params(k, (3, 64, 64, 3)),
+                                   jax.random.key(0))
     params, state = _torch_to_fdl(model, params, state)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
@@ -155,6 +157,7 @@ def test_loss_gradients_float64(options):
     ft.check_gradients(fn, (cls, box), order=1, dense_check_max_size=0)
 
 
+@pytest.mark.slow  # ~25 s of compilation; the step fit runs is checked against PyTorch above
 def test_fit_trains_tiny_ssd_and_metrics():
     rng = np.random.default_rng(3)
     n = 16
@@ -167,11 +170,18 @@ def test_fit_trains_tiny_ssd_and_metrics():
         y[i, 0] = [0, x0 / 64, y0 / 64, (x0 + s) / 64, (y0 + s) / 64]
     net = D.tiny_ssd(1)
     params, state = jax.jit(net.init_params, static_argnums=1)(jax.random.key(1), (8, 64, 64, 3))
+    def metrics(out, y, mask):
+        m = D.ssd_metrics(out, y)
+        return {"class_err": (m["cls_count"] - m["cls_correct"], m["cls_count"]),
+                "bbox_mae": (m["bbox_abs_err"], m["bbox_count"])}
+
     res = train.fit(net, params, state, optim.sgd(0.2, weight_decay=5e-4), (x, y),
-                    loss=D.ssd_loss, batch_size=8, epochs=3, key=jax.random.key(2),
-                    print_fn=None)
+                    loss=D.ssd_loss, metrics=metrics, batch_size=8, epochs=3,
+                    key=jax.random.key(2), print_fn=None)
     losses = res.history["train_loss"]
     assert losses[-1] < losses[0]
+    assert 0 <= res.history.last["train_class_err"] < 0.5
+    assert 0 <= res.history.last["train_bbox_mae"] < 1
     out, m = jax.jit(lambda p, s, x, y: (lambda o: (o, D.ssd_metrics(o, y)))(
         net.apply(p, s, x)[0]))(res.params, res.state, x[:4], y[:4])
     assert float(m["cls_count"]) == 4 * out[1].shape[1]

@@ -1,8 +1,11 @@
-"""The book's detection code (d2l, PyTorch edition, ch. 14.4 and 14.7), restated in PyTorch as
-the reference for fdl.models.detection: eager loops, the book's exact operations and order.
+"""The book's detection code (d2l, PyTorch edition, ch. 14.4 and 14.7), restated in PyTorch:
+the reference of fdl.models.detection's tests and the ``tinyssd`` / ``nms_5444`` benchmark rows.
+Eager loops, the book's exact operations and order.
 
-Differences from the book, needed for padded batches: ``multibox_target`` takes per-image
-ground truth without padding rows (fdl's padding rows take no part in the assignment).
+Differences from the book: ``multibox_target`` also accepts a list of per-image ground truth
+without padding rows (fdl's padding rows take no part in the assignment) and gives an image
+without objects an all-background target; ``nms`` sorts stably (the book's ``argsort`` order of
+equal scores is unspecified).
 """
 
 import torch
@@ -101,6 +104,17 @@ def multibox_target(anchors, labels_per_image):
         masks.append(mask.reshape(-1))
         classes.append(class_labels)
     return torch.stack(offsets), torch.stack(masks), torch.stack(classes)
+
+
+def all_anchors(size: int = 256):
+    """TinySSD's anchors for a ``size`` x ``size`` input, ``(1, A, 4)`` (5,444 at 256)."""
+    shapes, s = [], size // 8
+    for _ in range(4):
+        shapes.append(s)
+        s //= 2
+    shapes.append(1)
+    return torch.cat([multibox_prior(h, h, SIZES[i], RATIOS[i]) for i, h in enumerate(shapes)],
+                     dim=1)
 
 
 def nms(boxes, scores, iou_threshold):
