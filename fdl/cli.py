@@ -427,7 +427,7 @@ def _fit(args, model, num_classes, shape, train_set, test_set, run_dir, resume_f
     import jax
 
     from fdl.data import ArrayLoader
-    from fdl.train import fit
+    from fdl.train import PlotCurves, fit
 
     opt = _optimizer(args.optimizer, args.lr, args.weight_decay)
     key = jax.random.key(args.seed)
@@ -464,7 +464,9 @@ def _fit(args, model, num_classes, shape, train_set, test_set, run_dir, resume_f
         eval_data=test, train_step=train_step, eval_step=eval_step,
         progress=main and not args.no_progress, print_fn=print if main else None,
         log_file=os.path.join(run_dir, "log.jsonl") if main else None,
-        plot=os.path.join(run_dir, "curve.png") if main else None, checkpoint_dir=run_dir,
+        callbacks=[PlotCurves(os.path.join(run_dir, "curve.png"),
+                              title=f"{args.model} on {args.data}")] if main else [],
+        checkpoint_dir=run_dir,
         resume=resume_from or False, metadata=meta, resume_hint=hint, log_every=10,
     )
 
