@@ -112,6 +112,10 @@ class Layer:
 
 _summary_stack: list[list[tuple[str, str, Any, int]]] = []
 _path_stack: list[str] = []
+# the names of the children being applied (outermost first), and the hooks that may replace the
+# child at the current path (``fdl.nn.at_paths``); both only change while a layer is traced
+_apply_path: list[str] = []
+_apply_hooks: list[Callable[[list[str], Layer], Layer]] = []
 
 
 def child_key(key, index: int):
@@ -149,14 +153,22 @@ def init_child(name: str, layer: Layer, key, in_shape: Shape):
 
 def apply_child(name: str, layer: Layer, params, state, x, *, key=None, train=False, **kwargs):
     """Apply a child layer, prefixing any :class:`ShapeError` with ``name``. Extra keyword
-    arguments (e.g. attention masks) are passed to the child's ``apply``."""
+    arguments (e.g. attention masks) are passed to the child's ``apply``.
+
+    Keeps the path of the child being applied (``features/layer1/0``), so that
+    :func:`fdl.nn.at_paths` can wrap the child found at a path (trace-time Python only).
+    """
     _checking.depth = getattr(_checking, "depth", 0) + 1  # see _checked: nested applies
+    _apply_path.append(name)
     try:
+        for hook in _apply_hooks:
+            layer = hook(_apply_path, layer)
         return layer.apply(params, state, x, key=key, train=train, **kwargs)
     except ShapeError as e:
         raise e.with_prefix(name) from None
     finally:
         _checking.depth -= 1
+        _apply_path.pop()
 
 
 def check_rank(layer: str, x_shape: Sequence[int], rank: int, layout: str) -> None:

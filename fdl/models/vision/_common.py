@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from fdl import nn
-from fdl.nn.core import Layer, ShapeError, child_key, init_child
+from fdl.nn.core import Layer, ShapeError, apply_child, child_key, init_child
 
 __all__ = [
     "classifier",
@@ -23,7 +23,7 @@ __all__ = [
 
 def relu6() -> Layer:
     """``min(max(x, 0), 6)`` (MobileNet's activation)."""
-    return nn.activation(lambda x: jnp.clip(x, 0.0, 6.0), "relu6")
+    return nn.relu6()
 
 
 def scaled(channels: int, width: float) -> int:
@@ -70,6 +70,12 @@ def replace_head(model: Layer, new_head: Layer) -> Layer:
     The backbone's params keep their paths (``features/...``), so params loaded for the old
     model can be reused: ``new_params = {**fresh, "features": old_params["features"]}``.
     """
+    wrapped = [k for k in ("at_paths", "frozen", "remat_policy", "compute_dtype")
+               if k in model.config]
+    if wrapped:
+        raise ValueError(
+            f"replace_head: model {model.name!r} is wrapped ({', '.join(wrapped)}); the wrapper "
+            "would be lost: replace the head first, then wrap the new model")
     children = dict(model.children)
     if "features" not in children or "head" not in children:
         raise ValueError(
@@ -159,11 +165,8 @@ def flat_block(
         new_state = dict(new_state)
         outs = []
         for i, (nm, layer) in enumerate(extra):
-            try:
-                o, s = layer.apply(params.get(nm, {}), state.get(nm, {}), x,
-                                   key=child_key(key, i + 1), train=train)
-            except ShapeError as e:
-                raise e.with_prefix(nm) from None
+            o, s = apply_child(nm, layer, params.get(nm, {}), state.get(nm, {}), x,
+                               key=child_key(key, i + 1), train=train)
             outs.append(o)
             if s:
                 new_state[nm] = s

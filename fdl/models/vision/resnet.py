@@ -14,7 +14,14 @@ import jax.numpy as jnp
 
 from fdl import nn
 from fdl.models.vision._common import classifier
-from fdl.nn.core import Layer, ShapeError, check_positive_int, child_key, init_child
+from fdl.nn.core import (
+    Layer,
+    ShapeError,
+    apply_child,
+    check_positive_int,
+    child_key,
+    init_child,
+)
 
 __all__ = [
     "basic_block",
@@ -110,11 +117,8 @@ def _merged(name: str, parts: Sequence[Layer], shortcut: Layer | None, version: 
         sc = x
         if shortcut is not None:
             src = pre if version == 2 else x
-            try:
-                sc, s = shortcut.apply(params["downsample"], state.get("downsample", {}), src,
-                                       key=None, train=train)
-            except ShapeError as e:
-                raise e.with_prefix("downsample") from None
+            sc, s = apply_child("downsample", shortcut, params["downsample"],
+                                state.get("downsample", {}), src, key=None, train=train)
             new_state = dict(new_state)
             if s:
                 new_state["downsample"] = s
