@@ -4,9 +4,15 @@
 ``updates, state = opt.update(grads, state, params)``;
 ``params = fdl.optim.apply_updates(params, updates)``;
 ``fdl.optim.current_lr(state)`` reads the learning rate last applied.
+
+Modules (one concern each): ``base`` (protocol, ``chain``), ``scaling``, ``momentum``,
+``adaptive``, ``clipping``, ``masking`` (masks, freezing, per-path factors, weight decay),
+``wrappers`` (accumulation, non-finite skipping), ``inject`` (hyperparameters in the state),
+``averaging`` (EMA of the params), ``loss_scale`` (float16), ``schedules``, ``aliases``.
 """
 
 from fdl.optim.aliases import adadelta, adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd
+from fdl.optim.averaging import EmaState, ema, ema_params
 from fdl.optim.base import (
     EmptyState,
     GradientTransformation,
@@ -18,6 +24,8 @@ from fdl.optim.base import (
     current_lr,
     identity,
 )
+from fdl.optim.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
+from fdl.optim.momentum import DampedTraceState
 from fdl.optim.schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -79,6 +87,9 @@ __all__ = [
     "ScaleByLearningRateState", "TraceState", "ScaleByAdamState", "ScaleByRmsState",
     "ScaleByAdagradState", "ScaleByAdadeltaState", "MaskedState", "MultiStepsState",
     "InjectHyperparamsState", "SkipNonfiniteState",
+    # averaging, loss scaling
+    "ema", "ema_params", "EmaState", "dynamic_loss_scale", "loss_scale", "DynamicLossScaleState",
+    "DampedTraceState",
     # schedules
     "constant_schedule", "piecewise_constant_schedule", "step_schedule",
     "multi_factor_schedule", "exponential_decay", "cosine_decay_schedule",

@@ -27,13 +27,17 @@ def _wd(weight_decay, where):
 
 
 def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, *,
-        momentum_form: str = "pytorch") -> GradientTransformation:
+        dampening: float | None = None, momentum_form: str = "pytorch"
+        ) -> GradientTransformation:
     """Stochastic gradient descent, optionally with (Nesterov) momentum and coupled L2 decay.
 
     ``g <- g + wd * p`` (coupled L2, Gluon's ``wd``), then with ``momentum_form="pytorch"``
-    (default, PyTorch ``SGD`` with ``dampening=0``)::
+    (default, PyTorch ``SGD``)::
 
-        b = mu b + g;   p -= lr * b            (nesterov: p -= lr * (g + mu b))
+        b = mu b + (1 - dampening) g;   p -= lr * b     (nesterov: p -= lr * (g + mu b))
+
+    (``b_1 = g_1`` on the first step, undamped, as PyTorch; Nesterov needs no dampening;
+    ``dampening=None``, the default, is 0 and stays static under :func:`inject_hyperparams`)
 
     and with ``momentum_form="gluon"`` (d2l's and MXNet Gluon's heavy ball, the learning rate
     inside the buffer)::
@@ -51,11 +55,18 @@ def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
                          f"got {momentum_form!r}")
     if nesterov and isinstance(momentum, (int, float)) and momentum == 0:
         raise ValueError(f"{where}: nesterov=True needs momentum in (0, 1), got 0")
+    damped = dampening is not None and not (
+        isinstance(dampening, (int, float)) and dampening == 0)
+    if damped:
+        check_range("dampening", dampening, 0.0, 1.0, where=where)
+        if momentum_form != "pytorch":
+            raise ValueError(f"{where}: dampening is PyTorch's option; it needs "
+                             f"momentum_form='pytorch', got {momentum_form!r}")
     parts = [_wd(weight_decay, where)]
     use_mom = not (isinstance(momentum, (int, float)) and momentum == 0)
     if momentum_form == "pytorch":
         if use_mom:
-            parts.append(trace(momentum, nesterov))
+            parts.append(trace(momentum, nesterov, dampening))
         parts.append(scale_by_learning_rate(lr))
     else:
         parts.append(scale_by_learning_rate(lr))
