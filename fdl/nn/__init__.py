@@ -9,13 +9,19 @@ from fdl.nn.activation import (
     activation,
     elu,
     gelu,
+    hard_sigmoid,
+    hard_swish,
     leaky_relu,
     log_softmax,
+    mish,
     prelu,
     relu,
+    relu6,
     selu,
     sigmoid,
+    silu,
     softmax,
+    swish,
     tanh,
 )
 from fdl.nn.attention import (
@@ -28,7 +34,7 @@ from fdl.nn.attention import (
     padding_mask,
     valid_lens_mask,
 )
-from fdl.nn.conv import conv1d, conv2d, conv_transpose2d
+from fdl.nn.conv import conv1d, conv2d, conv3d, conv_transpose2d
 from fdl.nn.core import (
     Layer,
     ShapeError,
@@ -60,15 +66,23 @@ from fdl.nn.losses import (
     squared_error,
 )
 from fdl.nn.multi_head import init_kv_cache, multi_head_attention, self_attention
-from fdl.nn.norm import batch_norm, layer_norm
+from fdl.nn.norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from fdl.nn.pool import (
     adaptive_avg_pool2d,
     avg_pool1d,
     avg_pool2d,
+    avg_pool3d,
+    global_avg_pool1d,
     global_avg_pool2d,
+    global_avg_pool3d,
+    global_max_pool1d,
+    global_max_pool2d,
+    global_max_pool3d,
     max_pool1d,
     max_pool2d,
+    max_pool3d,
 )
+from fdl.nn.precision import mixed_precision
 from fdl.nn.recurrent import (
     RecurrentLayer,
     detach_state,
@@ -82,6 +96,8 @@ from fdl.nn.recurrent import (
 )
 from fdl.nn.state import init_state, reset_state
 from fdl.nn.tree import count_params, flatten_dict, path_mask, select, unflatten_dict
+from fdl.nn.upsample import upsample
+from fdl.nn.wrappers import at_paths, frozen, remat
 
 __all__ = [
     "Layer", "ShapeError", "activation", "apply_child", "check_positive_int", "check_rank",
@@ -112,4 +128,21 @@ __all__ += [  # attention
 __all__ += [  # recurrent, state helpers
     "RecurrentLayer", "detach_state", "gru", "gru_cell", "init_state", "lstm", "lstm_cell",
     "reset_state", "rnn", "rnn_cell", "scan_cell",
+]
+
+__all__ += [  # 3-D convolution and pooling, global max pooling, upsampling
+    "avg_pool3d", "conv3d", "global_avg_pool1d", "global_avg_pool3d", "global_max_pool1d",
+    "global_max_pool2d", "global_max_pool3d", "max_pool3d", "upsample",
+]
+
+__all__ += [  # more normalisation layers
+    "group_norm", "instance_norm", "rms_norm",
+]
+
+__all__ += [  # more activations
+    "hard_sigmoid", "hard_swish", "mish", "relu6", "silu", "swish",
+]
+
+__all__ += [  # wrappers: inference mode, rematerialisation, precision
+    "at_paths", "frozen", "mixed_precision", "remat",
 ]

@@ -23,6 +23,11 @@ __all__ = [
     "tanh_fn",
     "softmax_fn",
     "log_softmax_fn",
+    "silu_fn",
+    "mish_fn",
+    "hard_sigmoid_fn",
+    "hard_swish_fn",
+    "relu6_fn",
     "relu",
     "leaky_relu",
     "prelu",
@@ -33,6 +38,12 @@ __all__ = [
     "tanh",
     "softmax",
     "log_softmax",
+    "silu",
+    "swish",
+    "mish",
+    "hard_sigmoid",
+    "hard_swish",
+    "relu6",
     "activation",
 ]
 
@@ -90,6 +101,31 @@ def log_softmax_fn(x, axis: int = -1):
     return jax.nn.log_softmax(x, axis=axis)
 
 
+def silu_fn(x):
+    """SiLU / Swish (beta = 1): ``x * sigmoid(x)`` (PyTorch ``SiLU``, Keras ``swish``)."""
+    return x * jax.nn.sigmoid(x)
+
+
+def mish_fn(x):
+    """Mish: ``x * tanh(softplus(x))`` (PyTorch ``Mish``)."""
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def relu6_fn(x):
+    """``min(max(x, 0), 6)`` (MobileNet's activation; PyTorch ``ReLU6``)."""
+    return jnp.clip(x, 0, 6)
+
+
+def hard_sigmoid_fn(x):
+    """``relu6(x + 3) / 6`` (PyTorch ``Hardsigmoid``; MobileNet v3's gate)."""
+    return jnp.clip(x + 3, 0, 6) / 6
+
+
+def hard_swish_fn(x):
+    """``x * relu6(x + 3) / 6`` (PyTorch ``Hardswish``; MobileNet v3)."""
+    return x * jnp.clip(x + 3, 0, 6) / 6
+
+
 def activation(fn, name: str) -> Layer:
     """Wrap an elementwise (shape-preserving) function as a parameter-free layer."""
 
@@ -145,6 +181,37 @@ def softmax(axis: int = -1) -> Layer:
 def log_softmax(axis: int = -1) -> Layer:
     """Log-softmax layer along ``axis``."""
     return activation(lambda x: log_softmax_fn(x, axis), "log_softmax")
+
+
+def silu() -> Layer:
+    """SiLU (Swish with beta = 1) layer: ``x * sigmoid(x)``."""
+    return activation(silu_fn, "silu")
+
+
+def swish() -> Layer:
+    """Swish layer: the same function as :func:`silu` (Keras' and the EfficientNet paper's
+    name)."""
+    return activation(silu_fn, "swish")
+
+
+def mish() -> Layer:
+    """Mish layer: ``x * tanh(softplus(x))``."""
+    return activation(mish_fn, "mish")
+
+
+def relu6() -> Layer:
+    """ReLU6 layer: ``min(max(x, 0), 6)``."""
+    return activation(relu6_fn, "relu6")
+
+
+def hard_sigmoid() -> Layer:
+    """Hard sigmoid layer: ``relu6(x + 3) / 6``."""
+    return activation(hard_sigmoid_fn, "hard_sigmoid")
+
+
+def hard_swish() -> Layer:
+    """Hard swish layer: ``x * relu6(x + 3) / 6``."""
+    return activation(hard_swish_fn, "hard_swish")
 
 
 def prelu(init_slope: float = 0.25, per_channel: bool = True) -> Layer:

@@ -1,4 +1,4 @@
-"""Convolutions: ``conv1d``, ``conv2d`` and ``conv_transpose2d`` (channels-last).
+"""Convolutions: ``conv1d``, ``conv2d``, ``conv3d`` and ``conv_transpose2d`` (channels-last).
 
 Layouts (DESIGN.md): inputs ``(N, L, C)`` / NHWC, kernels ``(k, in/groups, out)`` (conv1d) and
 HWIO ``(kh, kw, in/groups, out)`` (conv2d). From PyTorch: ``w = torch_w.permute(2, 3, 1, 0)``
@@ -36,7 +36,8 @@ from fdl.nn import initializers as inits
 from fdl.nn.conv_lowering import conv2d_nhwc
 from fdl.nn.core import Layer, ShapeError, check_positive_int
 
-__all__ = ["conv1d", "conv2d", "conv_transpose2d", "conv_output_size", "resolve_padding"]
+__all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose2d", "conv_output_size",
+           "resolve_padding"]
 
 Padding = int | str | Sequence[Any]
 
@@ -74,7 +75,8 @@ def _explicit_padding(layer: str, padding: Padding, n: int) -> tuple[tuple[int, 
         raise ValueError(f"{layer}: padding string must be 'same' or 'valid', got {padding!r}")
     bad = ValueError(
         f"{layer}: padding must be an int >= 0, "
-        + ("(left, right)" if n == 1 else "(ph, pw), ((top, bottom), (left, right))")
+        + {1: "(left, right)", 2: "(ph, pw), ((top, bottom), (left, right))",
+           3: "(pd, ph, pw), ((front, back), (top, bottom), (left, right))"}.get(n, f"{n} ints")
         + f", 'same' or 'valid'; got {padding!r}"
     )
     if _is_int(padding):
@@ -158,7 +160,8 @@ def _conv_nd(
     b_init,
     dtype,
 ) -> Layer:
-    """Shared body of conv1d (``nsp == 1``, computed as a 2-D conv with H=1) and conv2d."""
+    """Shared body of conv1d (``nsp == 1``, computed as a 2-D conv with H=1), conv2d (both
+    through :func:`conv2d_nhwc`) and conv3d (XLA's ``conv_general_dilated``, NDHWC/DHWIO)."""
     check_positive_int(layer, "out_channels", out_channels)
     check_positive_int(layer, "groups", groups)
     ks = _tuple(layer, "kernel_size", kernel_size, nsp)
@@ -171,8 +174,8 @@ def _conv_nd(
         )
     w_init = w_init or _default_w_init()
     rank = nsp + 2
-    layout = "(N, L, C)" if nsp == 1 else "(N, H, W, C) (NHWC)"
-    axes_names = ("length",) if nsp == 1 else ("height", "width")
+    layout = {1: "(N, L, C)", 2: "(N, H, W, C) (NHWC)", 3: "(N, D, H, W, C) (NDHWC)"}[nsp]
+    axes_names = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}[nsp]
 
     def check_input(shape, in_ch=None):
         shape = tuple(shape)
@@ -209,8 +212,12 @@ def _conv_nd(
             y = conv2d_nhwc(
                 x[:, None], w[None], (1, st[0]), ((0, 0), pads[0]), (1, dl[0]), groups
             )[:, 0]
-        else:
+        elif nsp == 2:
             y = conv2d_nhwc(x, w, st, pads, dl, groups)
+        else:
+            y = lax.conv_general_dilated(
+                x, w, window_strides=st, padding=pads, rhs_dilation=dl,
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=groups)
         if use_bias:
             y = y + params["b"].astype(dt)
         return y, state
@@ -270,6 +277,31 @@ def conv1d(
     ``"same"`` or ``"valid"``. Computed as a 2-D convolution with height 1.
     """
     return _conv_nd("conv1d", 1, out_channels, kernel_size, stride, padding, dilation, groups,
+                    use_bias, w_init, b_init, dtype)
+
+
+def conv3d(
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: Padding = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    use_bias: bool = True,
+    w_init: inits.Initializer | None = None,
+    b_init: inits.Initializer = inits.zeros,
+    dtype=jnp.float32,
+) -> Layer:
+    """3-D convolution over NDHWC input ``(N, D, H, W, C_in)`` -> ``(N, D', H', W', out)``
+    (video, volumes).
+
+    Params: ``{"w": (kd, kh, kw, C_in/groups, out), "b": (out,)}``; from PyTorch's ``Conv3d``
+    ``w = torch_w.permute(2, 3, 4, 1, 0)``. Padding ``int``, ``(pd, ph, pw)``, three
+    ``(lo, hi)`` pairs, ``"same"`` or ``"valid"``; output sizes and the default initializer as
+    :func:`conv2d`. Computed by XLA's convolution (``lax.conv_general_dilated``).
+    """
+    return _conv_nd("conv3d", 3, out_channels, kernel_size, stride, padding, dilation, groups,
                     use_bias, w_init, b_init, dtype)
 
 

@@ -1,4 +1,5 @@
-"""Normalisation layers: batch norm (with running statistics as state) and layer norm.
+"""Normalisation layers: batch norm (with running statistics as state), layer, group,
+instance and RMS norm.
 
 Momentum convention of :func:`batch_norm` (one number, named ``decay``)::
 
@@ -22,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fdl.nn.core import Layer, ShapeError
+from fdl.nn.core import Layer, ShapeError, check_positive_int
 
-__all__ = ["batch_norm", "layer_norm"]
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
 
 def _check_eps(layer: str, eps) -> float:
@@ -203,3 +204,130 @@ def layer_norm(*, eps: float = 1e-5, use_scale: bool = True, use_offset: bool = 
         name="layer_norm",
         config={"eps": eps, "use_scale": use_scale, "use_offset": use_offset},
     )
+
+
+def _affine_params(c: int, use_scale: bool, use_offset: bool) -> dict:
+    params = {}
+    if use_scale:
+        params["scale"] = jnp.ones((c,), jnp.float32)
+    if use_offset:
+        params["offset"] = jnp.zeros((c,), jnp.float32)
+    return params
+
+
+def _param_channels(params) -> int | None:
+    for name in ("scale", "offset"):
+        if name in params:
+            return params[name].shape[0]
+    return None
+
+
+def _normalise(xs, mean, var, eps, params, sdt, shape):
+    """``(x - mean) / sqrt(var + eps)`` reshaped to ``shape``, then the per-channel affine."""
+    y = ((xs - mean) * lax.rsqrt(var + eps)).reshape(shape)
+    if "scale" in params:
+        y = y * params["scale"].astype(sdt)
+    if "offset" in params:
+        y = y + params["offset"].astype(sdt)
+    return y
+
+
+def group_norm(num_groups: int, *, eps: float = 1e-5, use_scale: bool = True,
+               use_offset: bool = True) -> Layer:
+    """Group normalisation (Wu & He; PyTorch ``nn.GroupNorm(num_groups, C)``), channels last.
+
+    Input ``(N, ..., C)`` with ``num_groups`` dividing ``C``; output the same shape and dtype.
+    Each example's channels are split into ``num_groups`` consecutive groups; every group is
+    normalised with the mean and *biased* variance over its channels and all spatial
+    positions, then a per-channel affine (params ``{"scale": (C,), "offset": (C,)}``, float32,
+    1 and 0) is applied. The same in training and evaluation; no state. Statistics in float32
+    for lower-precision inputs. ``num_groups=1`` normalises over everything but the batch
+    (LayerNorm over ``(..., C)``), ``num_groups=C`` is :func:`instance_norm` with an affine.
+    """
+    check_positive_int("group_norm", "num_groups", num_groups)
+    eps = _check_eps("group_norm", eps)
+    return _group_norm_layer("group_norm", num_groups, eps, use_scale, use_offset, min_rank=2)
+
+
+def instance_norm(*, eps: float = 1e-5, use_scale: bool = False, use_offset: bool = False
+                  ) -> Layer:
+    """Instance normalisation (PyTorch ``nn.InstanceNorm1d/2d/3d`` with its defaults
+    ``affine=False, track_running_stats=False``), channels last.
+
+    Input ``(N, *spatial, C)`` (at least one spatial axis and more than one spatial position);
+    each example's channels are normalised over the spatial positions with the biased
+    variance. ``use_scale``/``use_offset`` add PyTorch's ``affine=True`` params. No running
+    statistics: training and evaluation compute the same thing.
+    """
+    eps = _check_eps("instance_norm", eps)
+    return _group_norm_layer("instance_norm", None, eps, use_scale, use_offset, min_rank=3)
+
+
+def _group_norm_layer(layer: str, groups: int | None, eps: float, use_scale: bool,
+                      use_offset: bool, min_rank: int) -> Layer:
+    layout = "(N, ..., C)" if min_rank == 2 else "(N, *spatial, C)"
+
+    def check(shape, c=None):
+        shape = tuple(shape)
+        if len(shape) < min_rank or (c is not None and shape[-1] != c):
+            want = layout if c is None else layout.replace("C)", f"{c})")
+            raise ShapeError(layer, f"expected input of rank >= {min_rank} {want}, got shape "
+                                    f"{shape}")
+        g = shape[-1] if groups is None else groups
+        if shape[-1] % g:
+            raise ShapeError(layer, f"num_groups={g} must divide the {shape[-1]} channels "
+                                    f"(input shape {shape})")
+        if groups is None and math.prod(shape[1:-1]) < 2:
+            raise ShapeError(layer, f"needs more than one spatial position per channel, got "
+                                    f"input shape {shape}")
+        return g
+
+    def init(key, in_shape):
+        check(in_shape)
+        return tuple(in_shape), _affine_params(in_shape[-1], use_scale, use_offset), {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        g = check(jnp.shape(x), _param_channels(params))
+        sdt = _stat_dtype(x.dtype)
+        xs = x.astype(sdt).reshape(*x.shape[:-1], g, x.shape[-1] // g)
+        axes = (*range(1, x.ndim - 1), x.ndim)  # spatial axes and the channels in a group
+        mean = jnp.mean(xs, axis=axes, keepdims=True)
+        var = jnp.mean(lax.square(xs - mean), axis=axes, keepdims=True)
+        return _normalise(xs, mean, var, eps, params, sdt, x.shape).astype(x.dtype), state
+
+    cfg = {"eps": eps, "use_scale": use_scale, "use_offset": use_offset}
+    if groups is not None:
+        cfg["num_groups"] = groups
+    return Layer(init, apply, name=layer, config=cfg)
+
+
+def rms_norm(*, eps: float | None = None, use_scale: bool = True) -> Layer:
+    """Root-mean-square normalisation over the last axis (PyTorch ``nn.RMSNorm(C)``; Zhang &
+    Sennrich): ``y = x / sqrt(mean(x^2) + eps) * scale``.
+
+    Input ``(..., C)``; output the same shape and dtype. Params ``{"scale": (C,)}`` (float32,
+    ones). ``eps=None`` is PyTorch's default, the machine epsilon of the input's dtype. No
+    mean subtraction, no offset, no state. Computed in float32 for lower-precision inputs.
+    """
+    if eps is not None:
+        eps = _check_eps("rms_norm", eps)
+
+    def init(key, in_shape):
+        if len(in_shape) < 1:
+            raise ShapeError("rms_norm", f"expected input of rank >= 1 (..., C), got {in_shape}")
+        return tuple(in_shape), _affine_params(in_shape[-1], use_scale, False), {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        c = _param_channels(params)
+        if x.ndim < 1 or (c is not None and x.shape[-1] != c):
+            raise ShapeError("rms_norm", f"expected input (..., {c}), got shape {x.shape}")
+        sdt = _stat_dtype(x.dtype)
+        e = float(jnp.finfo(x.dtype).eps) if eps is None else eps
+        xs = x.astype(sdt)
+        ms = jnp.mean(lax.square(xs), axis=-1, keepdims=True)
+        y = xs * lax.rsqrt(ms + e)
+        if use_scale:
+            y = y * params["scale"].astype(sdt)
+        return y.astype(x.dtype), state
+
+    return Layer(init, apply, name="rms_norm", config={"eps": eps, "use_scale": use_scale})

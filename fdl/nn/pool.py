@@ -1,4 +1,5 @@
-"""Pooling layers (channels-last): max / average (1-D and 2-D), global and adaptive average.
+"""Pooling layers (channels-last): max / average (1-D, 2-D, 3-D), global max / average and
+adaptive average.
 
 Inputs are NHWC ``(N, H, W, C)`` (2-D) or ``(N, L, C)`` (1-D); the output length per spatial
 axis is PyTorch's ``floor((size + pad_lo + pad_hi - k) / stride) + 1`` (``ceil_mode=False``).
@@ -38,7 +39,14 @@ __all__ = [
     "avg_pool2d",
     "max_pool1d",
     "avg_pool1d",
+    "max_pool3d",
+    "avg_pool3d",
+    "global_avg_pool1d",
     "global_avg_pool2d",
+    "global_avg_pool3d",
+    "global_max_pool1d",
+    "global_max_pool2d",
+    "global_max_pool3d",
     "adaptive_avg_pool2d",
     "max_pool_nhwc",
     "avg_pool_nhwc",
@@ -154,6 +162,13 @@ def avg_pool_nhwc(x, kernel: Sequence[int], stride: Sequence[int],
     return s / jnp.asarray(counts, x.dtype)[None, ..., None]
 
 
+_LAYOUTS = {
+    1: ("(N, L, C)", ("length",)),
+    2: ("(N, H, W, C) (NHWC)", ("height", "width")),
+    3: ("(N, D, H, W, C) (NDHWC)", ("depth", "height", "width")),
+}
+
+
 def _pool_layer(layer, nsp, kernel_size, stride, padding, reduce_fn, config) -> Layer:
     ks = _tuple(layer, "kernel_size", kernel_size, nsp)
     st = ks if stride is None else _tuple(layer, "stride", stride, nsp)
@@ -167,8 +182,7 @@ def _pool_layer(layer, nsp, kernel_size, stride, padding, reduce_fn, config) -> 
                 f"kernel_size {ks})"
             )
     rank = nsp + 2
-    layout = "(N, L, C)" if nsp == 1 else "(N, H, W, C) (NHWC)"
-    names = ("length",) if nsp == 1 else ("height", "width")
+    layout, names = _LAYOUTS[nsp]
 
     def out_shape(shape):
         shape = tuple(shape)
@@ -220,26 +234,78 @@ def avg_pool1d(kernel_size: int, stride: int | None = None, padding: Any = 0,
                        {"count_include_pad": count_include_pad})
 
 
-def global_avg_pool2d() -> Layer:
-    """Mean over the spatial axes: ``(N, H, W, C) -> (N, C)``."""
+def max_pool3d(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+               padding: Any = 0) -> Layer:
+    """3-D max pooling, NDHWC ``(N, D, H, W, C) -> (N, D', H', W', C)``; padding is ``-inf``
+    (PyTorch ``MaxPool3d``)."""
+    return _pool_layer("max_pool3d", 3, kernel_size, stride, padding, max_pool_nhwc, {})
+
+
+def avg_pool3d(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+               padding: Any = 0, count_include_pad: bool = True) -> Layer:
+    """3-D average pooling, NDHWC; ``count_include_pad`` as PyTorch's ``AvgPool3d``."""
+
+    def fn(x, ks, st, pads):
+        return avg_pool_nhwc(x, ks, st, pads, count_include_pad=count_include_pad)
+
+    return _pool_layer("avg_pool3d", 3, kernel_size, stride, padding, fn,
+                       {"count_include_pad": count_include_pad})
+
+
+def _global_pool(layer: str, nsp: int, reduce) -> Layer:
+    """Reduce every spatial axis: ``(N, *spatial, C) -> (N, C)``."""
+    layout, names = _LAYOUTS[nsp]
+    short = {"length": "L", "depth": "D", "height": "H", "width": "W"}
 
     def check(shape):
         shape = tuple(shape)
-        if len(shape) != 4:
-            raise ShapeError("global_avg_pool2d",
-                             f"expected input of rank 4 (N, H, W, C) (NHWC), got shape {shape}")
-        if shape[1] < 1 or shape[2] < 1:
-            raise ShapeError("global_avg_pool2d", f"expected non-empty H and W, got {shape}")
-        return (shape[0], shape[3])
+        if len(shape) != nsp + 2:
+            raise ShapeError(layer, f"expected input of rank {nsp + 2} {layout}, got shape {shape}")
+        if any(d < 1 for d in shape[1:-1]):
+            axes = " and ".join(short[n] for n in names)
+            raise ShapeError(layer, f"expected non-empty {axes}, got {shape}")
+        return (shape[0], shape[-1])
 
     def init(key, in_shape):
         return check(in_shape), {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
         check(jnp.shape(x))
-        return jnp.mean(x, axis=(1, 2)), state
+        return reduce(x, axis=tuple(range(1, nsp + 1))), state
 
-    return Layer(init, apply, name="global_avg_pool2d")
+    return Layer(init, apply, name=layer)
+
+
+def global_avg_pool2d() -> Layer:
+    """Mean over the spatial axes: ``(N, H, W, C) -> (N, C)``."""
+    return _global_pool("global_avg_pool2d", 2, jnp.mean)
+
+
+def global_max_pool2d() -> Layer:
+    """Maximum over the spatial axes: ``(N, H, W, C) -> (N, C)`` (PyTorch
+    ``AdaptiveMaxPool2d(1)`` flattened). The gradient goes to the maximal position (split
+    equally among exact ties)."""
+    return _global_pool("global_max_pool2d", 2, jnp.max)
+
+
+def global_avg_pool1d() -> Layer:
+    """Mean over the length: ``(N, L, C) -> (N, C)``."""
+    return _global_pool("global_avg_pool1d", 1, jnp.mean)
+
+
+def global_max_pool1d() -> Layer:
+    """Maximum over the length: ``(N, L, C) -> (N, C)`` (text CNNs' max-over-time pooling)."""
+    return _global_pool("global_max_pool1d", 1, jnp.max)
+
+
+def global_avg_pool3d() -> Layer:
+    """Mean over depth, height and width: ``(N, D, H, W, C) -> (N, C)``."""
+    return _global_pool("global_avg_pool3d", 3, jnp.mean)
+
+
+def global_max_pool3d() -> Layer:
+    """Maximum over depth, height and width: ``(N, D, H, W, C) -> (N, C)``."""
+    return _global_pool("global_max_pool3d", 3, jnp.max)
 
 
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:

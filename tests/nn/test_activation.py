@@ -32,6 +32,12 @@ CASES = [
     ("softmax", F.softmax, lambda t: TF.softmax(t, -1), ()),
     ("softmax_axis0", lambda x: F.softmax(x, axis=0), lambda t: TF.softmax(t, 0), ()),
     ("log_softmax", F.log_softmax, lambda t: TF.log_softmax(t, -1), ()),
+    ("silu", F.silu, TF.silu, ()),
+    ("swish", F.swish, TF.silu, ()),
+    ("mish", F.mish, TF.mish, ()),
+    ("relu6", F.relu6, TF.relu6, (0.0, 6.0)),
+    ("hard_sigmoid", F.hard_sigmoid, TF.hardsigmoid, (-3.0, 3.0)),
+    ("hard_swish", F.hard_swish, TF.hardswish, (-3.0, 3.0)),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -41,12 +47,15 @@ LAYERS = {
     "gelu_tanh": nn.gelu(approximate=True), "sigmoid": nn.sigmoid(), "tanh": nn.tanh(),
     "softmax": nn.softmax(), "softmax_axis0": nn.softmax(axis=0),
     "log_softmax": nn.log_softmax(),
+    "silu": nn.silu(), "swish": nn.swish(), "mish": nn.mish(), "relu6": nn.relu6(),
+    "hard_sigmoid": nn.hard_sigmoid(), "hard_swish": nn.hard_swish(),
 }
 
 
 @pytest.mark.parametrize("name, fn, ref, kinks", CASES, ids=IDS)
 def test_values_match_torch(name, fn, ref, kinks):
-    x = np.concatenate([np.linspace(-6, 6, 49), [0.0, -0.0, 1e-9, -1e-9, 30.0, -30.0]])
+    x = np.concatenate([np.linspace(-6, 6, 49), [0.0, -0.0, 1e-9, -1e-9, 30.0, -30.0,
+                                                 3.0, -3.0, 6.0, 2.5, -2.5]])
     x = x.reshape(-1, 5) if x.size % 5 == 0 else np.pad(x, (0, 5 - x.size % 5)).reshape(-1, 5)
     y = np.asarray(fn(jnp.asarray(x)))
     np.testing.assert_allclose(y, ref(torch.tensor(x)).numpy(), rtol=1e-12, atol=1e-12)
@@ -77,7 +86,7 @@ def test_layer_equals_function(name, fn, ref, kinks):
     assert s == {}
 
 
-GRAD_CASES = [c for c in CASES if c[0] not in ("leaky_relu_default", "softmax_axis0")]
+GRAD_CASES = [c for c in CASES if c[0] not in ("leaky_relu_default", "softmax_axis0", "swish")]
 
 
 @pytest.mark.parametrize("name, fn, ref, kinks", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
