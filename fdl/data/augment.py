@@ -10,6 +10,10 @@ Constructors validate their arguments and return the pure function::
     x_aug = jax.jit(apply_batch, static_argnums=0)(aug, key, x)   # x: (N, H, W, C)
 
 :func:`mixup` works on a whole batch: ``mixup(alpha)(key, images, labels_one_hot)``.
+
+Training with augmentation: ``fit(augmented(model, from_spec("flip,crop")), ...)`` augments
+every training batch on the device inside the compiled step (evaluation sees the raw images);
+``fdl train --augment flip,crop`` does the same.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ __all__ = [
     "normalize",
     "cutout",
     "mixup",
+    "from_spec",
+    "augmented",
+    "SPEC_NAMES",
 ]
 
 Augmentation = Callable[[jax.Array, jax.Array], jax.Array]
@@ -331,3 +338,69 @@ def mixup(alpha: float = 0.2):
         return xi, yi
 
     return aug
+
+
+# ----------------------------------------------------------------------------- wiring
+
+SPEC_NAMES = ("flip", "vflip", "crop", "cutout", "jitter")
+
+
+def from_spec(spec: str) -> Augmentation:
+    """An augmentation from a comma-separated spec, as the CLI's ``--augment flip,crop``.
+
+    ``flip``: :func:`random_flip_left_right`; ``vflip``: :func:`random_flip_up_down`;
+    ``crop``: :func:`random_crop` back to the image's size after zero-padding by an eighth of
+    its height (4 pixels for 32x32, the CIFAR recipe; 3 for 28x28); ``cutout``: :func:`cutout`
+    of half the image's height; ``jitter``: :func:`color_jitter` (0.2 brightness, contrast
+    and saturation; needs 3 channels). Sizes come from the image, so one spec fits any data.
+    """
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"augment spec is empty; use a comma-separated list of {SPEC_NAMES}")
+    bad = [n for n in names if n not in SPEC_NAMES]
+    if bad:
+        raise ValueError(f"unknown augmentation(s) {bad} in {spec!r}; choose from {SPEC_NAMES}")
+
+    def one(name: str) -> Augmentation:
+        if name == "flip":
+            return random_flip_left_right()
+        if name == "vflip":
+            return random_flip_up_down()
+        if name == "jitter":
+            return color_jitter(0.2, 0.2, 0.2)
+
+        def sized(key, image):
+            _check_image(name, image)
+            h, w = image.shape[0], image.shape[1]
+            if name == "crop":
+                return random_crop((h, w), padding=max(1, round(h / 8)))(key, image)
+            return cutout(max(1, h // 2))(key, image)
+
+        return sized
+
+    return compose(*(one(n) for n in names))
+
+
+def augmented(model, aug: Augmentation):
+    """``model`` (an :class:`fdl.nn.Layer`) whose *training* inputs are augmented on the device.
+
+    With ``train=True`` every example of ``x`` (``(N, H, W, C)``) goes through ``aug`` with its
+    own key (derived from the step's key by ``fold_in``, so the model's own randomness, e.g.
+    dropout, is unchanged), then through ``model``; with ``train=False`` the input is passed
+    unchanged. Params, state and paths are ``model``'s, so checkpoints, evaluation and
+    prediction are unaffected. ``fdl.train.fit`` trains it as any model (it gives every step a
+    key); this is how ``--augment`` is wired into the command line.
+    """
+    from fdl.nn.core import Layer, require_key
+
+    if not isinstance(model, Layer):
+        raise TypeError(f"augmented: expected an fdl.nn.Layer, got {type(model).__name__}")
+
+    def apply(params, state, x, *, key=None, train=False):
+        if train:
+            require_key("augmented", key)
+            x = apply_batch(aug, jax.random.fold_in(key, 0x417567), x)
+        return model.apply(params, state, x, key=key, train=train)
+
+    return Layer(model.init, apply, name=model.name, children=model.children,
+                 config={**model.config, "augmented": True})

@@ -169,7 +169,20 @@ _LAYOUTS = {
 }
 
 
-def _pool_layer(layer, nsp, kernel_size, stride, padding, reduce_fn, config) -> Layer:
+def _ceil_pads(spatial, ks, st, pads):
+    """PyTorch's ``ceil_mode=True``: the last window may run past the input (and the padding)
+    if it starts inside it; returned as extra high-side padding (``-inf`` for max pools)."""
+    out = []
+    for size, k, s, (lo, hi) in zip(spatial, ks, st, pads, strict=True):
+        n = -(-(size + lo + hi - k) // s) + 1
+        if (n - 1) * s >= size + lo:
+            n -= 1
+        out.append((lo, hi + max(0, (n - 1) * s + k - (size + lo + hi))))
+    return tuple(out)
+
+
+def _pool_layer(layer, nsp, kernel_size, stride, padding, reduce_fn, config,
+                ceil_mode: bool = False) -> Layer:
     ks = _tuple(layer, "kernel_size", kernel_size, nsp)
     st = ks if stride is None else _tuple(layer, "stride", stride, nsp)
     if isinstance(padding, str):
@@ -184,27 +197,36 @@ def _pool_layer(layer, nsp, kernel_size, stride, padding, reduce_fn, config) -> 
     rank = nsp + 2
     layout, names = _LAYOUTS[nsp]
 
-    def out_shape(shape):
+    def plan(shape):
         shape = tuple(shape)
         if len(shape) != rank:
             raise ShapeError(layer, f"expected input of rank {rank} {layout}, got shape {shape}")
-        return (shape[0], *_pool_out(layer, shape[1:-1], ks, st, pads, names), shape[-1])
+        eff = _ceil_pads(shape[1:-1], ks, st, pads) if ceil_mode else pads
+        out = _pool_out(layer, shape[1:-1], ks, st, eff, names)
+        return (shape[0], *out, shape[-1]), eff
 
     def init(key, in_shape):
-        return out_shape(in_shape), {}, {}
+        return plan(in_shape)[0], {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        out_shape(jnp.shape(x))
-        return reduce_fn(x, ks, st, pads), state
+        _, eff = plan(jnp.shape(x))
+        return reduce_fn(x, ks, st, eff), state
 
-    return Layer(init, apply, name=layer,
-                 config={"kernel_size": ks, "stride": st, "padding": padding, **config})
+    cfg = {"kernel_size": ks, "stride": st, "padding": padding, **config}
+    if ceil_mode:
+        cfg["ceil_mode"] = True
+    return Layer(init, apply, name=layer, config=cfg)
 
 
 def max_pool2d(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-               padding: Any = 0) -> Layer:
-    """2-D max pooling, NHWC ``(N, H, W, C) -> (N, H_out, W_out, C)``; padding is ``-inf``."""
-    return _pool_layer("max_pool2d", 2, kernel_size, stride, padding, max_pool_nhwc, {})
+               padding: Any = 0, *, ceil_mode: bool = False) -> Layer:
+    """2-D max pooling, NHWC ``(N, H, W, C) -> (N, H_out, W_out, C)``; padding is ``-inf``.
+
+    ``ceil_mode=True``: PyTorch's, the output size rounds up (``ceil((H + pads - k) / s) + 1``,
+    less one if the last window would start in the bottom/right padding), the overhanging
+    window covering only what exists (GoogLeNet's pools)."""
+    return _pool_layer("max_pool2d", 2, kernel_size, stride, padding, max_pool_nhwc, {},
+                       ceil_mode)
 
 
 def avg_pool2d(kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,

@@ -110,3 +110,51 @@ def test_bad_arguments():
         A.random_flip_left_right()(jax.random.key(0), IMG[0])
     with pytest.raises(ValueError, match="std"):
         A.normalize([0.0], [0.0])
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def test_from_spec_builds_the_named_chain():
+    img = jnp.arange(8 * 8 * 3, dtype=jnp.float32).reshape(8, 8, 3)
+    out = A.from_spec("flip, crop")(jax.random.key(0), img)
+    assert out.shape == img.shape and out.dtype == img.dtype
+    # flip alone is a flip or the identity
+    flips = [A.from_spec("flip")(jax.random.key(k), img) for k in range(8)]
+    assert all(np.array_equal(f, img) or np.array_equal(f, img[:, ::-1]) for f in flips)
+    assert any(not np.array_equal(f, img) for f in flips)
+    for spec in ("vflip,cutout", "jitter"):
+        assert A.from_spec(spec)(jax.random.key(1), img / img.max()).shape == img.shape
+    with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['rotate'\]"):
+        A.from_spec("flip,rotate")
+    with pytest.raises(ValueError, match="empty"):
+        A.from_spec(" , ")
+
+
+def test_augmented_model_augments_only_in_training_and_trains_with_fit():
+    from fdl import nn, optim
+    from fdl.train import fit
+
+    seen = []
+    probe = nn.lambda_layer(lambda x: (seen.append(x) or x), name="probe",
+                            shape_fn=lambda s: s)
+    model = nn.serial(("probe", probe), nn.flatten(), ("fc", nn.dense(2)))
+    aug_model = A.augmented(model, A.from_spec("flip"))
+    x = jnp.tile(jnp.arange(4, dtype=jnp.float32)[None, None, :, None], (6, 4, 1, 1))
+    _, params, state = aug_model.init(jax.random.key(0), x.shape)
+    y_eval, _ = aug_model.apply(params, state, x)
+    np.testing.assert_array_equal(y_eval, model.apply(params, state, x)[0])
+    with pytest.raises(ValueError, match="augmented: train=True needs a PRNG key"):
+        aug_model.apply(params, state, x, train=True)
+    out, _ = jax.jit(lambda p, s, k: aug_model.apply(p, s, x, key=k, train=True))(
+        params, state, jax.random.key(3))
+    flipped = np.asarray(jax.jit(lambda k: A.apply_batch(A.from_spec("flip"),
+                                                         jax.random.fold_in(k, 0x417567), x))(
+        jax.random.key(3)))
+    assert 0 < np.sum(np.any(flipped != np.asarray(x), axis=(1, 2, 3))) < 6
+    np.testing.assert_allclose(out, model.apply(params, state, jnp.asarray(flipped))[0],
+                               rtol=1e-6)
+    labels = jnp.asarray([0, 1, 0, 1, 0, 1])
+    res = fit(aug_model, params, state, optim.sgd(0.1), (x, labels), epochs=2, batch_size=3,
+              key=jax.random.key(1), print_fn=None, progress=False)
+    assert len(res.history) == 2

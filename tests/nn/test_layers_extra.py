@@ -90,6 +90,15 @@ def test_pool3d_equals_torch(kind, k, stride, pad, cip, seed):
     np.testing.assert_allclose(y, _cl(ref), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("size, k, s, pad", [(12, 3, 2, 0), (14, 2, 2, 0), (9, 3, 2, 1),
+                                           (10, 3, 3, 1), (8, 2, 2, 0)])
+def test_max_pool2d_ceil_mode_equals_torch(size, k, s, pad):
+    x = _rand((1, size, size + 1, 2), size)
+    _, y = _run(nn.max_pool2d(k, s, pad, ceil_mode=True), x)
+    ref = F.max_pool2d(_cf(x), k, s, pad, ceil_mode=True)
+    np.testing.assert_array_equal(y, _cl(ref))
+
+
 @pytest.mark.parametrize("nsp", [1, 2, 3])
 def test_global_pools_equal_torch(nsp):
     x = _rand((2, *(4, 5, 3)[:nsp], 6), 1)

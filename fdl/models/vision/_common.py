@@ -70,7 +70,7 @@ def replace_head(model: Layer, new_head: Layer) -> Layer:
     The backbone's params keep their paths (``features/...``), so params loaded for the old
     model can be reused: ``new_params = {**fresh, "features": old_params["features"]}``.
     """
-    wrapped = [k for k in ("at_paths", "frozen", "remat_policy", "compute_dtype")
+    wrapped = [k for k in ("at_paths", "frozen", "remat_policy", "compute_dtype", "augmented")
                if k in model.config]
     if wrapped:
         raise ValueError(
