@@ -396,11 +396,11 @@ def augmented(model, aug: Augmentation):
     if not isinstance(model, Layer):
         raise TypeError(f"augmented: expected an fdl.nn.Layer, got {type(model).__name__}")
 
-    def apply(params, state, x, *, key=None, train=False):
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
         if train:
             require_key("augmented", key)
             x = apply_batch(aug, jax.random.fold_in(key, 0x417567), x)
-        return model.apply(params, state, x, key=key, train=train)
+        return model.apply(params, state, x, key=key, train=train, **kwargs)
 
     return Layer(model.init, apply, name=model.name, children=model.children,
                  config={**model.config, "augmented": True})

@@ -86,9 +86,9 @@ def mixed_precision(
 
         return map_with_path(leaf, params)
 
-    def apply(params, state, x, *, key=None, train=False):
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
         y, new_state = model.apply(cast_params(params), state, cast_floating(x, cdt), key=key,
-                                   train=train)
+                                   train=train, **kwargs)
         return cast_floating(y, odt), new_state
 
     return Layer(model.init, apply, name=model.name, children=model.children,

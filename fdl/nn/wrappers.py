@@ -46,10 +46,10 @@ def frozen(layer: Layer, *, stop_gradient: bool = True) -> Layer:
     if not isinstance(layer, Layer):
         raise TypeError(f"frozen: expected a Layer, got {type(layer).__name__}")
 
-    def apply(params, state, x, *, key=None, train=False):
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
         if stop_gradient:
             params = jax.lax.stop_gradient(params)
-        return layer.apply(params, state, x, key=key, train=False)
+        return layer.apply(params, state, x, key=key, train=False, **kwargs)
 
     return Layer(layer.init, apply, name=f"frozen[{layer.name}]", children=layer.children,
                  config={**layer.config, "frozen": True, "stop_gradient": stop_gradient})
@@ -81,9 +81,9 @@ def remat(layer: Layer, *, policy: str | Callable | None = None, prevent_cse: bo
         raise TypeError(f"remat: expected a Layer, got {type(layer).__name__}")
     pol = _remat_policy(policy)
 
-    def apply(params, state, x, *, key=None, train=False):
-        def run(p, s, inp, k):
-            return layer.apply(p, s, inp, key=k, train=train)
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
+        def run(p, s, inp, k):  # keyword inputs (masks) are closed over, static ones stay so
+            return layer.apply(p, s, inp, key=k, train=train, **kwargs)
 
         return jax.checkpoint(run, policy=pol, prevent_cse=prevent_cse)(params, state, x, key)
 
@@ -123,7 +123,7 @@ def at_paths(model: Layer, wrappers: Mapping[str, Callable[[Layer], Layer]]) -> 
                             f"(Layer -> Layer), got {fn!r}")
         items.append((pattern, pattern.strip("/").split("/"), fn))
 
-    def apply(params, state, x, *, key=None, train=False):
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
         base = len(core._apply_path)
         hits = dict.fromkeys((p for p, _, _ in items), 0)
 
@@ -140,7 +140,7 @@ def at_paths(model: Layer, wrappers: Mapping[str, Callable[[Layer], Layer]]) -> 
 
         core._apply_hooks.append(hook)
         try:
-            out = model.apply(params, state, x, key=key, train=train)
+            out = model.apply(params, state, x, key=key, train=train, **kwargs)
         finally:
             core._apply_hooks.remove(hook)
         missing = [p for p, n in hits.items() if n == 0]

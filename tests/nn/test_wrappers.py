@@ -47,10 +47,10 @@ def test_frozen_runs_in_inference_mode_and_stops_param_gradients():
         np.testing.assert_array_equal(g, 0.0)
     assert all(np.any(g != 0) for g in jax.tree.leaves(grads["head"]))
     # the frozen part computes exactly what evaluation mode computes (dropout off too)
-    feats = nn.serial(*net.children[:1])
-    want, _ = feats.apply(params, state, x, train=False)
+    fp, fs = {"features": params["features"]}, {"features": state["features"]}
+    want, _ = nn.serial(*net.children[:1]).apply(fp, fs, x, train=False)
     got, _ = nn.serial(("features", nn.frozen(dict(net.children)["features"]))).apply(
-        params, state, x, key=jax.random.key(3), train=True)
+        fp, fs, x, key=jax.random.key(3), train=True)
     np.testing.assert_array_equal(got, want)
 
 
@@ -116,7 +116,8 @@ def test_mixed_precision_casts_and_keeps_float32_master_state_and_output():
     _, params, state = net.init(jax.random.key(0), x.shape)
     mp = nn.mixed_precision(net, "bfloat16")
     seen = {}
-    probe = nn.lambda_layer(lambda h: seen.setdefault("dtype", h.dtype) and h, name="probe")
+    probe = nn.lambda_layer(lambda h: seen.setdefault("dtype", h.dtype) and h, name="probe",
+                            shape_fn=lambda s: s)
     mp_probe = nn.mixed_precision(nn.serial(net.children[0], ("probe", probe)), "bfloat16")
     jax.eval_shape(lambda p, s: mp_probe.apply(p, s, x),
                    {"features": params["features"]}, {"features": state["features"]})
