@@ -34,6 +34,7 @@ from jax import lax
 
 from fdl.nn import initializers as inits
 from fdl.nn.conv_lowering import conv2d_nhwc
+from fdl.nn.conv_xla import conv_general
 from fdl.nn.core import Layer, ShapeError, check_positive_int
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose2d", "conv_output_size",
@@ -411,16 +412,8 @@ def conv_transpose2d(
             (d * (k - 1) - p, d * (k - 1) - p + o)
             for k, p, o, d in zip(ks, pd, op, dl, strict=True)
         ]
-        y = lax.conv_general_dilated(
-            x,
-            wd,
-            window_strides=(1, 1),
-            padding=pads,
-            lhs_dilation=st,
-            rhs_dilation=dl,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
-        )
+        # canonical gradients inside loop bodies (fit's device loop): see fdl.nn.conv_xla
+        y = conv_general(x, wd, (1, 1), pads, lhs_dilation=st, rhs_dilation=dl, groups=groups)
         if use_bias:
             y = y + params["b"].astype(dt)
         return y, state
