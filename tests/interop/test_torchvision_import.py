@@ -22,6 +22,19 @@ CASES = [
     ("vgg16", 32, 64),
     ("alexnet", 64, 64),
     ("densenet121", 64, None),
+    ("vgg11_bn", 32, 64),
+    ("googlenet", 64, None),
+    ("mobilenet_v2", 64, None),
+    ("mobilenet_v3_small", 64, None),
+]
+# every other SUPPORTED model: the same check, slow (large graphs to compile)
+SLOW_CASES = [
+    ("resnet101", 64, None), ("resnet152", 64, None), ("resnext50_32x4d", 64, None),
+    ("resnext101_32x8d", 64, None), ("resnext101_64x4d", 64, None),
+    ("wide_resnet50_2", 64, None), ("wide_resnet101_2", 64, None),
+    ("vgg13", 32, 64), ("vgg19", 32, 64), ("vgg13_bn", 32, 64), ("vgg16_bn", 32, 64),
+    ("vgg19_bn", 32, 64), ("densenet161", 64, None), ("densenet169", 64, None),
+    ("densenet201", 64, None), ("mobilenet_v3_large", 64, None),
 ]
 
 
@@ -62,10 +75,42 @@ def test_eval_output_matches_pytorch(name, size, fc):
     _check_eval(name, size, fc)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size,fc", SLOW_CASES, ids=[c[0] for c in SLOW_CASES])
+def test_eval_output_matches_pytorch_every_model(name, size, fc):
+    _check_eval(name, size, fc)
+
+
+def test_every_supported_model_has_a_case():
+    from fdl.interop.torchvision import SUPPORTED
+
+    assert sorted(SUPPORTED) == sorted(c[0] for c in CASES + SLOW_CASES)
+
+
+def test_googlenet_ignores_auxiliary_classifiers_and_transforms_input():
+    torch.manual_seed(0)
+    m = ref.randomize_bn(ref.build("googlenet", num_classes=10, aux_logits=True,
+                                   transform_input=True)).eval()
+    sd = _state_dict(m)
+    assert any(k.startswith("aux1.") for k in sd)
+    from fdl.models import vision
+
+    model, params, state = from_torchvision(
+        "googlenet", sd, model=vision.googlenet_torchvision(10, transform_input=True))
+    x = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    got, _ = jax.jit(model.apply)(params, state, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert _rel_err(got, want) < 1e-4
+    back = to_torchvision("googlenet", params, state)
+    assert not any(k.startswith("aux") for k in back)
+
+
 TRAIN_CASES = [
     ("resnet18", 64, None),
     ("vgg11", 32, 64),
     ("alexnet", 64, 64),
+    ("mobilenet_v3_small", 64, None),  # BatchNorm momentum 0.01, eps 1e-3
     # DenseNet-121's training graph takes ~30 s (CPU time) to compile
     pytest.param("densenet121", 64, None, marks=pytest.mark.slow, id="densenet121"),
 ]
@@ -86,7 +131,7 @@ def test_train_forward_running_stats_match(name, size, fc):
         params, state, jnp.asarray(x.transpose(0, 2, 3, 1)))
     got = to_torchvision(name, params, new_state)
     stat_keys = [k for k in want if k.endswith(("running_mean", "running_var"))]
-    if name.startswith("vgg") or name == "alexnet":
+    if name in ("vgg11", "alexnet"):
         assert not stat_keys
         return
     assert stat_keys
@@ -95,9 +140,10 @@ def test_train_forward_running_stats_match(name, size, fc):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "densenet121", "vgg11", "alexnet"])
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "vgg11", "alexnet", "vgg11_bn",
+                                  "googlenet", "mobilenet_v2", "mobilenet_v3_small"])
 def test_export_round_trip_loads_strictly_into_pytorch(name):
-    fc = None if name.startswith(("resnet", "dense")) else 32
+    fc = 32 if name.startswith(("vgg", "alexnet")) else None
     m = _reference(name, fc)
     sd = _state_dict(m)
     _, params, state = from_torchvision(name, sd)
@@ -166,6 +212,8 @@ def test_unknown_and_misshaped_keys_reported_together():
 def test_unsupported_name():
     with pytest.raises(ValueError, match="unsupported torchvision model"):
         from_torchvision("inception_v3", {})
+    with pytest.raises(ValueError, match="unsupported torchvision model"):
+        from_torchvision("vgg11bn", {})
 
 
 @pytest.mark.slow

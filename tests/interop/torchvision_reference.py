@@ -1,5 +1,7 @@
-"""Compact re-implementations of torchvision's ResNet, VGG, AlexNet and DenseNet with
-torchvision's exact module names and tensor layouts (torchvision is not installed).
+"""Compact re-implementations of torchvision's ResNet/ResNeXt/Wide ResNet, VGG (with and
+without BatchNorm), AlexNet, DenseNet, GoogLeNet and MobileNet v2/v3 with torchvision's exact
+module names and tensor layouts (torchvision is not installed: PyPI's build needs the CUDA torch;
+scripts/torchvision_crosscheck.py compares fdl with the real classes in a separate venv).
 
 Only for tests: random initialisation; ``randomize_bn`` also draws BatchNorm affine params and
 running statistics, so eval-mode comparisons exercise every tensor.
@@ -98,20 +100,26 @@ class ResNet(nn.Module):
 
 VGG_CFGS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512,
               512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
 }
 
 
 class VGG(nn.Module):
-    def __init__(self, cfg, num_classes=1000, fc_features=4096):
+    def __init__(self, cfg, num_classes=1000, fc_features=4096, batch_norm=False):
         super().__init__()
         layers, c = [], 3
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+                layers.append(nn.Conv2d(c, v, 3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(v))
+                layers.append(nn.ReLU(inplace=True))
                 c = v
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
@@ -213,22 +221,233 @@ class DenseNet(nn.Module):
         return self.classifier(out)
 
 
-def build(name, num_classes=1000, fc_features=4096):
+class BasicConv2d(nn.Module):
+    def __init__(self, i, o, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(i, o, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(o, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class Inception(nn.Module):
+    def __init__(self, i, ch1, ch3r, ch3, ch5r, ch5, pool_proj):
+        super().__init__()
+        self.branch1 = BasicConv2d(i, ch1, kernel_size=1)
+        self.branch2 = nn.Sequential(BasicConv2d(i, ch3r, kernel_size=1),
+                                     BasicConv2d(ch3r, ch3, kernel_size=3, padding=1))
+        self.branch3 = nn.Sequential(BasicConv2d(i, ch5r, kernel_size=1),
+                                     BasicConv2d(ch5r, ch5, kernel_size=3, padding=1))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
+                                     BasicConv2d(i, pool_proj, kernel_size=1))
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class InceptionAux(nn.Module):
+    def __init__(self, i, num_classes):
+        super().__init__()
+        self.conv = BasicConv2d(i, 128, kernel_size=1)
+        self.fc1 = nn.Linear(2048, 1024)
+        self.fc2 = nn.Linear(1024, num_classes)
+
+
+class GoogLeNet(nn.Module):
+    """torchvision's GoogLeNet; ``aux_logits=True`` adds the auxiliary classifiers' params
+    (their forward is training-only in torchvision and not reproduced)."""
+
+    def __init__(self, num_classes=1000, aux_logits=False, transform_input=False):
+        super().__init__()
+        self.transform_input = transform_input
+        self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.conv2 = BasicConv2d(64, 64, kernel_size=1)
+        self.conv3 = BasicConv2d(64, 192, kernel_size=3, padding=1)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.inception3a = Inception(192, 64, 96, 128, 16, 32, 32)
+        self.inception3b = Inception(256, 128, 128, 192, 32, 96, 64)
+        self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.inception4a = Inception(480, 192, 96, 208, 16, 48, 64)
+        self.inception4b = Inception(512, 160, 112, 224, 24, 64, 64)
+        self.inception4c = Inception(512, 128, 128, 256, 24, 64, 64)
+        self.inception4d = Inception(512, 112, 144, 288, 32, 64, 64)
+        self.inception4e = Inception(528, 256, 160, 320, 32, 128, 128)
+        self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        self.inception5a = Inception(832, 256, 160, 320, 32, 128, 128)
+        self.inception5b = Inception(832, 384, 192, 384, 48, 128, 128)
+        if aux_logits:
+            self.aux1 = InceptionAux(512, num_classes)
+            self.aux2 = InceptionAux(528, num_classes)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        if self.transform_input:
+            x = torch.cat([x[:, 0:1] * (0.229 / 0.5) + (0.485 - 0.5) / 0.5,
+                           x[:, 1:2] * (0.224 / 0.5) + (0.456 - 0.5) / 0.5,
+                           x[:, 2:3] * (0.225 / 0.5) + (0.406 - 0.5) / 0.5], 1)
+        x = self.maxpool1(self.conv1(x))
+        x = self.maxpool2(self.conv3(self.conv2(x)))
+        x = self.maxpool3(self.inception3b(self.inception3a(x)))
+        for n in "abcde":
+            x = getattr(self, f"inception4{n}")(x)
+        x = self.inception5b(self.inception5a(self.maxpool4(x)))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+def _make_divisible(v, divisor=8):
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def conv_norm_act(i, o, k=3, stride=1, groups=1, act=nn.ReLU6, norm=nn.BatchNorm2d):
+    """torchvision.ops.misc.Conv2dNormActivation: a Sequential(conv, norm[, act])."""
+    layers = [nn.Conv2d(i, o, k, stride, (k - 1) // 2, groups=groups, bias=False), norm(o)]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, i, o, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(i * expand_ratio))
+        self.use_res_connect = stride == 1 and i == o
+        layers = []
+        if expand_ratio != 1:
+            layers.append(conv_norm_act(i, hidden, 1))
+        layers += [conv_norm_act(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, o, 1, 1, 0, bias=False), nn.BatchNorm2d(o)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        cfg = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+               [6, 160, 3, 2], [6, 320, 1, 1]]
+        c = 32
+        features = [conv_norm_act(3, c, stride=2)]
+        for t, o, n, s in cfg:
+            for j in range(n):
+                features.append(InvertedResidual(c, o, s if j == 0 else 1, t))
+                c = o
+        features.append(conv_norm_act(c, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, c, squeeze):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class InvertedResidualV3(nn.Module):
+    def __init__(self, i, k, exp, o, use_se, act, stride):
+        super().__init__()
+        act = nn.Hardswish if act == "HS" else nn.ReLU
+        norm = lambda c: nn.BatchNorm2d(c, eps=0.001, momentum=0.01)  # noqa: E731
+        layers = []
+        if exp != i:
+            layers.append(conv_norm_act(i, exp, 1, act=act, norm=norm))
+        layers.append(conv_norm_act(exp, exp, k, stride, groups=exp, act=act, norm=norm))
+        if use_se:
+            layers.append(SqueezeExcitation(exp, _make_divisible(exp // 4, 8)))
+        layers.append(conv_norm_act(exp, o, 1, act=None, norm=norm))
+        self.block = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and i == o
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_res_connect else y
+
+
+V3_LARGE = [(16, 3, 16, 16, False, "RE", 1), (16, 3, 64, 24, False, "RE", 2),
+            (24, 3, 72, 24, False, "RE", 1), (24, 5, 72, 40, True, "RE", 2),
+            (40, 5, 120, 40, True, "RE", 1), (40, 5, 120, 40, True, "RE", 1),
+            (40, 3, 240, 80, False, "HS", 2), (80, 3, 200, 80, False, "HS", 1),
+            (80, 3, 184, 80, False, "HS", 1), (80, 3, 184, 80, False, "HS", 1),
+            (80, 3, 480, 112, True, "HS", 1), (112, 3, 672, 112, True, "HS", 1),
+            (112, 5, 672, 160, True, "HS", 2), (160, 5, 960, 160, True, "HS", 1),
+            (160, 5, 960, 160, True, "HS", 1)]
+V3_SMALL = [(16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2),
+            (24, 3, 88, 24, False, "RE", 1), (24, 5, 96, 40, True, "HS", 2),
+            (40, 5, 240, 40, True, "HS", 1), (40, 5, 240, 40, True, "HS", 1),
+            (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1),
+            (48, 5, 288, 96, True, "HS", 2), (96, 5, 576, 96, True, "HS", 1),
+            (96, 5, 576, 96, True, "HS", 1)]
+
+
+class MobileNetV3(nn.Module):
+    def __init__(self, setting, last_channel, num_classes=1000):
+        super().__init__()
+        norm = lambda c: nn.BatchNorm2d(c, eps=0.001, momentum=0.01)  # noqa: E731
+        layers = [conv_norm_act(3, setting[0][0], 3, 2, act=nn.Hardswish, norm=norm)]
+        layers += [InvertedResidualV3(*cfg) for cfg in setting]
+        c = setting[-1][3]
+        layers.append(conv_norm_act(c, 6 * c, 1, act=nn.Hardswish, norm=norm))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(6 * c, last_channel), nn.Hardswish(inplace=True),
+                                        nn.Dropout(0.2, inplace=True),
+                                        nn.Linear(last_channel, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+RESNETS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64), "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64),
+    "resnet152": (Bottleneck, [3, 8, 36, 3], 1, 64),
+    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], 32, 4),
+    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], 32, 8),
+    "resnext101_64x4d": (Bottleneck, [3, 4, 23, 3], 64, 4),
+    "wide_resnet50_2": (Bottleneck, [3, 4, 6, 3], 1, 128),
+    "wide_resnet101_2": (Bottleneck, [3, 4, 23, 3], 1, 128),
+}
+DENSENETS = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet161": (48, (6, 12, 36, 24), 96),
+             "densenet169": (32, (6, 12, 32, 32), 64), "densenet201": (32, (6, 12, 48, 32), 64)}
+
+
+def build(name, num_classes=1000, fc_features=4096, **kw):
     """The reference module for a torchvision model name."""
-    if name == "resnet18":
-        return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
-    if name == "resnet34":
-        return ResNet(BasicBlock, [3, 4, 6, 3], num_classes)
-    if name == "resnet50":
-        return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
-    if name == "resnet101":
-        return ResNet(Bottleneck, [3, 4, 23, 3], num_classes)
-    if name in VGG_CFGS:
-        return VGG(VGG_CFGS[name], num_classes, fc_features)
+    if name in RESNETS:
+        block, layers, groups, width = RESNETS[name]
+        return ResNet(block, layers, num_classes, groups=groups, width_per_group=width)
+    if name.removesuffix("_bn") in VGG_CFGS:
+        return VGG(VGG_CFGS[name.removesuffix("_bn")], num_classes, fc_features,
+                   batch_norm=name.endswith("_bn"))
     if name == "alexnet":
         return AlexNet(num_classes, fc_features)
-    if name == "densenet121":
-        return DenseNet(num_classes=num_classes)
+    if name in DENSENETS:
+        g, blocks, init = DENSENETS[name]
+        return DenseNet(g, blocks, init, num_classes=num_classes)
+    if name == "googlenet":
+        return GoogLeNet(num_classes, **kw)
+    if name == "mobilenet_v2":
+        return MobileNetV2(num_classes)
+    if name == "mobilenet_v3_large":
+        return MobileNetV3(V3_LARGE, 1280, num_classes)
+    if name == "mobilenet_v3_small":
+        return MobileNetV3(V3_SMALL, 1024, num_classes)
     raise ValueError(name)
 
 

@@ -16,8 +16,8 @@ from fdl import nn
 from fdl.models.vision._common import classifier, flat_block
 from fdl.nn.core import Layer
 
-__all__ = ["dense_layer", "dense_block", "transition", "densenet", "densenet121",
-           "densenet_book"]
+__all__ = ["dense_layer", "dense_block", "transition", "densenet", "densenet121", "densenet161",
+           "densenet169", "densenet201", "densenet_book"]
 
 
 def dense_layer(growth_rate: int, bn_size: int | None = 4) -> Layer:
@@ -101,6 +101,22 @@ def densenet(
 def densenet121(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
     """DenseNet-121 (torchvision layout: blocks (6, 12, 24, 16), growth 32, bn_size 4)."""
     return densenet((6, 12, 24, 16), num_classes, in_channels, **kw)
+
+
+def densenet161(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """DenseNet-161 (torchvision: blocks (6, 12, 36, 24), growth 48, 96 initial features)."""
+    return densenet((6, 12, 36, 24), num_classes, in_channels, growth_rate=48,
+                    num_init_features=96, **kw)
+
+
+def densenet169(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """DenseNet-169 (torchvision: blocks (6, 12, 32, 32), growth 32)."""
+    return densenet((6, 12, 32, 32), num_classes, in_channels, **kw)
+
+
+def densenet201(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """DenseNet-201 (torchvision: blocks (6, 12, 48, 32), growth 32)."""
+    return densenet((6, 12, 48, 32), num_classes, in_channels, **kw)
 
 
 def densenet_book(num_classes: int = 10, in_channels: int = 1, *, growth_rate: int = 32,

@@ -1,8 +1,11 @@
-"""GoogLeNet (d2l chapter 8.4): Inception blocks with four parallel paths."""
+"""GoogLeNet (d2l chapter 8.4): Inception blocks with four parallel paths; and torchvision's
+GoogLeNet (BatchNorm, ceil-mode pools) for its weights."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import jax.numpy as jnp
 
 from fdl import nn
 from fdl.models.vision._common import classifier, scaled
@@ -15,7 +18,7 @@ def _conv(*args, **kw):
     return nn.conv2d(*args, w_init=nn.initializers.kaiming_normal(), **kw)
 
 
-__all__ = ["googlenet", "inception"]
+__all__ = ["googlenet", "inception", "googlenet_torchvision", "inception_bn"]
 
 
 def inception(c1: int, c2: Sequence[int], c3: Sequence[int], c4: int) -> Layer:
@@ -85,4 +88,70 @@ def googlenet(
         "googlenet", feats, nn.dense(num_classes), in_channels=in_channels,
         input_size=(32, 32) if small_input else (96, 96), num_classes=num_classes,
         width=width, small_input=small_input,
+    )
+
+
+# ----------------------------------------------------------------------------- torchvision's
+
+
+def _basic(out: int, k: int, *, stride: int = 1, padding: int = 0) -> Layer:
+    """torchvision's ``BasicConv2d``: conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU."""
+    return nn.serial(("conv", nn.conv2d(out, k, stride=stride, padding=padding, use_bias=False)),
+                     ("bn", nn.batch_norm(eps=1e-3)), ("act", nn.relu()))
+
+
+def inception_bn(c1: int, c2: Sequence[int], c3: Sequence[int], c4: int) -> Layer:
+    """torchvision's Inception block: ``branch1`` 1x1; ``branch2`` 1x1 -> 3x3; ``branch3`` 1x1
+    -> 3x3 (torchvision's 3x3 where the paper has 5x5, kept for its weights); ``branch4`` 3x3/1
+    max-pool -> 1x1; each conv a :func:`_basic` conv-BN-ReLU; concatenated along channels."""
+    return nn.parallel(
+        ("branch1", _basic(c1, 1)),
+        ("branch2", nn.serial(("0", _basic(c2[0], 1)), ("1", _basic(c2[1], 3, padding=1)))),
+        ("branch3", nn.serial(("0", _basic(c3[0], 1)), ("1", _basic(c3[1], 3, padding=1)))),
+        ("branch4", nn.serial(("0", nn.max_pool2d(3, stride=1, padding=1, ceil_mode=True)),
+                              ("1", _basic(c4, 1)))),
+        combine="concat",
+    )
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def googlenet_torchvision(num_classes: int = 1000, in_channels: int = 3, *,
+                          transform_input: bool = False, dropout: float = 0.2) -> Layer:
+    """GoogLeNet as torchvision builds it (``torchvision.models.googlenet``, without the
+    auxiliary classifiers, which only its training uses): BatchNorm after every convolution,
+    ``ceil_mode`` max-pools, 3x3 convolutions in the third branch. ``(N, 224, 224, 3)`` ->
+    logits.
+
+    Features: ``conv1`` 7x7/2 64, ``maxpool1`` 3x3/2, ``conv2`` 1x1 64, ``conv3`` 3x3 192,
+    ``maxpool2``, ``inception3a/3b``, ``maxpool3``, ``inception4a..4e``, ``maxpool4`` 2x2/2,
+    ``inception5a/5b``, global average pool, dropout: ``(N, 1024)``; head ``dense`` (``fc``).
+    ``transform_input=True`` (torchvision's pretrained weights expect it) re-normalises
+    ImageNet-normalised input from the ImageNet mean/std to mean 0.5, std 0.5 per channel.
+    """
+    pool = lambda k=3: nn.max_pool2d(k, stride=2, ceil_mode=True)  # noqa: E731
+    feats = []
+    if transform_input:
+        mean = jnp.asarray(_IMAGENET_MEAN, jnp.float32)
+        std = jnp.asarray(_IMAGENET_STD, jnp.float32)
+        feats.append(("transform_input", nn.lambda_layer(
+            lambda x: x * (std / 0.5).astype(x.dtype) + ((mean - 0.5) / 0.5).astype(x.dtype),
+            name="transform_input", shape_fn=lambda s: s)))
+    feats += [("conv1", _basic(64, 7, stride=2, padding=3)), ("maxpool1", pool()),
+              ("conv2", _basic(64, 1)), ("conv3", _basic(192, 3, padding=1)),
+              ("maxpool2", pool())]
+    names = {3: ("3a", "3b"), 4: ("4a", "4b", "4c", "4d", "4e"), 5: ("5a", "5b")}
+    for stage, cfgs in ((3, _B3), (4, _B4), (5, _B5)):
+        for nm, (c1, c2, c3, c4) in zip(names[stage], cfgs, strict=True):
+            feats.append((f"inception{nm}", inception_bn(c1, c2, c3, c4)))
+        if stage == 3:
+            feats.append(("maxpool3", pool()))
+        elif stage == 4:
+            feats.append(("maxpool4", pool(2)))
+    feats += [("avgpool", nn.global_avg_pool2d()), ("dropout", nn.dropout(dropout))]
+    return classifier(
+        "googlenet", nn.serial(*feats), nn.dense(num_classes), in_channels=in_channels,
+        input_size=(224, 224), num_classes=num_classes, transform_input=transform_input,
     )

@@ -32,7 +32,12 @@ __all__ = [
     "resnet34",
     "resnet50",
     "resnet101",
+    "resnet152",
     "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
 ]
 
 
@@ -331,3 +336,32 @@ def resnext50_32x4d(num_classes: int = 1000, in_channels: int = 3, **kw) -> Laye
     """ResNeXt-50 32x4d (bottleneck, [3, 4, 6, 3], 32 groups of width 4)."""
     return resnet("bottleneck", (3, 4, 6, 3), num_classes, in_channels, groups=32,
                   width_per_group=4, **kw)
+
+
+def resnet152(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """ResNet-152 (bottleneck, [3, 8, 36, 3])."""
+    return resnet("bottleneck", (3, 8, 36, 3), num_classes, in_channels, **kw)
+
+
+def resnext101_32x8d(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """ResNeXt-101 32x8d (bottleneck, [3, 4, 23, 3], 32 groups of width 8)."""
+    return resnet("bottleneck", (3, 4, 23, 3), num_classes, in_channels, groups=32,
+                  width_per_group=8, **kw)
+
+
+def resnext101_64x4d(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """ResNeXt-101 64x4d (bottleneck, [3, 4, 23, 3], 64 groups of width 4)."""
+    return resnet("bottleneck", (3, 4, 23, 3), num_classes, in_channels, groups=64,
+                  width_per_group=4, **kw)
+
+
+def wide_resnet50_2(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """Wide ResNet-50-2 (bottleneck, [3, 4, 6, 3], bottleneck width doubled: 128 per group)."""
+    return resnet("bottleneck", (3, 4, 6, 3), num_classes, in_channels, width_per_group=128,
+                  **kw)
+
+
+def wide_resnet101_2(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """Wide ResNet-101-2 (bottleneck, [3, 4, 23, 3], width 128 per group)."""
+    return resnet("bottleneck", (3, 4, 23, 3), num_classes, in_channels, width_per_group=128,
+                  **kw)

@@ -1,5 +1,5 @@
-"""VGG from an architecture spec (d2l chapter 8.2): VGG-11, VGG-16 and the book's
-channel-reduced variant."""
+"""VGG from an architecture spec (d2l chapter 8.2): VGG-11/13/16/19 (``batch_norm=True``:
+torchvision's ``vgg*_bn``) and the book's channel-reduced variant."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from fdl import nn
 from fdl.models.vision._common import classifier, scaled
 from fdl.nn.core import Layer
 
-__all__ = ["vgg", "vgg_block", "vgg11", "vgg16", "VGG11_ARCH", "VGG16_ARCH"]
+__all__ = ["vgg", "vgg_block", "vgg11", "vgg13", "vgg16", "vgg19", "VGG11_ARCH", "VGG13_ARCH",
+           "VGG16_ARCH", "VGG19_ARCH"]
 
 VGG11_ARCH = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
+VGG13_ARCH = ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512))
 VGG16_ARCH = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
+VGG19_ARCH = ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512))
 
 
 def vgg_block(num_convs: int, out_channels: int, *, batch_norm: bool = False) -> Layer:
@@ -72,6 +75,16 @@ def vgg11(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
     return vgg(VGG11_ARCH, num_classes, in_channels, **kw)
 
 
+def vgg13(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """VGG-13 (torchvision's ``vgg13`` layout with the defaults)."""
+    return vgg(VGG13_ARCH, num_classes, in_channels, **kw)
+
+
 def vgg16(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
     """VGG-16 (torchvision's ``vgg16`` layout with the defaults)."""
     return vgg(VGG16_ARCH, num_classes, in_channels, **kw)
+
+
+def vgg19(num_classes: int = 1000, in_channels: int = 3, **kw) -> Layer:
+    """VGG-19 (torchvision's ``vgg19`` layout with the defaults)."""
+    return vgg(VGG19_ARCH, num_classes, in_channels, **kw)
