@@ -20,7 +20,6 @@ Memory: XLA's compiled temp-buffer size of the step.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 
@@ -92,13 +91,9 @@ def _train(name, epochs, data, seed, print_fn) -> dict:
     key = jax.random.key(seed)
     params, state = jax.jit(model.init_params, static_argnums=1)(key, (1, *xtr.shape[1:]))
     t0 = time.time()
-    # the fp16 run needs the loss scale in the step: a step of our own (fit's default step
-    # does not multiply by optim.loss_scale yet)
-    kw = {}
-    if name == "fp16":
-        kw["train_step"] = _fit_step(model, opt)
+    # fit's step multiplies the loss by optim.loss_scale(opt_state) (the fp16 variant's scale)
     res = fit(model, params, state, opt, (xtr, ytr), eval_data=(xte, yte), epochs=epochs,
-              key=key, batch_size=bs, progress=False, print_fn=None, **kw)
+              key=key, batch_size=bs, progress=False, print_fn=None)
     out = {"test_acc": float(res.history.last["test_acc"]),
            "train_loss": float(res.history.last["train_loss"]), "seconds": time.time() - t0}
     if name == "ema":
@@ -109,31 +104,6 @@ def _train(name, epochs, data, seed, print_fn) -> dict:
         out["skipped_steps"] = int(res.opt_state.skipped)
     print_fn(f"{name}: {out}")
     return out
-
-
-def _fit_step(model, opt):
-    """A fit-compatible step (params, state, opt_state, batch, key) -> (..., metrics) that
-    scales the loss by the optimizer's loss scale."""
-    from fdl import optim
-    from fdl.train import metrics as M
-    from fdl.train.step import unpack_batch
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, state, opt_state, batch, key):
-        x, y, mask = unpack_batch(batch)
-
-        def objective(p):
-            out, ns = model.apply(p, state, x, key=key, train=True)
-            per = M.resolve_loss("cross_entropy")(out, y)
-            total, count = M.weighted_loss(per, mask, x.shape[0])
-            return total / count * optim.loss_scale(opt_state), (ns, out, total, count)
-
-        g, (ns, out, total, count) = jax.grad(objective, has_aux=True)(params)
-        u, opt_state = opt.update(g, opt_state, params)
-        return (optim.apply_updates(params, u), ns, opt_state,
-                M.batch_metrics(out, y, mask, total, count, ()))
-
-    return step
 
 
 def _time(names, rounds, steps, data, print_fn) -> None:

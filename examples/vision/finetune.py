@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import resize  # noqa: E402
-from glyphs import make_letters  # noqa: E402
+from glyphs import CHARACTERS, LETTERS, make_glyphs  # noqa: E402
 
 from fdl import nn, optim  # noqa: E402
 from fdl.data import load_digits, load_image_folder  # noqa: E402
@@ -70,15 +70,20 @@ def _rgb(x: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(resize(x, size), 3, axis=-1)
 
 
-def pretrain(path: str, *, per_class: int = 300, epochs: int = 6, size: int = 8,
-             base_channels: int = 16, seed: int = 0, print_fn=print) -> float:
-    """Pretrain on generated letters (26 classes, ``per_class`` each; Adam 1e-3 cosine-decayed
-    over ``epochs``) and save the network in torchvision layout to ``path`` (.safetensors).
-    Returns the accuracy on held-out generated letters."""
-    x, y = make_letters(per_class + 40, seed=seed + 100)
-    n_val = 26 * 40
+SOURCES = {"letters": LETTERS, "characters": CHARACTERS}
+
+
+def pretrain(path: str, *, source: str = "characters", per_class: int = 150, epochs: int = 6,
+             size: int = 8, base_channels: int = 16, seed: int = 0, print_fn=print) -> float:
+    """Pretrain on generated glyphs of ``source`` (``"characters"``: 62 classes, capital and
+    small letters and printed digits; ``"letters"``: the 26 capitals), ``per_class`` each, with
+    Adam 1e-3 cosine-decayed over ``epochs``; save the network in torchvision layout to
+    ``path`` (.safetensors). Returns the accuracy on held-out generated glyphs."""
+    charset = SOURCES[source]
+    x, y = make_glyphs(per_class + 20, charset, seed=seed + 100)
+    n_val = len(charset) * 20
     xtr, ytr, xva, yva = _rgb(x[n_val:], size), y[n_val:], _rgb(x[:n_val], size), y[:n_val]
-    model = build(26, base_channels, True)
+    model = build(len(charset), base_channels, True)
     key = jax.random.key(seed)
     params, state = jax.jit(model.init_params, static_argnums=1)(key, (1, size, size, 3))
     bs = 64
@@ -109,7 +114,7 @@ def make_demo(root: str, *, per_class: int = 10, split_seed: int = 0, pretrain_k
     os.makedirs(root, exist_ok=True)
     acc = pretrain(os.path.join(root, "backbone.safetensors"), print_fn=print_fn,
                    **(pretrain_kw or {}))
-    print_fn(f"backbone (generated letters, 26 classes) held-out acc {acc:.4f}")
+    print_fn(f"backbone (generated glyphs) held-out acc {acc:.4f}")
     (xtr, ytr), (xte, yte) = load_digits()
     rng = np.random.default_rng(split_seed)
     sel = np.concatenate([rng.choice(np.flatnonzero(ytr == c), per_class, replace=False)
@@ -119,8 +124,10 @@ def make_demo(root: str, *, per_class: int = 10, split_seed: int = 0, pretrain_k
     write_folder(os.path.join(root, "test"), xte, yte, names)
 
 
-def _optimizer(mode: str, lr: float, steps: int, weight_decay: float):
-    rate = optim.cosine_decay_schedule
+def _optimizer(mode: str, lr: float, steps: int, weight_decay: float, cosine: bool = True):
+    def rate(base, steps):  # cosine-decayed to 0 over the run, or constant
+        return optim.cosine_decay_schedule(base, steps) if cosine else base
+
     if mode == "finetune":  # the backbone at lr, the new head at 10 lr
         return optim.chain(optim.sgd(rate(lr, steps), momentum=0.9, weight_decay=weight_decay),
                            optim.scale_by_path({"head": 10.0}))
@@ -136,11 +143,11 @@ def _optimizer(mode: str, lr: float, steps: int, weight_decay: float):
 def finetune(weights: str, train_dir: str, test_dir: str, *, mode: str = "finetune",
              epochs: int = 40, lr: float = 3e-3, size: int = 8, base_channels: int = 16,
              small_input: bool = True, batch_size: int = 20, seed: int = 0,
-             weight_decay: float = 1e-3, print_fn=None) -> dict:
+             weight_decay: float = 1e-3, cosine: bool = True, print_fn=None) -> dict:
     """Train on the ``train_dir`` image folder in ``mode`` (see the module docstring) and
     report the accuracy on ``test_dir``. SGD momentum 0.9 with ``weight_decay``, cosine-decayed
-    to 0 over the run; learning rates ``lr`` (backbone in ``finetune``) and ``10 * lr`` (the
-    head; every layer in ``scratch``)."""
+    to 0 over the run (constant with ``cosine=False``); learning rates ``lr`` (backbone in
+    ``finetune``) and ``10 * lr`` (the head; every layer in ``scratch``)."""
     xtr, ytr, classes = load_image_folder(train_dir, size)
     xte, yte, classes_te = load_image_folder(test_dir, size)
     if classes != classes_te:
@@ -155,7 +162,7 @@ def finetune(weights: str, train_dir: str, test_dir: str, *, mode: str = "finetu
         params = {**params, "features": loaded_p["features"]}
         state = {**state, "features": loaded_s["features"]}
     steps = epochs * -(-len(xtr) // batch_size)
-    opt = _optimizer(mode, lr, steps, weight_decay)
+    opt = _optimizer(mode, lr, steps, weight_decay, cosine)
     t0 = time.time()
     res = fit(model, params, state, opt, (xtr, ytr), eval_data=(xte, yte), epochs=epochs,
               key=key, batch_size=batch_size, progress=False, print_fn=print_fn)
@@ -223,16 +230,19 @@ def main(argv=None):
                     help="backbone learning rate (head: 10x; scratch: 10x for all)")
     ap.add_argument("--size", type=int, default=8)
     ap.add_argument("--per-class", type=int, default=10, help="training digits per class")
+    ap.add_argument("--source", default="characters", choices=sorted(SOURCES),
+                    help="pretraining glyphs: 62 characters or the 26 capital letters")
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--no-small-input", dest="small_input", action="store_false")
     args = ap.parse_args(argv)
     kw = dict(epochs=args.epochs, lr=args.lr, size=args.size,
               base_channels=args.base_channels, small_input=args.small_input)
+    pkw = {"source": args.source}
     if args.table:
-        return table(per_class=args.per_class, **kw)
+        return table(per_class=args.per_class, pretrain_kw=pkw, **kw)
     if args.make_demo:
         make_demo(args.make_demo, per_class=args.per_class,
-                  pretrain_kw={"size": args.size, "base_channels": args.base_channels})
+                  pretrain_kw={"size": args.size, "base_channels": args.base_channels, **pkw})
         return None
     if not (args.weights and args.train_dir and args.test_dir):
         ap.error("--weights, --train-dir and --test-dir are required (or --make-demo DIR, "

@@ -14,12 +14,38 @@ import string
 
 import numpy as np
 
-__all__ = ["make_letters", "LETTERS"]
+__all__ = ["make_letters", "make_glyphs", "LETTERS", "CHARACTERS"]
 
 LETTERS = string.ascii_uppercase
+# capital and small letters and printed digits: 62 classes (the printed digits play the part of
+# ImageNet's own hot-dog class in the book's example)
+CHARACTERS = string.ascii_uppercase + string.ascii_lowercase + string.digits
 
 
-def _glyph(rng: np.random.Generator, letter: str, font_cache: dict) -> np.ndarray:
+def _elastic(rng: np.random.Generator, img, strength: float = 2.5):
+    """A smooth random displacement of every pixel (Simard et al.'s elastic distortion, the
+    look of handwriting): a 4x4 grid of random offsets, bilinearly upsampled."""
+    from PIL import Image
+
+    a = np.asarray(img, np.float32)
+    h, w = a.shape
+    fields = []
+    for _ in range(2):
+        coarse = rng.normal(0.0, strength, size=(4, 4)).astype(np.float32)
+        fields.append(np.asarray(Image.fromarray(coarse, mode="F").resize((w, h),
+                                                                         Image.BILINEAR)))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    sy = np.clip(yy + fields[0], 0, h - 1.001)
+    sx = np.clip(xx + fields[1], 0, w - 1.001)
+    y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+    ty, tx = sy - y0, sx - x0
+    out = ((1 - ty) * (1 - tx) * a[y0, x0] + (1 - ty) * tx * a[y0, x0 + 1]
+           + ty * (1 - tx) * a[y0 + 1, x0] + ty * tx * a[y0 + 1, x0 + 1])
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def _glyph(rng: np.random.Generator, letter: str, font_cache: dict, elastic: bool = False
+           ) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFont
 
     size = int(rng.integers(20, 29))
@@ -39,6 +65,8 @@ def _glyph(rng: np.random.Generator, letter: str, font_cache: dict) -> np.ndarra
     cx, cy = 24 + rng.uniform(-3, 3), 24 + rng.uniform(-3, 3)
     coeffs = (a, b, 24 - a * cx - b * cy, d, e, 24 - d * cx - e * cy)
     img = canvas.transform((48, 48), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+    if elastic:
+        img = _elastic(rng, img)
     box = img.getbbox()
     if box is None:
         return np.zeros((8, 8), np.float32)
@@ -53,15 +81,22 @@ def _glyph(rng: np.random.Generator, letter: str, font_cache: dict) -> np.ndarra
     return np.clip(a / max(a.max(), 1e-6) * rng.uniform(0.8, 1.0), 0.0, 1.0)
 
 
-def make_letters(n_per_class: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(images (26 * n, 8, 8, 1) float32 in [0, 1], labels (26 * n,) int32)``, shuffled."""
+def make_glyphs(n_per_class: int, charset: str = LETTERS, *, seed: int = 0,
+                elastic: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (len(charset) * n, 8, 8, 1) float32 in [0, 1], labels int32)``, shuffled;
+    label ``k`` is ``charset[k]``; ``elastic`` adds a random elastic distortion to each."""
     rng = np.random.default_rng(seed)
     cache: dict = {}
     images, labels = [], []
-    for k, letter in enumerate(LETTERS):
+    for k, ch in enumerate(charset):
         for _ in range(n_per_class):
-            images.append(_glyph(rng, letter, cache))
+            images.append(_glyph(rng, ch, cache, elastic))
             labels.append(k)
     order = rng.permutation(len(labels))
     x = np.stack(images)[order][..., None].astype(np.float32)
     return x, np.asarray(labels, np.int32)[order]
+
+
+def make_letters(n_per_class: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The 26 capital letters: :func:`make_glyphs` with ``LETTERS``."""
+    return make_glyphs(n_per_class, LETTERS, seed=seed)

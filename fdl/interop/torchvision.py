@@ -148,7 +148,7 @@ def _module_fn(name: str, modules: set[str]) -> Callable[[str], str | None]:
     vgg_idx = _vgg_index(name) if fam == "vgg" else {}
 
     def fn(module: str) -> str | None:
-        if module == "head":
+        if module == "head" or (module == "head/fc" and fam == "mobilenet_v2"):
             return _HEAD_KEY[fam]
         if not module.startswith("features/"):
             return None
