@@ -161,13 +161,20 @@ def test_sharded_step_partitions_convolutions(devices_ok):
     _close((p, s, m), (p1, s1, m1), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "xla"])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_sharded_step_partitions_native_rnn_loops(devices_ok, kind):
-    """The native LSTM/GRU loops run per device on the batch shard under a sharded jit (their
-    weight gradients summed over the batch axis), nothing is all-gathered, and the step equals
-    the single-device step."""
+def test_sharded_step_partitions_rnn_loops(devices_ok, kind, backend):
+    """Under a sharded jit the LSTM/GRU loops run per device on the batch shard -- the native
+    calls (their weight gradients summed over the batch axis) and the XLA loops alike --,
+    nothing is all-gathered, and the step equals the single-device step."""
+    from fdl import config
     from fdl._ext import loader
 
+    with config.override(rnn_backend=backend):
+        _check_sharded_rnn_step(kind, native=backend == "auto" and loader.load("rnn").loaded)
+
+
+def _check_sharded_rnn_step(kind, native):
     vocab = 11
     model = nn.serial(("embed", nn.embedding(vocab, 8)), ("rnn", getattr(nn, kind)(16)),
                       ("out", nn.dense(vocab)))
@@ -183,7 +190,8 @@ def test_sharded_step_partitions_native_rnn_loops(devices_ok, kind):
     hlo = step.lower(params, state, opt.init(params), sb, jax.random.key(1)).compile().as_text()
     assert "all-gather" not in hlo
     calls = [line for line in hlo.splitlines() if "custom-call(" in line and "fdl_" in line]
-    if loader.load("rnn").loaded:
+    assert native or not calls
+    if native:
         assert any(f"fdl_{kind}_fwd" in c for c in calls)
         assert any(f"fdl_{kind}_bwd_dw" in c for c in calls)
         assert all(f"f32[5,{16 // N_DEV}," in c for c in calls)  # (T, per-device batch, .)

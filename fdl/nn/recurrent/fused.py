@@ -42,15 +42,27 @@ __all__ = ["fused_direction"]
 #   instead accumulate them on a helper thread while the loop runs).
 
 
+def _project(xs, w_ih, b):
+    """``xs @ w_ih + b`` for all steps: (T, B, C) -> (T, B, G*H). An einsum, not a (T*B, C)
+    reshape: under a sharded jit B may be split over devices, and the reshape made XLA
+    all-gather it."""
+    return jnp.einsum("tbc,cg->tbg", xs, w_ih) + b
+
+
+def _outer_sum(a, b):
+    """``sum over t, b of a[t, b, :, None] * b[t, b, None, :]``: (T, B, K), (T, B, N) -> (K, N)
+    as one dot over both leading axes (in that order: XLA keeps them a free reshape)."""
+    return lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ())))
+
+
 def _gate_vec(n_h: int, values, dtype) -> jax.Array:
     """A (len(values)*n_h,) vector: ``values[k]`` repeated over gate block k."""
     return jnp.concatenate([jnp.full((n_h,), v, dtype) for v in values])
 
 
 def _lstm_dir_forward(unroll, w_ih, w_hh, b, xs, h0, c0):
-    t_len, batch, _ = xs.shape
-    n_h = w_hh.shape[0]
-    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, 4 * n_h)
+    t_len, n_h = xs.shape[0], w_hh.shape[0]
+    xp = _project(xs, w_ih, b)
     # a = tanh(z * s) * s + o  gives sigmoid for i, f, o (s = o = 1/2) and tanh for g (s=1, o=0)
     scale = _gate_vec(n_h, (0.5, 0.5, 1.0, 0.5), xp.dtype)
     offset = _gate_vec(n_h, (0.5, 0.5, 0.0, 0.5), xp.dtype)
@@ -95,9 +107,8 @@ def _lstm_dir_backward(unroll, w_hh, h0, c0, ys, aux, d_carry, d_ys):
 
 
 def _gru_dir_forward(unroll, w_ih, w_hh, b_ih, b_hh, xs, h0):
-    t_len, batch, _ = xs.shape
-    n_h = w_hh.shape[0]
-    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b_ih).reshape(t_len, batch, 3 * n_h)
+    t_len, n_h = xs.shape[0], w_hh.shape[0]
+    xp = _project(xs, w_ih, b_ih)
 
     def step(carry, t):
         h, buf = carry
@@ -138,9 +149,7 @@ def _gru_dir_backward(unroll, w_hh, h0, ys, aux, d_h, d_ys):
 
 
 def _rnn_dir_forward(unroll, w_ih, w_hh, b, xs, h0, relu=False):
-    t_len, batch, _ = xs.shape
-    n_h = w_hh.shape[0]
-    xp = (xs.reshape(t_len * batch, -1) @ w_ih + b).reshape(t_len, batch, n_h)
+    xp = _project(xs, w_ih, b)
     act = jax.nn.relu if relu else jnp.tanh
 
     def step(h, x):
@@ -190,8 +199,6 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
     params, xs, carry0, ys, aux = res
     d_carry, d_ys = cts
     w_ih, w_hh = params["w_ih"], params["w_hh"]
-    t_len, batch, n_in = xs.shape
-    n_h = w_hh.shape[0]
     done = None  # weight/bias gradients the native backward already computed
     if kind == "lstm":
         h0 = carry0[0]
@@ -214,18 +221,16 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
         h0 = carry0
         d0, d_xp, d_hh = _rnn_dir_backward(unroll, w_hh, h0, ys, aux, d_carry, d_ys,
                                            kind == "rnn_relu")
-    rows = t_len * batch
-    d_xp2 = d_xp.reshape(rows, -1)
-    d_hh2 = d_hh.reshape(rows, -1)
-    # h_{t-1} for every step: h0 for t = 0, then ys[:-1] (split so no (T, B, H) concatenate)
+    # h_{t-1} for every step: h0 for t = 0, then ys[:-1] (split so no (T, B, H) concatenate);
+    # dots over (T, B), no (T*B, .) reshapes (B may be sharded)
     if done is not None:
         d_params = done
     else:
-        d_w_hh = h0.T @ d_hh2[:batch] + ys[:-1].reshape(rows - batch, n_h).T @ d_hh2[batch:]
-        d_b_ih = jnp.sum(d_xp2, 0)
-        d_b_hh = jnp.sum(d_hh2, 0) if kind == "gru" else d_b_ih
-        d_params = {"w_ih": xs.reshape(rows, n_in).T @ d_xp2, "w_hh": d_w_hh, "b_ih": d_b_ih,
-                    "b_hh": d_b_hh}
+        d_w_hh = h0.T @ d_hh[0] + _outer_sum(ys[:-1], d_hh[1:])
+        d_b_ih = jnp.sum(d_xp, (0, 1))
+        d_b_hh = jnp.sum(d_hh, (0, 1)) if kind == "gru" else d_b_ih
+        d_params = {"w_ih": _outer_sum(xs, d_xp), "w_hh": d_w_hh,
+                    "b_ih": d_b_ih, "b_hh": d_b_hh}
     d_xs = jnp.einsum("tbg,cg->tbc", d_xp, w_ih)  # (no (T*B, .) reshape: B may be sharded)
     return d_params, d_xs, d0
 
