@@ -3,7 +3,10 @@
 **Sharded jit** (primary): a 1-D mesh with a ``data`` axis; the batch is split along its first
 axis, params / state / optimizer state are replicated, and XLA inserts the gradient all-reduce.
 The step computes exactly the single-device step on the global batch (BatchNorm sees the global
-batch: no ``axis_name`` needed). The mesh is built with ``AxisType.Auto`` (``jax.make_mesh``
+batch: no ``axis_name`` needed). Batch-first state (a recurrent layer's carry, ``(batch, ...)``)
+is gathered at the end of the step to stay replicated, as all state is (one small all-gather
+of the final carry per step; every process holds the whole state, so checkpoints need no
+gathering). The mesh is built with ``AxisType.Auto`` (``jax.make_mesh``
 defaults to Explicit axes since JAX 0.7; with Auto, sharding is a layout decision made by
 ``in_shardings``/``out_shardings`` and model code needs no sharding annotations).
 fdl's native CPU kernels (oneDNN convolutions) partition themselves over the batch axis under
