@@ -3,9 +3,9 @@ the reference of fdl.models.detection's tests and the ``tinyssd`` / ``nms_5444``
 Eager loops, the book's exact operations and order.
 
 Differences from the book: ``multibox_target`` also accepts a list of per-image ground truth
-without padding rows (fdl's padding rows take no part in the assignment) and gives an image
-without objects an all-background target; ``nms`` sorts stably (the book's ``argsort`` order of
-equal scores is unspecified).
+without padding rows (fdl's padding rows take no part in the assignment), gives an image without
+objects an all-background target and builds its targets in the anchors' dtype (so that float64
+runs too); ``nms`` sorts stably (the book's ``argsort`` order of equal scores is unspecified).
 """
 
 import torch
@@ -94,7 +94,7 @@ def multibox_target(anchors, labels_per_image):
             amap = torch.full((num_anchors,), -1, dtype=torch.long)
         mask = (amap >= 0).float().unsqueeze(-1).repeat(1, 4)
         class_labels = torch.zeros(num_anchors, dtype=torch.long)
-        assigned = torch.zeros((num_anchors, 4), dtype=torch.float32)
+        assigned = torch.zeros((num_anchors, 4), dtype=anchors.dtype)
         idx = torch.nonzero(amap >= 0)
         bb = amap[idx]
         if len(label):
