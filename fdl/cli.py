@@ -184,6 +184,11 @@ def _optimizer(name: str, lr: float, weight_decay: float):
 # ----------------------------------------------------------------------------- checks
 
 
+# fdl.data.augment.SPEC_NAMES, repeated here so that arguments are checked without JAX (a test
+# keeps the two equal)
+AUGMENTATIONS = ("flip", "vflip", "crop", "cutout", "jitter")
+
+
 def _check_train_args(args) -> None:
     """Every check that needs no data and no JAX (so errors come at once)."""
     if args.model not in MODELS:
@@ -219,6 +224,12 @@ def _check_train_args(args) -> None:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if args.resume is not None and args.overwrite:
         raise CLIError("--resume and --overwrite contradict each other; pass one")
+    if args.augment is not None:
+        names = [n.strip().lower() for n in args.augment.split(",") if n.strip()]
+        bad = [n for n in names if n not in AUGMENTATIONS]
+        if not names or bad:
+            raise CLIError(f"--augment {args.augment!r}: " + (f"unknown {bad}; " if bad else "")
+                           + f"give a comma-separated list of {', '.join(AUGMENTATIONS)}")
     for flag, path in (("--output", args.output), ("--checkpoint-dir", args.checkpoint_dir)):
         if path:
             _check_dir_target(flag, path)
@@ -386,6 +397,11 @@ def cmd_train(args) -> int:
         )
     shape = tuple(xtr.shape[1:])
     model = _build_model(args.model, num_classes, shape)
+    if args.augment:
+        from fdl.data import augment
+
+        # training batches augmented on the device; eval/predict rebuild the plain model
+        model = augment.augmented(model, augment.from_spec(args.augment))
     import jax
 
     n_dev = args.devices
@@ -631,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the latest run (or --checkpoint-dir's run) instead of "
                         "starting a new run folder")
+    t.add_argument("--augment", default=None, metavar="LIST",
+                   help="augment training images on the device: a comma-separated list of "
+                        f"{', '.join(AUGMENTATIONS)} (e.g. flip,crop; crop pads by 1/8 of "
+                        "the height)")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -144,6 +144,8 @@ def _write_file(tmp_path):
         (["train", "--output", "{file}/runs"], "--output '{file}/runs': '{file}' is a file"),
         (["train", "--checkpoint-dir", "{file}"], "--checkpoint-dir '{file}': '{file}' is a"),
         (["train", "--resume", "--overwrite"], "contradict"),
+        (["train", "--augment", "flip,rotate"], "--augment 'flip,rotate': unknown ['rotate']"),
+        (["train", "--augment", ","], "give a comma-separated list of flip, vflip, crop"),
         (["train", "--output", "/proc/fdl-runs"], "--output '/proc/fdl-runs': cannot create"),
         (["eval", "/nonexistent/ckpt.safetensors"], "does not exist"),
         (["eval", "{tmp}"], "no run in"),
@@ -169,6 +171,22 @@ def test_argument_errors_come_before_jax_is_imported():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert res.stdout.split() == ["False", "2"], res.stderr
+
+
+def test_augment_trains_on_augmented_batches_and_evaluates_the_plain_model(tmp_path, capsys):
+    from fdl.data import augment
+
+    assert cli.AUGMENTATIONS == augment.SPEC_NAMES
+    out = str(tmp_path / "runs")
+    assert cli.main([*TRAIN, "--augment", "crop", "--output", out]) == 0
+    text = capsys.readouterr().out
+    run = text.split("run:        ")[1].split("\n")[0]
+    import json
+
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["augment"] == "crop"
+    assert _acc(text) > 0.5
+    assert cli.main(["eval", run]) == 0  # the checkpoint loads into the plain model
 
 
 def test_predict_on_bad_image_files(first_run, tmp_path, capsys):
