@@ -173,12 +173,44 @@ def test_argument_errors_come_before_jax_is_imported():
     assert res.stdout.split() == ["False", "2"], res.stderr
 
 
-def test_augment_trains_on_augmented_batches_and_evaluates_the_plain_model(tmp_path, capsys):
+def test_augment_wraps_the_trained_model(tmp_path, monkeypatch):
+    import fdl.train
     from fdl.data import augment
 
     assert cli.AUGMENTATIONS == augment.SPEC_NAMES
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(model, *args, **kwargs):
+        raise Stop(model)
+
+    monkeypatch.setattr(fdl.train, "fit", fake_fit)
+    argv = [*TRAIN, "--output", str(tmp_path / "runs")]
+    with pytest.raises(Stop) as plain:
+        cli.main(argv)
+    with pytest.raises(Stop) as aug:
+        cli.main([*argv, "--augment", "flip,crop"])
+    assert "augmented" not in plain.value.args[0].config
+    assert aug.value.args[0].config["augmented"] is True
+
+
+@pytest.mark.slow  # a CLI run and its eval: ~16 s on the shared machine
+def test_augment_trains_on_augmented_batches_and_evaluates_the_plain_model(
+        tmp_path, capsys, monkeypatch):
+    from fdl.data import augment
+
+    wrapped = []
+    real = augment.augmented
+
+    def spy(model, aug):
+        wrapped.append(aug)
+        return real(model, aug)
+
+    monkeypatch.setattr(augment, "augmented", spy)
     out = str(tmp_path / "runs")
     assert cli.main([*TRAIN, "--augment", "crop", "--output", out]) == 0
+    assert len(wrapped) == 1  # the trained model is the augmented one
     text = capsys.readouterr().out
     run = text.split("run:        ")[1].split("\n")[0]
     import json
