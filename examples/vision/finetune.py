@@ -2,8 +2,9 @@
 a new head for a small target task, trained three ways and compared.
 
 The book fine-tunes ImageNet weights on 2,000 hot-dog photos. Offline, the same story: the
-backbone (a small ResNet-18) is pretrained on 26 classes of *generated letters* (``glyphs.py``:
-thousands of 8x8 glyphs in the look of scikit-learn's digits), and the target task is the
+backbone (a small ResNet-18) is pretrained on 62 classes of *generated characters* (``glyphs.py``:
+letters and printed digits, 18,600 elastically distorted 8x8 glyphs in the look of
+scikit-learn's digits; ``--source letters`` for the 26 capitals), and the target task is the
 *handwritten digits* with only a few labelled images per class. Three ways to train it:
 
 - ``finetune``: all layers train, the new head at 10x the backbone's learning rate;
@@ -73,7 +74,7 @@ def _rgb(x: np.ndarray, size: int) -> np.ndarray:
 SOURCES = {"letters": LETTERS, "characters": CHARACTERS}
 
 
-def pretrain(path: str, *, source: str = "characters", per_class: int = 150, epochs: int = 6,
+def pretrain(path: str, *, source: str = "characters", per_class: int = 300, epochs: int = 10,
              size: int = 8, base_channels: int = 16, seed: int = 0, print_fn=print) -> float:
     """Pretrain on generated glyphs of ``source`` (``"characters"``: 62 classes, capital and
     small letters and printed digits; ``"letters"``: the 26 capitals), ``per_class`` each, with
@@ -108,7 +109,7 @@ def write_folder(root: str, images: np.ndarray, labels: np.ndarray, names) -> No
 
 def make_demo(root: str, *, per_class: int = 10, split_seed: int = 0, pretrain_kw=None,
               print_fn=print) -> None:
-    """``root/backbone.safetensors`` (pretrained on letters) and image folders of the digits:
+    """``root/backbone.safetensors`` (pretrained on generated glyphs) and image folders of the digits:
     ``train`` with ``per_class`` images per class from the digits' training split, ``test``
     with the whole test split (360 images). The folders hold the 8x8 images as they are."""
     os.makedirs(root, exist_ok=True)

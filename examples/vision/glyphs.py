@@ -1,11 +1,13 @@
 """Generated letters in the look of scikit-learn's 8x8 digits: the pretraining data of the
 fine-tuning demo (``finetune.py``).
 
-Each image is one of the 26 capital letters drawn with Pillow's built-in font (no font file is
-needed) at a random size, stroke weight, rotation, shear and position, reduced to 8x8 by area
+Each image is one character of a set (``LETTERS``: the 26 capitals; ``CHARACTERS``: capitals,
+small letters and printed digits, 62 classes, the demo's default) drawn with Pillow's built-in
+font (no font file is needed) at a random size, stroke weight, rotation, shear and position,
+optionally warped by an elastic distortion (a handwriting look), reduced to 8x8 by area
 averaging (as the UCI digits were made: 32x32 bitmaps counted in 4x4 blocks) and scaled to
 ``[0, 1]``: white-on-black, blurry, low-resolution glyphs made of the same kind of strokes as the
-digits, but of other classes (the digits' role in ImageNet is played by these letters).
+handwritten digits (these glyphs play the part of ImageNet in the book's example).
 """
 
 from __future__ import annotations

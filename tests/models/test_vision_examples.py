@@ -91,3 +91,20 @@ def test_finetune_example(tmp_path):
                               sd["conv1.weight"].transpose(2, 3, 1, 0))
     assert r["bn_stats_moved"] > 0  # the whole network trains, statistics re-estimated
     assert r["test_acc"] >= 0.8, r
+
+
+def test_glyphs_are_digit_like_labelled_and_seeded():
+    glyphs = _load("glyphs")
+    x, y = glyphs.make_glyphs(3, glyphs.CHARACTERS, seed=5)
+    assert x.shape == (3 * 62, 8, 8, 1) and x.dtype == np.float32
+    assert y.dtype == np.int32 and np.bincount(y).tolist() == [3] * 62
+    assert x.min() >= 0.0 and 0.8 <= x.max() <= 1.0
+    assert (x.reshape(len(x), -1).max(axis=1) >= 0.8).all()  # every glyph has ink
+    x2, y2 = glyphs.make_glyphs(3, glyphs.CHARACTERS, seed=5)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    x3, _ = glyphs.make_glyphs(3, glyphs.CHARACTERS, seed=6)
+    assert not np.array_equal(x, x3)
+    # the same character drawn twice differs (size, stroke, rotation, shear, elastic warp)
+    a_glyphs = x[y == 0]
+    assert not np.array_equal(a_glyphs[0], a_glyphs[1])
