@@ -352,7 +352,8 @@ def from_spec(spec: str) -> Augmentation:
     ``crop``: :func:`random_crop` back to the image's size after zero-padding by an eighth of
     its height (4 pixels for 32x32, the CIFAR recipe; 3 for 28x28); ``cutout``: :func:`cutout`
     of half the image's height; ``jitter``: :func:`color_jitter` (0.2 brightness, contrast
-    and saturation; saturation leaves a 1-channel image unchanged). Sizes come from the image, so one spec fits any data.
+    and saturation; saturation leaves a 1-channel image unchanged). Sizes come from the image,
+    so one spec fits any data.
     """
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     if not names:
