@@ -1,142 +1,194 @@
-"""Fine-tune a small BERT for sequence classification on a task built from the shipped data:
-is an English sentence of fra-eng a question? (its words only: the final punctuation is
-removed, so the model must read "do you ...", "what ...", word order).
+"""Does pretraining help? Fine-tune a small BERT on a task built from the shipped data with few
+labelled examples, from a pretrained encoder and from scratch, over several seeds.
 
     python examples/sequence/bert_finetune.py [--data ../shared/data/fra-eng.zip]
-        [--pretrain-steps 200] [--steps 300]
+        [--pretrain-steps 1000] [--save-pretrained runs/bert_fra.safetensors]
+        [--pretrained runs/bert_fra.safetensors] [--train-examples 100] [--seeds 5]
 
-The encoder is first pretrained with MLM + NSP on the English side of fra-eng (the book's small
-BERT, ``--pretrain-steps`` steps, skipped with 0), then its ``"bert"`` params are loaded into
-:func:`~fdl.models.sequence.bert.bert_classifier` (a ``dense(2)`` head on the pooled ``<cls>``)
-and the whole model is fine-tuned with Adam. Prints test accuracy on held-out sentences; run
-with ``--pretrain-steps 0`` for the from-scratch baseline.
+Task: is an English sentence of fra-eng a question? Only its words are given (the final
+punctuation is removed), so the model must read "do you ...", "what ...", word order.
+Unlabelled text: the encoder is pretrained with MLM + NSP on the English side of fra-eng with
+``fdl.train.fit`` (sentence-final punctuation is stripped there too, so pretraining never sees
+the label); ``--pretrained`` loads an encoder saved by ``--save-pretrained`` instead.
+Fine-tuning: :func:`~fdl.models.sequence.bert.bert_classifier` (a ``dense(2)`` head on the
+pooled ``<cls>``) trained with ``fit`` on ``--train-examples`` labelled sentences (balanced),
+evaluated on ``--test-examples`` held-out sentences that never occur in the labelled set. For
+every seed (the labelled subset, head init, dropout and batch order) the same fine-tuning runs
+once from the pretrained encoder and once from a random one; prints every accuracy, the mean
+and standard deviation of each and of the per-seed difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import time
-from functools import partial
+import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
-def question_task(path, vocab, max_len, n, seed):
-    """Balanced (sentence without its final punctuation, is_question) examples."""
-    import zipfile
+def _pretrain_module():
+    """examples/sequence/bert_pretrain.py (its fit-based pretraining and params files)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bert_pretrain.py")
+    spec = importlib.util.spec_from_file_location("bert_pretrain_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    from fdl.data.bert import tokens_and_segments
 
+def read_question_task(path: str) -> tuple[list[list[str]], np.ndarray]:
+    """Every distinct English sentence of fra-eng ending in ``?`` (label 1) or ``.``/``!``
+    (label 0), as words without punctuation (apostrophes split words as in
+    :mod:`fdl.data.bert`'s readers): ``(sentences, labels)``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"fra-eng not found at {path!r} (cwd {os.getcwd()!r}); pass "
+                                "--data ../shared/data/fra-eng.zip")
     with zipfile.ZipFile(path) as zf:
         name = next(m for m in zf.namelist() if m.endswith("fra.txt"))
         lines = zf.read(name).decode("utf-8").split("\n")
-    eng = [ln.split("\t")[0].strip().lower() for ln in lines if "\t" in ln]
-    rng = np.random.default_rng(seed)
-    q = [s for s in eng if s.endswith("?")]
-    other = [s for s in eng if s.endswith((".", "!"))]
-    rng.shuffle(q)
-    rng.shuffle(other)
-    pairs = [(s, 1) for s in q[: n // 2]] + [(s, 0) for s in other[: n // 2]]
-    rng.shuffle(pairs)
-    tokens = np.full((len(pairs), max_len), vocab["<pad>"], np.int32)
-    valid = np.zeros((len(pairs),), np.int32)
-    for i, (s, _) in enumerate(pairs):
-        words = "".join(c if c.isalpha() or c == " " else " " for c in s[:-1]).split()
+    seen, sentences, labels = set(), [], []
+    for line in lines:
+        if "\t" not in line:
+            continue
+        s = line.split("\t")[0].strip().lower()
+        if not s.endswith(("?", ".", "!")):
+            continue
+        words = "".join(c if "a" <= c <= "z" else " " for c in s[:-1]).split()
+        key = " ".join(words)
+        if not words or key in seen:
+            continue
+        seen.add(key)
+        sentences.append(words)
+        labels.append(int(s.endswith("?")))
+    return sentences, np.asarray(labels, np.int32)
+
+
+def split_task(labels: np.ndarray, n_train: int, n_test: int, seed: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced index sets: ``n_test`` fixed test sentences (seed 0) and ``n_train``
+    labelled ones drawn with ``seed`` from the rest."""
+    pools = [np.flatnonzero(labels == c) for c in (0, 1)]
+    rng0 = np.random.default_rng(0)
+    pools = [rng0.permutation(p) for p in pools]
+    test = np.concatenate([p[: n_test // 2] for p in pools])
+    rest = [p[n_test // 2:] for p in pools]
+    rng = np.random.default_rng(1000 + seed)
+    train = np.concatenate([rng.choice(r, n_train // 2, replace=False) for r in rest])
+    return rng.permutation(train), test
+
+
+def encode(sentences, vocab, max_len: int) -> dict[str, np.ndarray]:
+    """``<cls> words <sep>`` ids padded to ``max_len``: the encoder's dict inputs."""
+    from fdl.data.bert import tokens_and_segments
+
+    tokens = np.full((len(sentences), max_len), vocab["<pad>"], np.int32)
+    valid = np.zeros((len(sentences),), np.int32)
+    for i, words in enumerate(sentences):
         toks, _ = tokens_and_segments(words[: max_len - 2])
         ids = vocab[toks]
         tokens[i, :len(ids)], valid[i] = ids, len(ids)
-    return tokens, np.zeros_like(tokens), valid, np.asarray([y for _, y in pairs], np.int32)
+    return {"tokens": tokens, "segments": np.zeros_like(tokens), "valid_lens": valid}
+
+
+def finetune(cfg, encoder_params, x, y, x_test, y_test, *, seed: int, epochs: int,
+             batch_size: int, lr: float) -> float:
+    """Fine-tune ``bert_classifier`` (encoder from ``encoder_params``, or random when
+    ``None``) with ``fit``; returns the held-out accuracy."""
+    from fdl import optim
+    from fdl.models.sequence.bert import bert_classifier
+    from fdl.train import evaluate, fit
+
+    clf = bert_classifier(cfg, 2)
+    b = min(batch_size, len(y))
+    shapes = {k: v.shape[1:] for k, v in x.items()}
+    _, params, _ = clf.init(jax.random.key(seed), {k: (b, *s) for k, s in shapes.items()})
+    if encoder_params is not None:
+        params = {"bert": encoder_params, "head": params["head"]}
+    res = fit(clf, params, {}, optim.adam(lr), (x, y), epochs=epochs, batch_size=b,
+              key=jax.random.key(10_000 + seed), print_fn=None, progress=False)
+    return evaluate(res.params, {}, (x_test, y_test), model=clf, batch_size=500)["acc"]
+
+
+def _std(a: np.ndarray) -> float:
+    return float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
 def main(argv=None) -> dict:
-    from fdl import optim
     from fdl.data.bert import bert_pretraining_data, read_fra_eng_english
-    from fdl.models.sequence.bert import (
-        BertConfig,
-        bert_classifier,
-        bert_pretraining,
-        pretraining_loss,
-    )
+    from fdl.models.sequence.bert import BertConfig, bert_pretraining
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/fra-eng.zip")
-    ap.add_argument("--pretrain-steps", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--examples", type=int, default=4000)
+    ap.add_argument("--pretrain-steps", type=int, default=1000)
+    ap.add_argument("--pretrain-batch-size", type=int, default=128)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--pretrained", default=None,
+                    help="load the pretrained params from this file (skips pretraining)")
+    ap.add_argument("--save-pretrained", default=None, help="write the pretrained params")
+    ap.add_argument("--train-examples", type=int, default=100)
+    ap.add_argument("--test-examples", type=int, default=2000)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-len", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch runs")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    key = jax.random.key(args.seed)
-    arrays, vocab = bert_pretraining_data(read_fra_eng_english(args.data), args.max_len,
-                                          seed=args.seed)
-    cfg = BertConfig.d2l(len(vocab), max_len=args.max_len, dropout=0.1, init_std=0.02)
-    b = args.batch_size
+    pre_mod = _pretrain_module()
 
-    def sgd_loop(loss_fn, params, batches, lr, n_steps):
-        opt = optim.adam(lr)
-
-        @partial(jax.jit, donate_argnums=(0, 1))
-        def step(p, o, batch, k):
-            loss, g = jax.value_and_grad(loss_fn)(p, batch, k)
-            upd, o = opt.update(g, o, p)
-            return optim.apply_updates(p, upd), o, loss
-
-        o, losses = opt.init(params), []
-        for s in range(n_steps):
-            params, o, loss = step(params, o, batches(s), jax.random.fold_in(key, s))
-            losses.append(loss)
-        return params, [float(v) for v in jax.device_get(losses)]
-
-    n = arrays["tokens"].shape[0]
+    arrays, vocab = bert_pretraining_data(read_fra_eng_english(args.data), args.max_len, seed=0)
+    cfg = BertConfig.d2l(len(vocab), args.hidden, 2 * args.hidden, num_layers=args.layers,
+                         max_len=args.max_len, dropout=0.1, init_std=0.02)
     pre = bert_pretraining(cfg)
-    p_slots = arrays["pred_positions"].shape[1]
-    _, params, _ = pre.init(jax.random.fold_in(key, 0),
-                            ((b, args.max_len), (b, args.max_len), (b,), (b, p_slots)))
-    if args.pretrain_steps:
-        rng = np.random.default_rng(args.seed)
+    b = args.pretrain_batch_size
+    p = arrays["pred_positions"].shape[1]
+    _, params, _ = pre.init(jax.random.key(0), ((b, args.max_len),) * 2 + ((b,), (b, p)))
+    if args.pretrained:
+        params = pre_mod.load_params(args.pretrained, params)
+        print(f"pretrained params loaded from {args.pretrained}")
+    elif args.pretrain_steps:
+        n = arrays["tokens"].shape[0]
+        print(f"pretraining: {args.pretrain_steps} steps of batch {b} on {n} sentence pairs "
+              f"(the English side of fra-eng, vocab {len(vocab)}), Adam {args.pretrain_lr}")
+        res = pre_mod.pretrain(pre, params, arrays, steps=args.pretrain_steps, batch_size=b,
+                               lr=args.pretrain_lr, seed=0)
+        params = res.params
+        if args.save_pretrained:
+            pre_mod.save_params(args.save_pretrained, params)
+            print(f"pretrained params saved to {args.save_pretrained}")
 
-        def pre_batches(s):
-            idx = rng.integers(0, n, b)
-            return {k: jnp.asarray(v[idx]) for k, v in arrays.items()}
-
-        def pre_loss(p, bt, k):
-            out, _ = pre.apply(p, {}, (bt["tokens"], bt["segments"], bt["valid_lens"],
-                                       bt["pred_positions"]), key=k, train=True)
-            return pretraining_loss(out, bt["mlm_labels"], bt["mlm_weights"], bt["nsp_labels"])[0]
-
-        params, pl = sgd_loop(pre_loss, params, pre_batches, 0.01, args.pretrain_steps)
-        print(f"pretraining ({args.pretrain_steps} steps on {n} fra-eng English pairs): MLM+NSP "
-              f"loss {pl[0]:.3f} -> {pl[-1]:.3f}")
-    tokens, segments, valid, labels = question_task(args.data, vocab, args.max_len,
-                                                    args.examples, args.seed)
-    split = int(0.8 * len(labels))
-    clf = bert_classifier(cfg, 2)
-    _, cparams, _ = clf.init(jax.random.fold_in(key, 1), ((b, args.max_len),) * 2 + ((b,),))
-    cparams = {"bert": params["bert"], "head": cparams["head"]}  # the pretrained encoder
-    rng = np.random.default_rng(args.seed + 1)
-
-    def ft_batches(s):
-        idx = rng.integers(0, split, b)
-        return tuple(jnp.asarray(a[idx]) for a in (tokens, segments, valid, labels))
-
-    def ft_loss(p, bt, k):
-        logits, _ = clf.apply(p, {}, bt[:3], key=k, train=True)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), bt[3][:, None], 1))
-
-    cparams, fl = sgd_loop(ft_loss, cparams, ft_batches, args.lr, args.steps)
-    predict = jax.jit(lambda p, x: jnp.argmax(clf.apply(p, {}, x)[0], -1))
-    test = tuple(jnp.asarray(a[split:]) for a in (tokens, segments, valid))
-    acc = float(np.mean(np.asarray(predict(cparams, test)) == labels[split:]))
-    how = "pretrained" if args.pretrain_steps else "from scratch"
-    print(f"fine-tuning ({how}, {args.steps} steps): loss {fl[0]:.3f} -> {fl[-1]:.3f}; test "
-          f"accuracy {acc:.3f} on {len(labels) - split} held-out sentences (chance 0.5); "
-          f"{time.perf_counter() - t0:.1f} s")
-    return {"accuracy": acc, "finetune_loss": fl}
+    sentences, labels = read_question_task(args.data)
+    inputs = encode(sentences, vocab, args.max_len)
+    print(f"task: {len(labels)} distinct sentences ({labels.mean():.2f} questions); "
+          f"{args.train_examples} labelled, {args.test_examples} held out; fine-tuning "
+          f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}")
+    runs = {"pretrained": [], "scratch": []}
+    kinds = ["pretrained"] + ([] if args.no_scratch else ["scratch"])
+    for seed in range(args.seeds):
+        tr, te = split_task(labels, args.train_examples, args.test_examples, seed)
+        x, x_test = ({k: v[idx] for k, v in inputs.items()} for idx in (tr, te))
+        for kind in kinds:
+            enc = params["bert"] if kind == "pretrained" else None
+            acc = finetune(cfg, enc, x, labels[tr], x_test, labels[te], seed=seed,
+                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+            runs[kind].append(acc)
+        print(f"seed {seed}: " + ", ".join(f"{k} {runs[k][-1]:.3f}" for k in kinds))
+    for kind in kinds:
+        a = np.asarray(runs[kind])
+        print(f"{kind:10s}: held-out accuracy {a.mean():.3f} +- {_std(a):.3f} over {len(a)} "
+              f"seeds (chance 0.5)")
+    if runs["scratch"]:
+        d = np.asarray(runs["pretrained"]) - np.asarray(runs["scratch"])
+        print(f"pretrained - scratch: {d.mean():+.3f} +- {_std(d):.3f}; better in "
+              f"{int((d > 0).sum())} of {len(d)} seeds")
+    print(f"{time.perf_counter() - t0:.1f} s")
+    return runs
 
 
 if __name__ == "__main__":

@@ -5,10 +5,15 @@
 - :func:`from_hf_bert`: a ``BertModel`` or ``BertForPreTraining`` state dict (a dict of arrays or
   torch tensors, or a ``.safetensors`` file) -> fdl params for :func:`bert_encoder` (keys
   ``embeddings.*``/``encoder.*``/``pooler.*``, optionally under ``bert.``) or, when the ``cls.*``
-  heads are present, for :func:`bert_pretraining`.
+  heads are present, for :func:`bert_pretraining`. Fine-tuned models too:
+  ``BertForSequenceClassification`` / ``BertForTokenClassification`` (``classifier.*``) and
+  ``BertForQuestionAnswering`` (``qa_outputs.*``) -> ``{"bert", "head"}`` params for
+  :func:`bert_classifier` / :func:`bert_tagger` / :func:`bert_qa` (the last two have no pooler
+  in HF: fdl's unused pooler params are then zeros).
 - :func:`to_hf_bert`: fdl params -> a flat HF-named ``{name: np.ndarray}`` state dict
-  (``cls.predictions.decoder.weight`` is the token table when the decoder is tied), which HF's
-  ``load_state_dict`` accepts; ``from_hf_bert(to_hf_bert(p))`` round-trips exactly.
+  (``cls.predictions.decoder.weight`` is the token table when the decoder is tied; a
+  fine-tuning ``"head"`` as ``classifier.*`` or ``qa_outputs.*``), which
+  HF's ``load_state_dict`` accepts; ``from_hf_bert(to_hf_bert(p))`` round-trips exactly.
 
 Conversions: PyTorch ``Linear.weight (out, in)`` is transposed to fdl's ``(in, out)``; the
 separate query/key/value projections are concatenated into the fused ``qkv`` kernel
@@ -68,14 +73,21 @@ def _check_hf_style(cfg: BertConfig) -> None:
                          "with embedding_norm=True and use_bias=True (e.g. config_from_hf)")
 
 
-def hf_bert_shapes(cfg: BertConfig, pretraining: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every HF state-dict name (with the ``bert.`` prefix) and its shape for ``cfg``."""
+_HEADS = {"classifier": "classifier", "qa_outputs": "qa_outputs"}
+
+
+def hf_bert_shapes(cfg: BertConfig, pretraining: bool = True, head: tuple[str, int] | None = None,
+                   pooler: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every HF state-dict name (with the ``bert.`` prefix) and its shape for ``cfg``; with
+    ``head = (name, outputs)`` (``("classifier", num_labels)`` or ``("qa_outputs", 2)``) the
+    fine-tuning head instead of the pretraining heads."""
     d, f, v = cfg.num_hiddens, cfg.ffn_hiddens, cfg.vocab_size
     s = {"bert.embeddings.word_embeddings.weight": (v, d),
          "bert.embeddings.position_embeddings.weight": (cfg.max_len, d),
          "bert.embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, d),
-         "bert.embeddings.LayerNorm.weight": (d,), "bert.embeddings.LayerNorm.bias": (d,),
-         "bert.pooler.dense.weight": (d, d), "bert.pooler.dense.bias": (d,)}
+         "bert.embeddings.LayerNorm.weight": (d,), "bert.embeddings.LayerNorm.bias": (d,)}
+    if pooler:
+        s["bert.pooler.dense.weight"], s["bert.pooler.dense.bias"] = (d, d), (d,)
     for i in range(cfg.num_layers):
         p = f"bert.encoder.layer.{i}."
         for n in ("attention.self.query", "attention.self.key", "attention.self.value",
@@ -85,7 +97,9 @@ def hf_bert_shapes(cfg: BertConfig, pretraining: bool = True) -> dict[str, tuple
         s[p + "output.dense.weight"], s[p + "output.dense.bias"] = (d, f), (d,)
         for n in ("attention.output.LayerNorm", "output.LayerNorm"):
             s[p + n + ".weight"], s[p + n + ".bias"] = (d,), (d,)
-    if pretraining:
+    if head is not None:
+        s[head[0] + ".weight"], s[head[0] + ".bias"] = (head[1], d), (head[1],)
+    elif pretraining:
         s.update({"cls.predictions.bias": (v,), "cls.predictions.transform.dense.weight": (d, d),
                   "cls.predictions.transform.dense.bias": (d,),
                   "cls.predictions.transform.LayerNorm.weight": (d,),
@@ -106,8 +120,18 @@ def _normalise_names(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _validate(sd: dict[str, np.ndarray], cfg: BertConfig, pretraining: bool) -> None:
-    want = hf_bert_shapes(cfg, pretraining)
+def _head_of(sd: dict[str, np.ndarray]) -> tuple[str, int] | None:
+    """The fine-tuning head in a state dict: ``(name, outputs)`` or ``None``."""
+    for name in _HEADS:
+        w = sd.get(name + ".weight")
+        if w is not None:
+            return name, int(w.shape[0])
+    return None
+
+
+def _validate(sd: dict[str, np.ndarray], cfg: BertConfig, pretraining: bool,
+              head: tuple[str, int] | None = None, pooler: bool = True) -> None:
+    want = hf_bert_shapes(cfg, pretraining, head, pooler)
     optional = {"cls.predictions.decoder.bias"}  # tied to cls.predictions.bias
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want and k not in optional]
@@ -135,14 +159,18 @@ def from_hf_bert(source: Mapping[str, Any] | str | os.PathLike, cfg: BertConfig
     _check_hf_style(cfg)
     sd = _normalise_names(load_state_dict(source))
     pretraining = any(k.startswith("cls.") for k in sd)
-    _validate(sd, cfg, pretraining)
+    head = _head_of(sd)
+    pooler = "bert.pooler.dense.weight" in sd or head is None
+    _validate(sd, cfg, pretraining, head, pooler)
     sd = {k: np.asarray(a, np.float32) for k, a in sd.items()}
-    e = "bert.embeddings."
+    e, d = "bert.embeddings.", cfg.num_hiddens
     bert = {"embeddings": {"token": {"table": sd[e + "word_embeddings.weight"]},
                            "segment": {"table": sd[e + "token_type_embeddings.weight"]},
                            "position": {"table": sd[e + "position_embeddings.weight"]},
                            "norm": _norm(sd, e + "LayerNorm")},
-            "pooler": _dense(sd, "bert.pooler.dense"), "blocks": {}}
+            "pooler": (_dense(sd, "bert.pooler.dense") if pooler else
+                       {"w": np.zeros((d, d), np.float32), "b": np.zeros((d,), np.float32)}),
+            "blocks": {}}
     for i in range(cfg.num_layers):
         p = f"bert.encoder.layer.{i}."
         q, k, v = (_dense(sd, p + f"attention.self.{n}") for n in ("query", "key", "value"))
@@ -160,6 +188,8 @@ def from_hf_bert(source: Mapping[str, Any] | str | os.PathLike, cfg: BertConfig
         import jax
 
         bert["blocks"] = jax.tree_util.tree_map(lambda *a: np.stack(a), *blocks)
+    if head is not None:
+        return {"bert": bert, "head": _dense(sd, head[0])}
     if not pretraining:
         return bert
     c = "cls.predictions."
@@ -179,12 +209,20 @@ def _t(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, np.float32).T)
 
 
-def to_hf_bert(params: Mapping[str, Any], cfg: BertConfig) -> dict[str, np.ndarray]:
+def to_hf_bert(params: Mapping[str, Any], cfg: BertConfig, *, head: str = "classifier"
+               ) -> dict[str, np.ndarray]:
     """A HF-named state dict (``bert.*`` and, for pretraining params, ``cls.*``) from fdl
-    params (see the module docstring)."""
+    params (see the module docstring). Fine-tuning params (``{"bert", "head"}``): ``head=``
+    ``"classifier"`` (``bert_classifier``: ``classifier.*``), ``"tagger"`` (``bert_tagger``:
+    ``classifier.*``, no pooler, as HF's ``BertForTokenClassification``) or ``"qa"``
+    (``bert_qa``: ``qa_outputs.*``, no pooler)."""
     _check_hf_style(cfg)
-    pretraining = "bert" in params
-    bert = params["bert"] if pretraining else params
+    if head not in ("classifier", "tagger", "qa"):
+        raise ValueError(f"to_hf_bert: head must be 'classifier', 'tagger' or 'qa', got "
+                         f"{head!r}")
+    pretraining = "bert" in params and "mlm" in params
+    finetuning = "bert" in params and "head" in params
+    bert = params["bert"] if "bert" in params else params
     blocks = bert["blocks"]
     if cfg.scan_layers:
         blocks = {str(i): {k: v for k, v in _index(blocks, i).items()}
@@ -215,7 +253,10 @@ def to_hf_bert(params: Mapping[str, Any], cfg: BertConfig) -> dict[str, np.ndarr
         dense(p + "intermediate.dense", b["ffn"]["dense1"])
         dense(p + "output.dense", b["ffn"]["dense2"])
         norm(p + "output.LayerNorm", b["norm2"])
-    dense("bert.pooler.dense", bert["pooler"])
+    if not finetuning or head == "classifier":
+        dense("bert.pooler.dense", bert["pooler"])
+    if finetuning:
+        dense("qa_outputs" if head == "qa" else "classifier", params["head"])
     if pretraining:
         c, mlm = "cls.predictions.", params["mlm"]
         dense(c + "transform.dense", mlm["dense"])

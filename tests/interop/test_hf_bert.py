@@ -104,3 +104,47 @@ def test_mismatched_config_and_state_dict_name_the_keys(hf_model):
         config_from_hf(c, num_heads=5)
     with pytest.raises(ValueError, match="position_embedding_type"):
         config_from_hf({**c.to_dict(), "position_embedding_type": "relative_key"})
+
+
+def test_finetuning_heads_equal_huggingface():
+    """bert_classifier / bert_tagger / bert_qa on weights of HF's fine-tuning models: the
+    same logits in eval mode; export back names the head as HF does."""
+    from fdl.models.sequence.bert import bert_classifier, bert_qa, bert_tagger
+
+    torch.manual_seed(1)
+    c = transformers.BertConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32,
+                                max_position_embeddings=12, num_labels=3)
+    cfg = config_from_hf(c)
+    tokens, segments, valid, _ = _batch()
+    mask = (np.arange(10)[None, :] < valid[:, None]).astype(np.int64)
+    args = dict(input_ids=torch.from_numpy(tokens), token_type_ids=torch.from_numpy(segments),
+                attention_mask=torch.from_numpy(mask))
+    x = {"tokens": tokens.astype(np.int32), "segments": segments.astype(np.int32),
+         "valid_lens": valid.astype(np.int32)}
+    keep = mask.astype(bool)
+    for hf_cls, layer, head in (
+            (transformers.BertForSequenceClassification, bert_classifier(cfg, 3), "classifier"),
+            (transformers.BertForTokenClassification, bert_tagger(cfg, 3), "tagger"),
+            (transformers.BertForQuestionAnswering, bert_qa(cfg), "qa")):
+        m = hf_cls(transformers.BertConfig(**{**c.to_dict(), "num_labels": 2}) if head == "qa"
+                   else c).eval()
+        sd = {k: v.numpy() for k, v in m.state_dict().items()}
+        params = from_hf_bert(sd, cfg)
+        assert set(params) == {"bert", "head"}
+        out, _ = layer.apply(params, {}, x)
+        with torch.no_grad():
+            ref = m(**args)
+        if head == "qa":
+            for got, want in zip(out, (ref.start_logits, ref.end_logits)):
+                np.testing.assert_allclose(np.asarray(got)[keep], want.numpy()[keep],
+                                           atol=1e-4, rtol=1e-4)
+        elif head == "tagger":
+            np.testing.assert_allclose(np.asarray(out)[keep], ref.logits.numpy()[keep],
+                                       atol=1e-4, rtol=1e-4)
+        else:
+            np.testing.assert_allclose(out, ref.logits.numpy(), atol=1e-4, rtol=1e-4)
+        back = to_hf_bert(params, cfg, head=head)
+        assert sorted(back) == sorted(k for k in sd if "position_ids" not in k)
+        for k, v in back.items():
+            np.testing.assert_array_equal(v, sd[k], err_msg=k)

@@ -15,6 +15,7 @@ from fdl.models.sequence.bert import (
     gather_positions,
     pretraining_loss,
 )
+from fdl.nn.core import ShapeError
 
 CFG = BertConfig.d2l(40, num_hiddens=16, ffn_hiddens=32, num_heads=2, num_layers=2, max_len=12,
                      dropout=0.1)
@@ -108,6 +109,9 @@ def test_finetuning_heads(key):
     # the pretrained encoder's params drop into a fine-tuning model unchanged
     _, pb, _ = bert_encoder(CFG).init(key, shapes)
     assert jax.tree_util.tree_structure(pb) == jax.tree_util.tree_structure(p["bert"])
+    # dict shapes work as well as tuples
+    _, pd, _ = bert_qa(CFG).init(key, {"tokens": (3, 8), "segments": (3, 8), "valid_lens": (3,)})
+    assert jax.tree_util.tree_structure(pd) == jax.tree_util.tree_structure(p)
 
 
 def test_bad_input(model_params):
@@ -124,3 +128,58 @@ def test_bad_input(model_params):
         BertConfig(100, num_hiddens=30, num_heads=4)
     with pytest.raises(ValueError, match="activation"):
         BertConfig(100, activation="swish")
+
+
+def test_dict_inputs_and_the_objective(model_params):
+    """x as a dict equals x as a tuple; pretraining_objective is pretraining_loss with padding
+    rows dropped."""
+    from fdl.models.sequence.bert import pretraining_objective
+
+    model, params = model_params
+    tokens, seg, valid, pos = _batch()
+    xd = {"tokens": tokens, "segments": seg, "valid_lens": valid, "pred_positions": pos}
+    out_t, _ = model.apply(params, {}, (tokens, seg, valid, pos))
+    out_d, _ = model.apply(params, {}, xd)
+    np.testing.assert_array_equal(out_t.mlm_logits, out_d.mlm_logits)
+    with pytest.raises(ShapeError, match="segments"):
+        model.apply(params, {}, {"tokens": tokens})
+    y = {"mlm_labels": jnp.array([[1, 2], [3, 4], [5, 0]]), "nsp_labels": jnp.array([0, 1, 1]),
+         "mlm_weights": jnp.array([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])}
+    obj = pretraining_objective().fn
+    value, metrics = obj(out_d, y, None)
+    ref, (mlm, nsp) = pretraining_loss(out_d, y["mlm_labels"], y["mlm_weights"],
+                                       y["nsp_labels"])
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    np.testing.assert_allclose(metrics["mlm"][0], mlm, rtol=1e-6)
+    # a padding row (mask 0) counts in neither mean
+    first2 = jax.tree_util.tree_map(lambda a: a[:2], out_d)
+    _, (mlm2, nsp2) = pretraining_loss(first2, *(y[k][:2] for k in
+                                                 ("mlm_labels", "mlm_weights", "nsp_labels")))
+    _, m = obj(out_d, y, jnp.array([1.0, 1.0, 0.0]))
+    np.testing.assert_allclose((m["mlm"][0], m["nsp"][0]), (mlm2, nsp2), rtol=1e-6)
+
+
+# ~20 s (compiles a training step); fit on BERT is in the default run through
+# tests/train/test_families.py
+@pytest.mark.slow
+def test_pretraining_objective_trains_with_fit(model_params):
+    """fit on dict batches with pretraining_objective: MLM and NSP reported next to the loss."""
+    from fdl import optim
+    from fdl.models.sequence.bert import pretraining_objective
+    from fdl.train import fit
+
+    model, params = model_params
+    rng = np.random.default_rng(0)
+    n = 24
+    xs = {"tokens": rng.integers(0, 40, (n, 8)).astype(np.int32),
+          "segments": np.zeros((n, 8), np.int32), "valid_lens": np.full((n,), 8, np.int32),
+          "pred_positions": np.tile(np.array([[1, 2]], np.int32), (n, 1))}
+    ys = {"mlm_labels": xs["tokens"][:, 1:3], "mlm_weights": np.ones((n, 2), np.float32),
+          "nsp_labels": (xs["tokens"][:, 0] % 2).astype(np.int32)}
+    res = fit(model, params, {}, optim.adam(1e-2), (xs, ys), epochs=3, batch_size=8,
+              key=jax.random.key(0), loss=pretraining_objective(), print_fn=None,
+              progress=False)
+    h = res.history
+    assert h["train_mlm"][-1] < h["train_mlm"][0]
+    assert h.last["train_loss"] == pytest.approx(h.last["train_mlm"] + h.last["train_nsp"],
+                                                 rel=1e-4)

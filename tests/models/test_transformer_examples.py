@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import jax
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # ~30 s each on a quiet 2-core machine (training + jit decoding)
@@ -43,3 +45,21 @@ def test_bert_pretrain_example(tmp_path, capsys):
         "--hidden", "16", "--ffn", "32", "--save", str(tmp_path / "p.safetensors")])
     assert out["mlm"] > 0 and out["nsp"] > 0
     assert "MLM loss" in capsys.readouterr().out and (tmp_path / "p.safetensors").exists()
+    loaded = _load("bert_pretrain").load_params(str(tmp_path / "p.safetensors"), out["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(out["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bert_finetune_example(tmp_path, capsys):
+    saved = tmp_path / "pre.safetensors"
+    args = ["--data", _data("fra-eng.zip"), "--pretrain-steps", "2", "--pretrain-batch-size",
+            "16", "--train-examples", "16", "--test-examples", "20", "--seeds", "2",
+            "--epochs", "1", "--hidden", "16", "--layers", "1"]
+    out = _load("bert_finetune").main([*args, "--save-pretrained", str(saved)])
+    assert len(out["pretrained"]) == len(out["scratch"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in out["pretrained"] + out["scratch"])
+    text = capsys.readouterr().out
+    assert "pretrained - scratch" in text and saved.exists()
+    again = _load("bert_finetune").main([*args, "--pretrained", str(saved), "--no-scratch",
+                                         "--seeds", "1"])
+    assert again["pretrained"] == out["pretrained"][:1]  # the same encoder, the same run

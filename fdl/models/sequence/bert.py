@@ -26,6 +26,7 @@ HuggingFace-style config (GELU, eps 1e-12, embedding LayerNorm, N(0, 0.02) init)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -56,8 +57,37 @@ __all__ = [
     "bert_tagger",
     "bert_qa",
     "pretraining_loss",
+    "pretraining_objective",
     "gather_positions",
+    "ENCODER_INPUTS",
+    "PRETRAINING_INPUTS",
+    "PRETRAINING_TARGETS",
 ]
+
+#: the names (and tuple order) of the inputs: ``x`` is a tuple in this order or a dict with
+#: these keys (``valid_lens`` and ``pred_positions`` may be missing: no padding / no MLM head)
+ENCODER_INPUTS = ("tokens", "segments", "valid_lens")
+PRETRAINING_INPUTS = (*ENCODER_INPUTS, "pred_positions")
+#: the pretraining targets of :func:`pretraining_objective` (tuple order or dict keys), as
+#: :func:`fdl.data.bert.bert_pretraining_data` names its arrays
+PRETRAINING_TARGETS = ("mlm_labels", "mlm_weights", "nsp_labels")
+
+
+def _fields(x, names: tuple[str, ...], where: str, required: int = 2) -> tuple:
+    """``x`` (a tuple in ``names`` order or a dict with those keys; the first ``required``
+    keys must be present, the others default to ``None``) as a tuple in ``names`` order."""
+    if isinstance(x, Mapping):
+        missing = [n for n in names[:required] if n not in x]
+        if missing:
+            raise ShapeError(where, f"the input dict needs the keys {list(names)} (the last "
+                             f"{len(names) - required} optional); missing {missing}, got "
+                             f"{sorted(x)}")
+        return tuple(x.get(n) for n in names)
+    if isinstance(x, (tuple, list)) and len(x) == len(names):
+        return tuple(x)
+    got = f"a {type(x).__name__} of {len(x)}" if isinstance(x, (tuple, list)) else repr(x)
+    raise ShapeError(where, f"expected ({', '.join(names)}) as a tuple or a dict with those "
+                     f"keys, got {got}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +199,8 @@ def _embeddings(cfg: BertConfig) -> Layer:
 
 def bert_encoder(cfg: BertConfig) -> Layer:
     """HF ``BertModel``: ``(tokens, segments, valid_lens) -> (encoded (B, T, d), pooled
-    (B, d))``. ``valid_lens`` ``(B,)`` masks the padding keys (``None``: no padding)."""
+    (B, d))``. ``valid_lens`` ``(B,)`` masks the padding keys (``None``: no padding). ``x`` is
+    a tuple or a dict with those keys (:data:`ENCODER_INPUTS`)."""
     w_init = _w_init(cfg)
     block = encoder_block(cfg.num_heads, cfg.num_hiddens, cfg.ffn_hiddens, dropout=cfg.dropout,
                           activation=cfg.activation, use_bias=cfg.use_bias, eps=cfg.eps)
@@ -180,10 +211,11 @@ def bert_encoder(cfg: BertConfig) -> Layer:
     kids = dict(children)
 
     def init(key, in_shape):
-        if not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3 or len(in_shape[0]) != 2:
+        tok = _fields(in_shape, ENCODER_INPUTS, "bert")[0]
+        if not isinstance(tok, (tuple, list)) or len(tok) != 2:
             raise ShapeError("bert", "expected shapes (tokens (B, T), segments (B, T), "
                              f"valid_lens (B,)), got {in_shape}")
-        tok = tuple(in_shape[0])
+        tok = tuple(tok)
         h = (*tok, cfg.num_hiddens)
         params = _init_children(children, key, {"embeddings": (tok, tok), "blocks": h,
                                                 "pooler": (tok[0], cfg.num_hiddens)})
@@ -192,7 +224,7 @@ def bert_encoder(cfg: BertConfig) -> Layer:
         return (h, (tok[0], cfg.num_hiddens)), params, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        tokens, segments, valid_lens = x
+        tokens, segments, valid_lens = _fields(x, ENCODER_INPUTS, "bert")
         params = cast_floating(params, cfg.compute_dtype)
         e, _ = apply_child("embeddings", kids["embeddings"], params["embeddings"], {},
                            (tokens, segments), key=child_key(key, 0), train=train)
@@ -250,17 +282,16 @@ def _mlm_head(cfg: BertConfig) -> Layer:
 
 def bert_pretraining(cfg: BertConfig) -> Layer:
     """HF ``BertForPreTraining`` / d2l's ``BERTModel``: ``x = (tokens (B, T), segments (B, T),
-    valid_lens (B,), pred_positions (B, P) or None)`` -> :class:`BertOutput`. The MLM head runs
-    on the gathered positions only; logits are float32."""
+    valid_lens (B,), pred_positions (B, P) or None)`` (or a dict with those keys,
+    :data:`PRETRAINING_INPUTS`) -> :class:`BertOutput`. The MLM head runs on the gathered
+    positions only; logits are float32. Train it with ``fdl.train.fit(...,
+    loss=pretraining_objective())``."""
     children = (("bert", bert_encoder(cfg)), ("mlm", _mlm_head(cfg)),
                 ("nsp", dense(2, w_init=_w_init(cfg))))
     kids = dict(children)
 
     def init(key, in_shape):
-        if not isinstance(in_shape, (tuple, list)) or len(in_shape) != 4:
-            raise ShapeError("bert_pretraining", "expected shapes (tokens, segments, "
-                             f"valid_lens, pred_positions), got {in_shape}")
-        tok, seg, vl, pos = in_shape
+        tok, seg, vl, pos = _fields(in_shape, PRETRAINING_INPUTS, "bert_pretraining")
         (h, pooled), pb, _ = init_child("bert", kids["bert"], child_key(key, 0),
                                         (tok, seg, vl))
         params = {"bert": pb}
@@ -271,7 +302,8 @@ def bert_pretraining(cfg: BertConfig) -> Layer:
         return BertOutput(h, mlm_out, nsp_out, pooled), params, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        tokens, segments, valid_lens, positions = x
+        tokens, segments, valid_lens, positions = _fields(x, PRETRAINING_INPUTS,
+                                                          "bert_pretraining")
         (h, pooled), _ = apply_child("bert", kids["bert"], params["bert"], {},
                                      (tokens, segments, valid_lens), key=child_key(key, 0),
                                      train=train)
@@ -288,16 +320,39 @@ def bert_pretraining(cfg: BertConfig) -> Layer:
 
 
 def pretraining_loss(out: BertOutput, mlm_labels: jax.Array, mlm_weights: jax.Array,
-                     nsp_labels: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                     nsp_labels: jax.Array, mask: jax.Array | None = None
+                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """d2l's ``_get_batch_loss_bert``: MLM cross-entropy averaged over the real (weight 1)
-    predicted positions, plus the mean NSP cross-entropy. Returns ``(mlm + nsp, (mlm, nsp))``."""
+    predicted positions, plus the mean NSP cross-entropy. ``mask (B,)`` (optional, 1 = a real
+    example) drops padding rows from both means. Returns ``(mlm + nsp, (mlm, nsp))``."""
     logp = jax.nn.log_softmax(out.mlm_logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, mlm_labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     w = mlm_weights.astype(jnp.float32)
+    rows = jnp.ones(nsp_labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    w = w * rows[:, None]
     mlm = jnp.sum(ce * w) / (jnp.sum(w) + 1e-8)
     nlogp = jax.nn.log_softmax(out.nsp_logits.astype(jnp.float32), axis=-1)
-    nsp = -jnp.mean(jnp.take_along_axis(nlogp, nsp_labels[:, None].astype(jnp.int32), 1))
+    nce = -jnp.take_along_axis(nlogp, nsp_labels[:, None].astype(jnp.int32), 1)[:, 0]
+    nsp = jnp.sum(nce * rows) / jnp.maximum(jnp.sum(rows), 1.0)
     return mlm + nsp, (mlm, nsp)
+
+
+def pretraining_objective():
+    """``fdl.train.fit``'s loss for :func:`bert_pretraining`: minimises
+    :func:`pretraining_loss` (MLM mean + NSP mean) and reports ``mlm`` and ``nsp`` as the
+    mean over batches of each batch's loss (the numbers d2l prints), next to ``loss``.
+    Targets ``y``: ``(mlm_labels (B, P), mlm_weights (B, P), nsp_labels (B,))`` or a dict with
+    those keys (:data:`PRETRAINING_TARGETS`, the names of
+    :func:`fdl.data.bert.bert_pretraining_data`'s arrays)."""
+    from fdl.train.metrics import Objective
+
+    def fn(out, y, mask):
+        labels, weights, nsp_labels = _fields(y, PRETRAINING_TARGETS, "pretraining_objective",
+                                              required=3)
+        total, (mlm, nsp) = pretraining_loss(out, labels, weights, nsp_labels, mask)
+        return total, {"mlm": (mlm, 1.0), "nsp": (nsp, 1.0)}
+
+    return Objective(fn)
 
 
 def _finetune(cfg: BertConfig, head: Layer, use_pooled: bool, dropout: float, name: str,
@@ -306,7 +361,8 @@ def _finetune(cfg: BertConfig, head: Layer, use_pooled: bool, dropout: float, na
     kids = dict(children)
 
     def init(key, in_shape):
-        (h, pooled), pb, _ = init_child("bert", kids["bert"], child_key(key, 0), in_shape)
+        shapes = _fields(in_shape, ENCODER_INPUTS, name)
+        (h, pooled), pb, _ = init_child("bert", kids["bert"], child_key(key, 0), shapes)
         out, ph, _ = init_child("head", head, child_key(key, 1), pooled if use_pooled else h)
         return (post[1](out) if post else out), {"bert": pb, "head": ph}, {}
 
