@@ -1,11 +1,16 @@
-"""Character-level language model on The Time Machine (d2l 8.5/9.1/9.2, book settings).
+"""Character-level language model on The Time Machine (d2l 8.5/9.1/9.2, book settings), trained
+with ``fdl.train.fit``.
 
     python examples/sequence/char_lm.py --data ../shared/data/timemachine.txt --cell gru \
         --epochs 500
 
 Book settings (defaults): batch 32, 35 steps, hidden 256, SGD lr 1, clipping theta=1, the first
-10,000 characters, sequential partitioning. Prints perplexity, tokens/s and the generation from
-"time traveller"; saves the perplexity curve as ``<out>/char_lm_<cell>.png``.
+10,000 characters, the book's sequential partitioning (a new random offset every epoch). The
+recurrent carry is layer state, so ``fit`` carries it from one minibatch to the next (truncated
+BPTT) and ``reset_state=("rnn",)`` restarts it at every epoch, as the book does;
+``--random-iter`` samples at random and restarts the carry every minibatch (``carry="reset"``).
+Prints perplexity, tokens/s and the generation from "time traveller"; saves the perplexity curve
+as ``<out>/char_lm_<cell>.png``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import time
 import jax
 
 from fdl.data.text import load_data_time_machine
-from fdl.models.sequence.rnn_lm import RNNLM, predict, train_rnn_lm
+from fdl.models.sequence.rnn_lm import predict, rnn_lm
+from fdl.optim import chain, clip_by_global_norm, sgd
+from fdl.train import fit
 
 
 def save_curve(perplexities: list[float], path: str, title: str) -> None:
@@ -40,7 +47,7 @@ def save_curve(perplexities: list[float], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/timemachine.txt")
     ap.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="gru")
@@ -61,40 +68,62 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--num-preds", type=int, default=50)
     ap.add_argument("--out", default="runs/char_lm", help="directory for the PNG")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def every(n: int):
+    """A ``print_fn`` for fit printing the rows of epoch 1 and every ``n``-th epoch."""
+    seen = [0]
+
+    def say(line: str) -> None:
+        if line.startswith("epoch "):
+            seen[0] += 1
+            if seen[0] != 1 and seen[0] % n:
+                return
+        print(line, flush=True)
+
+    return say
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # the book's samplers; fit asks the loader for epoch e's batches (``loader.epoch(e)``)
     loader, vocab = load_data_time_machine(args.data, args.batch_size, args.num_steps,
                                            args.random_iter, args.max_tokens, seed=args.seed)
-    model = RNNLM(len(vocab), args.hidden, cell=args.cell, num_layers=args.num_layers,
-                  bidirectional=args.bidirectional, dropout=args.dropout,
-                  embed_size=args.embed, unroll=args.unroll)
     key = jax.random.key(args.seed)
     k_init, k_train = jax.random.split(key)
-    params = model.init(k_init)
+    model = rnn_lm(len(vocab), args.hidden, cell=args.cell, num_layers=args.num_layers,
+                   bidirectional=args.bidirectional, dropout=args.dropout, embed_size=args.embed,
+                   unroll=args.unroll,
+                   carry="reset" if args.random_iter or args.bidirectional else "keep")
+    _, params, state = model.init(k_init, (args.batch_size, args.num_steps))
     print(f"char LM: cell={args.cell} layers={args.num_layers} bidirectional="
           f"{args.bidirectional} hidden={args.hidden} vocab={len(vocab)} batch="
           f"{args.batch_size} steps={args.num_steps} lr={args.lr} clip={args.clip} "
           f"epochs={args.epochs} ({datetime.date.today().isoformat()})", flush=True)
     t0 = time.perf_counter()
-    params, hist = train_rnn_lm(model, params, loader, args.epochs, lr=args.lr, theta=args.clip,
-                                key=k_train, log_every=args.log_every,
-                                log=lambda s: print(s, flush=True))
+    res = fit(model, params, state, chain(clip_by_global_norm(args.clip), sgd(args.lr)), loader,
+              epochs=args.epochs, key=k_train, loss="cross_entropy", perplexity=True,
+              reset_state=None if args.random_iter else ("rnn",), progress=False,
+              print_fn=every(args.log_every))
     wall = time.perf_counter() - t0
-    ppl = hist["perplexity"][-1]
-    print(f"perplexity {ppl:.3f}, best {min(hist['perplexity']):.3f}, "
-          f"{hist['tokens_per_s']:.0f} tokens/s, wall {wall:.1f} s "
-          f"(first step incl. compile {hist['compile_time']:.2f} s)")
+    ppl = res.history["train_perplexity"]
+    # fit counts the loss per token: its "examples" per second are tokens per second
+    speeds = [r for r in res.history["examples_per_sec"][1:] if r]
+    tokens_per_s = sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
+    print(f"perplexity {ppl[-1]:.3f}, best {min(ppl):.3f}, {tokens_per_s:.0f} tokens/s "
+          f"(median epoch), wall {wall:.1f} s")
     for target in (1.5, 1.2):
-        first = next((i + 1 for i, v in enumerate(hist["perplexity"]) if v <= target), None)
+        first = next((i + 1 for i, v in enumerate(ppl) if v <= target), None)
         print(f"first epoch with perplexity <= {target}: {first}")
     for prefix in ("time traveller", "traveller"):
-        print(repr(predict(model, params, prefix, args.num_preds, vocab)))
+        print(repr(predict(model, res.params, prefix, args.num_preds, vocab)))
     os.makedirs(args.out, exist_ok=True)
     tag = f"{args.cell}{'_bi' if args.bidirectional else ''}"
     png = os.path.join(args.out, f"char_lm_{tag}.png")
-    save_curve(hist["perplexity"], png, f"char LM ({tag}), The Time Machine")
+    save_curve(ppl, png, f"char LM ({tag}), The Time Machine")
     print(f"saved {png}")
-    return {"perplexity": ppl, "history": hist, "wall_time": wall}
+    return {"perplexity": ppl[-1], "history": res.history, "wall_time": wall}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ __all__ = [
     "SeqDataLoader",
     "Vocab",
     "count_corpus",
+    "lm_arrays",
     "load_corpus_time_machine",
     "load_data_time_machine",
     "preprocess_line",
@@ -193,7 +194,7 @@ def load_corpus_time_machine(
 
 def _rng(seed: Any) -> np.random.Generator:
     """A numpy Generator from an int, None, a Generator or a jax.random key."""
-    if isinstance(seed, np.random.Generator):
+    if isinstance(seed, (np.random.Generator, _FixedOffset)):
         return seed
     if seed is None or isinstance(seed, (int, np.integer)):
         return np.random.default_rng(seed)
@@ -262,6 +263,42 @@ def seq_data_iter_sequential(
     num_batches = xs.shape[1] // num_steps
     for i in range(0, num_steps * num_batches, num_steps):
         yield xs[:, i : i + num_steps], ys[:, i : i + num_steps]
+
+
+def lm_arrays(
+    corpus: Sequence[int], batch_size: int, num_steps: int, *, random_iter: bool = False,
+    offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The minibatches of one pass of the book's samplers as two int32 arrays ``(X, Y)`` of shape
+    ``(num_batches * batch_size, num_steps)``, for an :class:`~fdl.data.ArrayLoader` (and so
+    :func:`fdl.train.fit`) with the given ``batch_size``:
+
+    - ``random_iter=False`` (sequential partitioning): rows ``[t*batch_size, (t+1)*batch_size)``
+      are minibatch ``t`` of :func:`seq_data_iter_sequential` started at ``offset``, so an
+      unshuffled loader (``key=None``) yields the sequential minibatches in order and row ``i``
+      of batch ``t + 1`` continues row ``i`` of batch ``t`` (carry the recurrent state);
+    - ``random_iter=True``: every non-overlapping subsequence from ``offset`` (the book's random
+      sampling when the loader shuffles, ``last_batch="drop"``).
+
+    ``offset`` is fixed here (the book's samplers draw a new one every epoch)."""
+    corpus = _check_sampler_args(corpus, batch_size, num_steps)
+    if not 0 <= offset <= num_steps:
+        raise ValueError(f"lm_arrays: offset must be in [0, {num_steps}], got {offset!r}")
+    if random_iter:
+        corpus = corpus[offset:]
+        n = (corpus.size - 1) // num_steps
+        idx = np.arange(n)[:, None] * num_steps + np.arange(num_steps)[None, :]
+        return corpus[idx], corpus[idx + 1]
+    xs, ys = zip(*seq_data_iter_sequential(corpus[offset:], batch_size, num_steps,
+                                           _FixedOffset()), strict=True)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+class _FixedOffset:
+    """A stand-in generator whose ``integers`` draws 0 (no further random offset)."""
+
+    def integers(self, low, high=None):
+        return 0
 
 
 class SeqDataLoader:

@@ -1,5 +1,6 @@
-"""Character-level RNN language model: shapes, training reduces perplexity, generation, and a
-fast smoke run of examples/sequence/char_lm.py."""
+"""Character-level RNN language model as a Layer: shapes and paths, the carry across calls,
+training with fdl.train.fit (truncated BPTT and random sampling), generation, and a fast smoke
+run of examples/sequence/char_lm.py."""
 
 import importlib.util
 import os
@@ -9,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdl.data.text import SeqDataLoader, Vocab
-from fdl.models.sequence.rnn_lm import RNNLM, make_train_step, predict, train_rnn_lm
+import fdl.nn as nn
+from fdl.data import ArrayLoader
+from fdl.data.text import Vocab, lm_arrays
+from fdl.models.sequence.rnn_lm import predict, rnn_lm
+from fdl.optim import chain, clip_by_global_norm, sgd
+from fdl.train import fit
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TM = os.path.join(ROOT, "..", "shared", "data", "timemachine.txt")
@@ -25,47 +30,68 @@ def _toy():
 
 @pytest.mark.parametrize("cell,kw", [("lstm", {}), ("rnn", {"embed_size": 4}),
                                      ("gru", {"num_layers": 2, "bidirectional": True})])
-def test_shapes_and_params(cell, kw, key):
-    m = RNNLM(7, 5, cell=cell, **kw)
-    p = m.init(key)
-    assert ("embed" in p) == ("embed_size" in kw)
+def test_shapes_paths_and_state(cell, kw, key):
+    m = rnn_lm(7, 5, cell=cell, **kw)
+    out_shape, p, state = m.init(key, (3, 4))
+    assert out_shape == (3, 4, 7)
+    assert set(p) == ({"embed", "rnn", "out"} if "embed_size" in kw else {"rnn", "out"})
     d = 2 if kw.get("bidirectional") else 1
-    assert p["out"]["w"].shape == (5 * d, 7)
-    logits, state = m.apply(p, jnp.zeros((3, 4), jnp.int32))
+    assert p["out"]["w"].shape == (5 * d, 7) and p["rnn"]["l0"]["fwd"]["w_hh"].shape[0] == 5
+    assert state["rnn"]["h"].shape == (3, kw.get("num_layers", 1) * d, 5)
+    assert ("c" in state["rnn"]) == (cell == "lstm")
+    logits, new_state = m.apply(p, state, jnp.zeros((3, 4), jnp.int32))
     assert logits.shape == (3, 4, 7)
-    ref = m.begin_state(3)
-    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(ref)
-    with pytest.raises(ValueError, match="integer tokens"):
-        m.apply(p, jnp.zeros((3, 4)))
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    assert m.config["carry"] == ("reset" if kw.get("bidirectional") else "keep")
+    with pytest.raises(nn.ShapeError, match="integer tokens"):
+        m.apply(p, state, jnp.zeros((3, 4)))
+    with pytest.raises(nn.ShapeError, match="integer tokens"):
+        m.init(key, (3, 4, 7))
     with pytest.raises(ValueError, match="cell"):
-        RNNLM(7, cell="transformer")
+        rnn_lm(7, cell="transformer")
 
 
-def test_train_step_clips_and_learns_periodic_text(key):
+def test_carry_across_calls_equals_one_pass(key):
+    """Feeding the returned state back = one pass over the concatenated tokens (truncated
+    BPTT's forward pass); a state from another batch size names the layer."""
+    m = rnn_lm(9, 6, cell="lstm", num_layers=2)
+    _, p, state = m.init(key, (2, 10))
+    toks = jax.random.randint(jax.random.key(1), (2, 10), 0, 9)
+    full, s_full = m.apply(p, state, toks)
+    a, s1 = m.apply(p, state, toks[:, :4])
+    b, s2 = m.apply(p, s1, toks[:, 4:])
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(s2), jax.tree_util.tree_leaves(s_full),
+                    strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(nn.ShapeError, match=r"layer 'rnn' \(lstm\).*batch of 3"):
+        m.apply(p, state, jnp.zeros((3, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("random_iter", [False, True])
+def test_fit_learns_periodic_text(random_iter, key):
+    """fit trains the LM (clipped SGD from fdl.optim): sequential partitioning carries the
+    state across minibatches, random sampling resets it (carry="reset")."""
     vocab, corpus = _toy()
-    loader = SeqDataLoader(corpus, 4, 6, seed=0)
-    model = RNNLM(len(vocab), 16, cell="gru")
-    k_init, k_train, k_init2, k_step = jax.random.split(key, 4)
-    params = model.init(k_init)
-    params, hist = train_rnn_lm(model, params, loader, 30, lr=1.0, theta=1.0, key=k_train)
-    assert hist["perplexity"][-1] < 0.5 * hist["perplexity"][0]
-    assert hist["tokens_per_s"] > 0 and len(hist["perplexity"]) == 30
+    x, y = lm_arrays(corpus, 4, 6, random_iter=random_iter)
+    k_init, k_fit, k_data = jax.random.split(key, 3)
+    loader = ArrayLoader((x, y), 4, last_batch="drop", key=k_data if random_iter else None)
+    model = rnn_lm(len(vocab), 16, carry="reset" if random_iter else "keep")
+    _, params, state = model.init(k_init, (4, 6))
+    res = fit(model, params, state, chain(clip_by_global_norm(1.0), sgd(1.0)), loader,
+              epochs=30, key=k_fit, loss="cross_entropy", perplexity=True, progress=False,
+              print_fn=None)
+    ppl = res.history["train_perplexity"]
+    assert ppl[-1] < 0.5 * ppl[0] and len(ppl) == 30
+    assert not np.allclose(res.state["rnn"]["h"], 0)  # the final carry is returned
     # the text is periodic: a trained model continues it
-    assert predict(model, params, "abc", 6, vocab) == "abcde abc"
-    # clipping: one step never moves params by more than lr * theta in global norm
-    opt_init, step = make_train_step(model, lr=1.0, theta=1.0)
-    X, Y = next(iter(loader))
-    p0 = model.init(k_init2)
-    p1, _, _, _ = step(p0, opt_init(p0), X, Y, model.begin_state(4), k_step)
-    delta = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(
-        jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p0))))
-    assert float(delta) <= 1.0 + 1e-5
+    assert predict(model, res.params, "abc", 6, vocab) == "abcde abc"
 
 
 def test_predict_bad_inputs(key):
     vocab, _ = _toy()
-    m = RNNLM(len(vocab), 4)
-    p = m.init(key)
+    m = rnn_lm(len(vocab), 4)
+    _, p, _ = m.init(key, (1, 1))
     assert predict(m, p, "ab", 0, vocab) == "ab"
     with pytest.raises(ValueError, match="prefix"):
         predict(m, p, "", 3, vocab)
@@ -73,6 +99,9 @@ def test_predict_bad_inputs(key):
         predict(m, p, "a", -1, vocab)
     out = predict(m, p, "zz", 3, vocab)  # unknown prefix chars map to <unk>
     assert out.startswith("zz") and len(out) >= 5
+    bi = rnn_lm(len(vocab), 4, bidirectional=True, embed_size=3)  # runs (the book's bad idea)
+    _, pb, _ = bi.init(key, (1, 1))
+    assert len(predict(bi, pb, "ab", 3, vocab)) >= 5
 
 
 @pytest.mark.skipif(not os.path.isfile(TM), reason="timemachine.txt not present")
@@ -82,21 +111,9 @@ def test_char_lm_example_smoke(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     res = mod.main(["--data", TM, "--cell", "lstm", "--epochs", "2", "--hidden", "8",
-                    "--max-tokens", "2000", "--num-preds", "5", "--out", str(tmp_path)])
+                    "--max-tokens", "2000", "--num-preds", "5", "--log-every", "1",
+                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "perplexity" in out and "tokens/s" in out and "time traveller" in out
     assert os.path.isfile(tmp_path / "char_lm_lstm.png")
     assert np.isfinite(res["perplexity"]) and res["perplexity"] < 40
-
-
-def test_optimizer_equals_local_clipped_sgd():
-    from fdl.models.sequence.rnn_lm import _local_sgd_with_clipping, sgd_with_clipping
-
-    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
-    p = jax.tree_util.tree_map(jnp.zeros_like, g)
-    outs = []
-    for init, update in (sgd_with_clipping(0.5, 1.0), _local_sgd_with_clipping(0.5, 1.0)):
-        outs.append(update(g, init(p), p)[0])
-    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-    np.testing.assert_allclose(outs[0]["b"], [-0.5 * 12 / 13], rtol=1e-6)

@@ -7,7 +7,7 @@ from fdl.models.sequence.decoding import (  # noqa: E402, F401
     beam_search,
     greedy_search,
 )
-from fdl.models.sequence.rnn_lm import RNNLM, train_rnn_lm  # noqa: E402, F401
+from fdl.models.sequence.rnn_lm import predict, rnn_lm  # noqa: E402, F401
 from fdl.models.sequence.seq2seq import (  # noqa: E402, F401
     Seq2SeqConfig,
     init_seq2seq,

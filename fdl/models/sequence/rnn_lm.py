@@ -1,261 +1,127 @@
-"""Character-level recurrent language model (d2l chapter 8/9): RNN, GRU or LSTM, deep and
-optionally bidirectional (the book's counter-example: it sees the future, so its training
-perplexity is misleadingly low and its generation is useless).
+"""Character-level recurrent language model (d2l chapter 8/9) as a :class:`~fdl.nn.Layer`: RNN,
+GRU or LSTM, deep and optionally bidirectional (the book's counter-example: it sees the future,
+so its training perplexity is misleadingly low and its generation is useless).
 
 ::
 
-    loader, vocab = load_data_time_machine("../shared/data/timemachine.txt", 32, 35)
-    model = RNNLM(len(vocab), 256, cell="gru")
-    params = model.init(jax.random.key(0))
-    params, history = train_rnn_lm(model, params, loader, num_epochs=500, lr=1.0)
-    print(predict(model, params, "time traveller", 50, vocab))
+    model = rnn_lm(len(vocab), 256, cell="gru")
+    _, params, state = model.init(key, (32, 35))             # tokens (batch, steps)
+    logits, state = model.apply(params, state, tokens)       # (32, 35, V); the carry moves on
+    result = fdl.train.fit(model, params, state, optimizer, data, loss="cross_entropy", ...)
+    print(predict(model, result.params, "time traveller", 50, vocab))
 
-Params: ``{"embed": {"table": (V, E)}`` (only with ``embed_size``), ``"rnn": {"l0": {"fwd":
-...}}``, ``"out": {"w": (D*H, V), "b": (V,)}}``. Without ``embed_size`` the input is one-hot
-(the book's setting).
+It is ``serial(one_hot | embedding, rnn, dense)``. Params: ``{"embed": {"table": (V, E)}}``
+(only with ``embed_size``; otherwise the input is one-hot, the book's setting), ``"rnn": {"l0":
+{"fwd": {...}}, ...}``, ``"out": {"w": (D*H, V), "b": (V,)}}``. State: the recurrent carry
+``{"rnn": {"h": (batch, L*D, H)[, "c": ...]}}`` (:mod:`fdl.nn.recurrent`): with ``carry="keep"``
+(the default) the next call continues from it -- truncated BPTT over the book's sequential
+partitioning is feeding the returned state back (``fit`` does); ``carry="reset"`` starts every
+call from zeros (the book's random sampling).
 
-Optimisation: SGD with gradient clipping by global norm (d2l's ``grad_clipping``: if the norm of
-all gradients exceeds ``theta``, scale them to norm ``theta``), built from :mod:`fdl.optim`
-(``chain(clip_by_global_norm(theta), sgd(lr))``) when it provides those names, else from an
-equivalent local fallback.
+Training is :func:`fdl.train.fit` with ``loss="cross_entropy"`` (mean over all positions; its
+``perplexity`` is ``exp`` of that) and ``fdl.optim.chain(clip_by_global_norm(theta),
+sgd(lr))`` (d2l's ``grad_clipping`` then SGD).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdl.nn import recurrent as R
+from fdl import nn
+from fdl.nn.core import Layer, ShapeError
+from fdl.nn.recurrent import RecurrentLayer
 
-__all__ = ["RNNLM", "make_train_step", "perplexity", "predict", "sgd_with_clipping",
-           "train_rnn_lm"]
+__all__ = ["CELLS", "perplexity", "predict", "rnn_lm"]
 
-
-@dataclasses.dataclass(frozen=True)
-class RNNLM:
-    """A recurrent LM: (one-hot | embedding) -> stacked RNN/GRU/LSTM -> dense to vocabulary."""
-
-    vocab_size: int
-    hidden_size: int = 256
-    cell: str = "gru"
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.0
-    embed_size: int | None = None
-    unroll: int = 1
-
-    def __post_init__(self):
-        if self.cell not in R.CELL_GATES:
-            raise ValueError(f"RNNLM: cell must be one of {sorted(R.CELL_GATES)}, got "
-                             f"{self.cell!r}")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
-            raise ValueError(f"RNNLM: vocab_size must be an integer >= 1, got "
-                             f"{self.vocab_size!r}")
-
-    @property
-    def rnn(self) -> R.RecurrentLayer:
-        make = {"rnn": R.rnn, "gru": R.gru, "lstm": R.lstm}[self.cell]
-        return make(self.hidden_size, num_layers=self.num_layers, dropout=self.dropout,
-                    bidirectional=self.bidirectional, unroll=self.unroll)
-
-    def init(self, key, dtype=jnp.float32) -> dict:
-        """Initial params (PyTorch-style uniform recurrent weights, ``nn.Linear``-style head)."""
-        k_emb, k_rnn, k_w, k_b = jax.random.split(key, 4)
-        params: dict[str, Any] = {}
-        n_in = self.vocab_size
-        if self.embed_size is not None:
-            params["embed"] = {"table": jax.random.normal(
-                k_emb, (self.vocab_size, self.embed_size), dtype)}
-            n_in = self.embed_size
-        _, params["rnn"], _ = self.rnn.init(k_rnn, (1, 1, n_in))
-        n_out = self.hidden_size * (2 if self.bidirectional else 1)
-        bound = 1.0 / math.sqrt(n_out)
-        params["out"] = {
-            "w": jax.random.uniform(k_w, (n_out, self.vocab_size), dtype, -bound, bound),
-            "b": jax.random.uniform(k_b, (self.vocab_size,), dtype, -bound, bound),
-        }
-        return params
-
-    def begin_state(self, batch_size: int, dtype=jnp.float32) -> Any:
-        """Zero recurrent state for ``batch_size`` sequences."""
-        return self.rnn.initial_state(batch_size, dtype)
-
-    def apply(self, params: dict, tokens: jax.Array, state: Any = None, *, key=None,
-              train: bool = False) -> tuple[jax.Array, Any]:
-        """``tokens`` int (batch, steps) -> ``(logits (batch, steps, V), final_state)``."""
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"RNNLM: expected integer tokens of shape (batch, steps), got "
-                             f"{tokens.dtype} {tokens.shape}")
-        dtype = params["out"]["w"].dtype
-        if "embed" in params:
-            x = jnp.take(params["embed"]["table"], tokens, axis=0)
-        else:
-            x = jax.nn.one_hot(tokens, self.vocab_size, dtype=dtype)
-        ys, state = self.rnn.apply_with_state(params["rnn"], x, state, key=key, train=train)
-        logits = ys @ params["out"]["w"] + params["out"]["b"]
-        return logits, state
-
-    def loss(self, params: dict, tokens: jax.Array, targets: jax.Array, state: Any = None, *,
-             key=None, train: bool = False) -> tuple[jax.Array, Any]:
-        """Mean cross-entropy over all positions, and the final state."""
-        logits, state = self.apply(params, tokens, state, key=key, train=train)
-        logp = jax.nn.log_softmax(logits)
-        nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)
-        return jnp.mean(nll), state
+CELLS = ("rnn", "gru", "lstm")
 
 
-# ----------------------------------------------------------------------------- optimiser
+def _one_hot(vocab_size: int) -> Layer:
+    return nn.lambda_layer(lambda x: jax.nn.one_hot(x, vocab_size, dtype=jnp.float32),
+                           name="one_hot", shape_fn=lambda s: (*s, vocab_size))
 
 
-def _local_sgd_with_clipping(lr: float, theta: float):
-    def init(params):
-        return ()
-
-    def update(grads, opt_state, params=None):
-        leaves = jax.tree_util.tree_leaves(grads)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves))
-        scale = jnp.minimum(1.0, theta / jnp.maximum(norm, 1e-30))
-        return jax.tree_util.tree_map(lambda g: -lr * scale * g, grads), opt_state
-
-    return init, update
+def _check_tokens(x_shape, dtype=None) -> None:
+    if len(x_shape) != 2 or (dtype is not None and not jnp.issubdtype(dtype, jnp.integer)):
+        got = f"{dtype} {tuple(x_shape)}" if dtype is not None else f"{tuple(x_shape)}"
+        raise ShapeError("rnn_lm", f"expected integer tokens of shape (batch, steps), got {got}")
 
 
-def sgd_with_clipping(lr: float = 1.0, theta: float = 1.0):
-    """``(init, update)``: clip the gradient's global norm to ``theta``, then SGD with ``lr``.
-    Uses :mod:`fdl.optim` when it exports ``chain``, ``clip_by_global_norm`` and ``sgd``."""
-    try:
-        from fdl.optim import chain, clip_by_global_norm, sgd
-    except ImportError:
-        return _local_sgd_with_clipping(lr, theta)
-    tx = chain(clip_by_global_norm(theta), sgd(lr))
-    return tx.init, tx.update
+def rnn_lm(vocab_size: int, hidden_size: int = 256, *, cell: str = "gru", num_layers: int = 1,
+           bidirectional: bool = False, dropout: float = 0.0, embed_size: int | None = None,
+           carry: str | None = None, unroll: int = 1) -> Layer:
+    """A recurrent LM Layer: tokens int (batch, steps) -> logits (batch, steps, vocab_size).
+
+    ``cell`` ``"rnn"``, ``"gru"`` or ``"lstm"``; ``dropout`` between recurrent layers (training
+    needs a ``key``); ``carry`` as in :func:`fdl.nn.gru` (``"keep"`` unless bidirectional).
+    The output layer is PyTorch's ``nn.Linear`` initialisation (weights and bias
+    ``U(-1/sqrt(D*H), 1/sqrt(D*H))``)."""
+    if cell not in CELLS:
+        raise ValueError(f"rnn_lm: cell must be one of {CELLS}, got {cell!r}")
+    nn.check_positive_int("rnn_lm", "vocab_size", vocab_size)
+    make = {"rnn": nn.rnn, "gru": nn.gru, "lstm": nn.lstm}[cell]
+    rnn: RecurrentLayer = make(hidden_size, num_layers=num_layers, dropout=dropout,
+                               bidirectional=bidirectional, carry=carry, unroll=unroll)
+    bound = 1.0 / math.sqrt(hidden_size * rnn.num_directions)
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    first = (("embed", nn.embedding(vocab_size, embed_size)) if embed_size is not None
+             else ("one_hot", _one_hot(vocab_size)))
+    net = nn.serial(first, ("rnn", rnn), ("out", nn.dense(vocab_size, w_init=uniform,
+                                                          b_init=uniform)))
+
+    def init(key, in_shape):
+        _check_tokens(in_shape)
+        return net.init(key, in_shape)
+
+    def apply(params, state, x, *, key=None, train=False):
+        _check_tokens(jnp.shape(x), jnp.result_type(x))
+        return net.apply(params, state, x, key=key, train=train)
+
+    config = {"vocab_size": vocab_size, "hidden_size": hidden_size, "cell": cell,
+              "num_layers": num_layers, "bidirectional": bidirectional, "dropout": dropout,
+              "embed_size": embed_size, "carry": rnn.carry, "unroll": unroll}
+    return Layer(init, apply, name="rnn_lm", children=net.children, config=config)
 
 
-def _apply_updates(params, updates):
-    return jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+def _generate(model: Layer, params: dict, prefix_ids: jax.Array, num_preds: int) -> jax.Array:
+    """Warm the carry up on ``prefix_ids`` (T,), then ``num_preds`` greedy tokens, one at a
+    time, each step continuing the carry (PyTorch's ``(h0, c0)`` layout through
+    :meth:`~fdl.nn.recurrent.RecurrentLayer.apply_with_state`, so it runs for every ``carry``
+    mode and for a bidirectional model too)."""
+    children = dict(model.children)
+    first = "embed" if "embed" in children else "one_hot"
+    rnn, out = children["rnn"], children["out"]
 
-
-def make_train_step(model: RNNLM, lr: float = 1.0, theta: float = 1.0
-                    ) -> tuple[Callable, Callable]:
-    """``(opt_init, step)`` with the jitted ``step(params, opt_state, X, Y, state, key) ->
-    (params, opt_state, loss, final_state)``. The returned state is detached
-    (:func:`~fdl.nn.recurrent.detach_state`), ready to carry into the next minibatch."""
-    opt_init, opt_update = sgd_with_clipping(lr, theta)
+    def forward(tokens, carry):
+        x, _ = children[first].apply(params.get(first, {}), {}, tokens)
+        ys, carry = rnn.apply_with_state(params["rnn"], x, carry)
+        logits, _ = out.apply(params["out"], {}, ys)
+        return jnp.argmax(logits[0, -1], axis=-1).astype(jnp.int32), carry
 
     @jax.jit
-    def step(params, opt_state, X, Y, state, key):
-        train = model.dropout > 0.0
+    def run(prefix_ids):
+        tok, carry = forward(prefix_ids[None, :], None)
 
-        def f(p):
-            return model.loss(p, X, Y, state, key=key if train else None, train=train)
+        def body(c, _):
+            tok, carry = c
+            nxt, carry = forward(tok.reshape(1, 1), carry)
+            return (nxt, carry), tok
 
-        (loss, new_state), grads = jax.value_and_grad(f, has_aux=True)(params)
-        updates, opt_state = opt_update(grads, opt_state, params)
-        return _apply_updates(params, updates), opt_state, loss, R.detach_state(new_state)
-
-    return opt_init, step
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def perplexity(mean_nll: float) -> float:
-    """``exp`` of the mean negative log-likelihood per token."""
-    return float(math.exp(mean_nll))
-
-
-def train_rnn_lm(
-    model: RNNLM,
-    params: dict,
-    loader: Iterable[tuple[np.ndarray, np.ndarray]],
-    num_epochs: int,
-    *,
-    lr: float = 1.0,
-    theta: float = 1.0,
-    use_random_iter: bool | None = None,
-    key=None,
-    log_every: int = 0,
-    log: Callable[[str], None] = print,
-) -> tuple[dict, dict[str, Any]]:
-    """The book's ``train_ch8``: per epoch, one pass over ``loader``; the state is carried (and
-    detached) across minibatches for sequential partitioning, re-initialised every minibatch for
-    random sampling (``use_random_iter`` defaults to ``loader.use_random_iter``).
-
-    Returns ``(params, history)`` with ``history["perplexity"]`` (per epoch), ``"tokens_per_s"``
-    (steady-state, first epoch excluded), ``"wall_time"`` (s) and ``"compile_time"`` (s).
-    """
-    if use_random_iter is None:
-        use_random_iter = bool(getattr(loader, "use_random_iter", False))
-    key = jax.random.key(0) if key is None else key
-    opt_init, step = make_train_step(model, lr, theta)
-    opt_state = opt_init(params)
-    hist: dict[str, Any] = {"perplexity": [], "epoch_time": []}
-    t_start = time.perf_counter()
-    compile_time = None
-    n_step = 0
-    for epoch in range(num_epochs):
-        t0 = time.perf_counter()
-        state = None
-        n = 0
-        losses = []
-        for X, Y in loader:
-            if state is None or use_random_iter:
-                state = model.begin_state(X.shape[0])
-            k = jax.random.fold_in(key, n_step)
-            n_step += 1
-            tc = time.perf_counter()
-            params, opt_state, loss, state = step(params, opt_state, X, Y, state, k)
-            if compile_time is None:
-                jax.block_until_ready(loss)
-                compile_time = time.perf_counter() - tc
-            losses.append(loss)
-            n += X.size
-        if not losses:
-            raise ValueError("train_rnn_lm: the loader yielded no minibatch")
-        # every minibatch has the same number of tokens: the token mean is the batch mean
-        hist["perplexity"].append(perplexity(float(np.mean(jax.device_get(losses)))))
-        hist["epoch_time"].append(time.perf_counter() - t0)
-        hist.setdefault("tokens_per_epoch", n)
-        if log_every and ((epoch + 1) % log_every == 0 or epoch == 0):
-            log(f"epoch {epoch + 1}: perplexity {hist['perplexity'][-1]:.3f}")
-    hist["wall_time"] = time.perf_counter() - t_start
-    hist["compile_time"] = compile_time
-    steady = hist["epoch_time"][1:] or hist["epoch_time"]
-    hist["tokens_per_s"] = hist["tokens_per_epoch"] * len(steady) / max(sum(steady), 1e-9)
-    return params, hist
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def _predict_ids(model: RNNLM, params: dict, prefix_ids: jax.Array, num_preds: int):
-    @jax.jit
-    def run(params, prefix_ids):
-        logits, state = model.apply(params, prefix_ids[None, :], None)
-        first = jnp.argmax(logits[0, -1], axis=-1).astype(jnp.int32)
-
-        def body(carry, _):
-            tok, st = carry
-            lg, st = model.apply(params, tok.reshape(1, 1), st)
-            nxt = jnp.argmax(lg[0, -1], axis=-1).astype(jnp.int32)
-            return (nxt, st), tok
-
-        (_, _), toks = jax.lax.scan(body, (first, state), None, length=num_preds)
+        _, toks = jax.lax.scan(body, (tok, carry), None, length=num_preds)
         return toks
 
-    return run(params, prefix_ids)
+    return run(prefix_ids)
 
 
-def predict(model: RNNLM, params: dict, prefix: str, num_preds: int, vocab) -> str:
-    """Greedy generation (the book's ``predict_ch8``): warm the state up on ``prefix`` (chars),
+def predict(model: Layer, params: dict, prefix: str, num_preds: int, vocab) -> str:
+    """Greedy generation (the book's ``predict_ch8``): warm the carry up on ``prefix`` (chars),
     then append ``num_preds`` argmax characters. Returns ``prefix`` + the generated text."""
     if not prefix:
         raise ValueError("predict: prefix must contain at least one token")
@@ -264,5 +130,11 @@ def predict(model: RNNLM, params: dict, prefix: str, num_preds: int, vocab) -> s
     if num_preds == 0:
         return prefix
     ids = jnp.asarray(vocab[list(prefix)], jnp.int32)
-    toks = np.asarray(_predict_ids(model, params, ids, num_preds))
+    toks = np.asarray(_generate(model, params, ids, num_preds))
     return prefix + "".join(vocab.to_tokens(toks.tolist()))
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp`` of the mean negative log-likelihood per token."""
+    return float(math.exp(mean_nll))
+
