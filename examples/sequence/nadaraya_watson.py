@@ -3,7 +3,8 @@ non-parametric Gaussian-kernel estimator and the learned-width one, with attenti
 
     python examples/sequence/nadaraya_watson.py [--out runs/nadaraya_watson] [--seed 0]
 
-Prints the test MSE of each estimator and the training loss per epoch; saves
+The learned width is a Layer trained by ``fdl.train.fit``. Prints the test MSE of each estimator
+and the training loss per epoch; saves
 ``regression.png`` (fits against the truth) and ``attention_nonparametric.png`` /
 ``attention_parametric.png`` (weights of the 50 test queries over the 50 training keys).
 """
@@ -18,7 +19,10 @@ import jax.numpy as jnp
 
 
 def main(argv=None) -> dict[str, float]:
+    from fdl.data import ArrayLoader
     from fdl.models.sequence import nadaraya_watson as nw
+    from fdl.optim import sgd
+    from fdl.train import fit
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/nadaraya_watson")
@@ -37,12 +41,17 @@ def main(argv=None) -> dict[str, float]:
 
     y_avg = nw.average_pooling(y_train, x_test.shape[0])
     y_np, w_np = nw.nadaraya_watson(x_test, x_train, y_train)
-    params = nw.init_nadaraya_watson(k_init)
-    params, losses = nw.fit_nadaraya_watson(params, x_train, y_train, lr=args.lr,
-                                            epochs=args.epochs)
-    for i, loss in enumerate(losses):
-        print(f"epoch {i + 1}, loss {loss:.6f}")
-    y_p, w_p = nw.nadaraya_watson_apply(params, x_test, x_train, y_train)
+    # the learned width: a Layer trained by fit, full batch (the leave-one-out keys/values of
+    # every training input), plain SGD on the summed squared error as the book
+    model = nw.nadaraya_watson_regression()
+    keys, values = nw.leave_one_out(x_train, y_train)
+    n = x_train.shape[0]
+    _, params, state = model.init(k_init, ((n,), keys.shape, values.shape))
+    data = ArrayLoader(((x_train, keys, values), y_train), n)
+    res = fit(model, params, state, sgd(args.lr), data, epochs=args.epochs, key=k_init,
+              loss=nw.summed_squared_error(), progress=False, print_fn=print)
+    params = res.params
+    y_p, w_p = nw.nadaraya_watson(x_test, x_train, y_train, params["w"][0])
     res = {"mse_average": mse(y_avg), "mse_nonparametric": mse(y_np),
            "mse_parametric": mse(y_p), "w": float(params["w"][0])}
     print(f"learned w = {res['w']:.3f}")

@@ -6,8 +6,10 @@ attention; translates the book's four test sentences and prints their BLEU (k=2)
 
 Book settings (d2l "Sequence to Sequence Learning" / "Bahdanau Attention"): the first 600 pairs,
 embed 32, hidden 32, 2 GRU layers, dropout 0.1, batch 64, num_steps 10, Adam lr 0.005, gradient
-clipping 1, 300 epochs. Saves ``loss.png`` and, with ``--attention``, ``attention.png`` (the
-decoder's attention over the source for each test sentence) under ``--out``.
+clipping 1, 300 epochs; the model is a Layer (``fdl.models.sequence.seq2seq.seq2seq``) trained by
+``fdl.train.fit`` with teacher forcing and the book's objective. Saves ``loss_<tag>.png`` and,
+with ``--attention``, ``attention.png`` (the decoder's attention over the source for each test
+sentence) under ``--out``.
 """
 
 from __future__ import annotations
@@ -31,16 +33,27 @@ def make_optimizer(lr: float, clip: float):
     return chain(clip_by_global_norm(clip), adam(lr))
 
 
-def main(argv=None) -> dict:
-    from fdl.data.translation import load_data_nmt
-    from fdl.models.sequence.bleu import bleu
-    from fdl.models.sequence.seq2seq import (
-        Seq2SeqConfig,
-        init_seq2seq,
-        predict_seq2seq,
-        train_seq2seq,
-    )
+def book_objective():
+    """The book's objective, ``l.sum()`` over the batch of d2l's ``MaskedSoftmaxCELoss`` (its
+    scale matters: the gradient is clipped to norm 1 before Adam), with the loss per target
+    token as the logged loss."""
+    import jax.numpy as jnp
 
+    from fdl.models.sequence.seq2seq import masked_softmax_ce_loss
+    from fdl.train import Objective
+
+    def fn(logits, y, mask):
+        labels, valid_len = y
+        per_seq = masked_softmax_ce_loss(logits, labels, valid_len)  # (B,), mean over T
+        real = jnp.ones_like(per_seq) if mask is None else mask.astype(per_seq.dtype)
+        tokens = jnp.sum(valid_len.astype(per_seq.dtype) * real)
+        total = jnp.sum(per_seq * real)
+        return total, {"loss": total * labels.shape[1], "count": tokens}
+
+    return Objective(fn)
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/fra-eng.zip")
     ap.add_argument("--attention", action="store_true", help="Bahdanau attention decoder")
@@ -63,33 +76,67 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.beam_size < 1:
         ap.error(f"--beam-size must be >= 1, got {args.beam_size}")
+    return args
 
+
+def every(n: int):
+    """A ``print_fn`` for fit printing the rows of epoch 1 and every ``n``-th epoch."""
+    seen = [0]
+
+    def say(line: str) -> None:
+        if line.startswith("epoch "):
+            seen[0] += 1
+            if seen[0] != 1 and seen[0] % n:
+                return
+        print(line, flush=True)
+
+    return say
+
+
+def main(argv=None) -> dict:
+    from fdl.data import ArrayLoader
+    from fdl.data.translation import load_data_nmt
+    from fdl.models.sequence.bleu import bleu
+    from fdl.models.sequence.seq2seq import predict_seq2seq, seq2seq, teacher_forcing_inputs
+    from fdl.train import fit
+
+    args = parse_args(argv)
     t_wall = time.perf_counter()
     key = jax.random.key(args.seed)
     data, src_vocab, tgt_vocab = load_data_nmt(args.data, args.batch_size, args.num_steps,
                                                args.num_examples, seed=args.seed)
-    cfg = Seq2SeqConfig(len(src_vocab), len(tgt_vocab), args.embed, args.hidden, args.layers,
-                        args.dropout, args.attention)
-    params = init_seq2seq(jax.random.fold_in(key, 0), cfg)
-    print(f"{'attention' if cfg.attention else 'plain'} seq2seq: {data.src.shape[0]} pairs, "
-          f"src vocab {len(src_vocab)}, tgt vocab {len(tgt_vocab)}, "
-          f"{sum(x.size for x in jax.tree_util.tree_leaves(params)):,} params")
-    params, hist = train_seq2seq(
-        params, cfg, data, make_optimizer(args.lr, args.clip), bos_id=tgt_vocab["<bos>"],
-        num_epochs=args.epochs, key=jax.random.fold_in(key, 1), log_every=args.log_every,
-    )
-    # steady-state speed: median over the epochs after the first (which includes compilation)
-    tps = hist["tokens_per_s"]
-    steady = float(np.median(tps[1:])) if len(tps) > 1 else float(tps[0])
-    print(f"final loss {hist['loss'][-1]:.4f}, {steady:.0f} tokens/s (median epoch), "
-          f"training wall time {hist['wall_s'][0]:.1f} s")
+    model = seq2seq(len(src_vocab), len(tgt_vocab), embed_size=args.embed,
+                    num_hiddens=args.hidden, num_layers=args.layers, dropout=args.dropout,
+                    attention=args.attention)
+    b, t = args.batch_size, args.num_steps
+    _, params, state = model.init(jax.random.fold_in(key, 0), ((b, t), (b,), (b, t)))
+    dec_in = np.asarray(teacher_forcing_inputs(data.tgt, tgt_vocab["<bos>"]))
+    loader = ArrayLoader(((data.src, data.src_valid_len, dec_in),
+                          (data.tgt, data.tgt_valid_len)), b, last_batch="pad",
+                         key=jax.random.fold_in(key, 2))
+    tag = "attention" if args.attention else "plain"
+    print(f"{tag} seq2seq: {data.src.shape[0]} pairs, src vocab {len(src_vocab)}, tgt vocab "
+          f"{len(tgt_vocab)}, {sum(x.size for x in jax.tree_util.tree_leaves(params)):,} params")
+    t0 = time.perf_counter()
+    res = fit(model, params, state, make_optimizer(args.lr, args.clip), loader,
+              epochs=args.epochs, key=jax.random.fold_in(key, 1), loss=book_objective(),
+              progress=False, print_fn=every(args.log_every))
+    train_s = time.perf_counter() - t0
+    params = res.params
+    losses = res.history["train_loss"]
+    # steady-state speed: median over the epochs after the first (which includes compilation);
+    # fit's "examples" are target tokens here (the objective counts them)
+    tps = [r for r in res.history["examples_per_sec"][1:] if r]
+    steady = float(np.median(tps)) if tps else float("nan")
+    print(f"final loss {losses[-1]:.4f}, {steady:.0f} tokens/s (median epoch), "
+          f"training wall time {train_s:.1f} s")
 
     if args.beam_size > 1:  # greedy first, for comparison
-        greedy, _ = predict_seq2seq(params, cfg, ENGS, src_vocab, tgt_vocab, args.num_steps)
+        greedy, _ = predict_seq2seq(model, params, ENGS, src_vocab, tgt_vocab, args.num_steps)
         print("greedy: " + "; ".join(
             f"{e} => {p} ({bleu(p, f, k=2):.3f})"
             for e, p, f in zip(ENGS, greedy, FRAS, strict=True)))
-    translations, weights = predict_seq2seq(params, cfg, ENGS, src_vocab, tgt_vocab,
+    translations, weights = predict_seq2seq(model, params, ENGS, src_vocab, tgt_vocab,
                                             args.num_steps, beam_size=args.beam_size,
                                             alpha=args.alpha)
     scores = []
@@ -109,9 +156,8 @@ def main(argv=None) -> dict:
         import matplotlib.pyplot as plt
 
         os.makedirs(args.out, exist_ok=True)
-        tag = "attention" if cfg.attention else "plain"
         fig, ax = plt.subplots(figsize=(4.5, 3))
-        ax.plot(np.arange(1, len(hist["loss"]) + 1), hist["loss"])
+        ax.plot(np.arange(1, len(losses) + 1), losses)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss per token")
         ax.set_yscale("log")
@@ -133,8 +179,8 @@ def main(argv=None) -> dict:
             fig.savefig(os.path.join(args.out, "attention.png"), dpi=120)
             plt.close(fig)
         print(f"plots saved under {args.out}/")
-    return {"loss": hist["loss"][-1], "tokens_per_s": steady, "bleu": scores,
-            "translations": translations, "wall_s": hist["wall_s"][0]}
+    return {"loss": losses[-1], "tokens_per_s": steady, "bleu": scores,
+            "translations": translations, "wall_s": train_s}
 
 
 if __name__ == "__main__":

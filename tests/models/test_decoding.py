@@ -1,4 +1,4 @@
-"""Greedy / beam search on hand-built Markov decoders, and d2l's BLEU."""
+"""Greedy / beam search on hand-built Markov decoder Layers, and d2l's BLEU."""
 
 import itertools
 import math
@@ -8,24 +8,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fdl import nn
 from fdl.models.sequence.bleu import bleu
 from fdl.models.sequence.decoding import beam_search, greedy_search
 
 EOS, BOS, A, B, C = 0, 1, 2, 3, 4
 
 
-def table_step(table):
-    """A decoder whose next-token distribution depends on (step, previous token).
+def table_decoder(table) -> nn.Layer:
+    """A decoder Layer whose next-token distribution depends on (step, previous token).
 
-    carry: (N,) int32 step counter; aux: (N, 2) = (step, previous token) as floats."""
+    state: ``{"t": (N,) int32 step counter, "last": (N, 2) (step, previous token) as floats}``
+    (recorded as the search's aux); input tokens (N, 1) -> logits (N, 1, V)."""
     logt = jnp.log(jnp.asarray(table, jnp.float32))
 
-    def step(carry, tok):
-        logits = logt[carry, tok]
-        aux = jnp.stack([carry, tok], axis=-1).astype(jnp.float32)
-        return logits, carry + 1, aux
+    def init(key, in_shape):
+        return (*in_shape, logt.shape[-1]), {}, _state(in_shape[0])
 
-    return step
+    def apply(params, state, x, *, key=None, train=False):
+        tok, t = x[:, 0], state["t"]
+        last = jnp.stack([t, tok], axis=-1).astype(jnp.float32)
+        return logt[t, tok][:, None, :], {"t": t + 1, "last": last}
+
+    return nn.Layer(init, apply, name="markov")
+
+
+def _state(n):
+    return {"t": jnp.zeros((n,), jnp.int32), "last": jnp.zeros((n, 2), jnp.float32)}
 
 
 def hand_table():
@@ -60,9 +69,8 @@ def brute_force_best(table, max_len, alpha):
 
 
 def run(fn, table, batch, **kw):
-    step = table_step(table)
-    carry = jnp.zeros((batch,), jnp.int32)
-    return fn(step, carry, batch, bos_id=BOS, eos_id=EOS, **kw)
+    return fn(table_decoder(table), {}, _state(batch), bos_id=BOS, eos_id=EOS,
+              record=lambda s: s["last"], **kw)
 
 
 def test_greedy_on_hand_model():
@@ -115,17 +123,17 @@ def test_wide_beam_equals_exhaustive_search(seed, alpha):
 
 
 def test_fixed_shapes_under_jit():
-    table = hand_table()
-    step = table_step(table)
+    dec = table_decoder(hand_table())
 
     @jax.jit
-    def decode(carry):
-        g = greedy_search(step, carry, 3, bos_id=BOS, eos_id=EOS, max_len=5)
-        b, allb = beam_search(step, carry, 3, bos_id=BOS, eos_id=EOS, max_len=5, beam_size=3,
+    def decode(state):
+        g = greedy_search(dec, {}, state, bos_id=BOS, eos_id=EOS, max_len=5)
+        b, allb = beam_search(dec, {}, state, bos_id=BOS, eos_id=EOS, max_len=5, beam_size=3,
                               return_all=True)
         return g, b, allb
 
-    g, b, allb = decode(jnp.zeros((3,), jnp.int32))
+    g, b, allb = decode(_state(3))
+    assert g.aux is None
     assert g.tokens.shape == b.tokens.shape == (3, 5)
     assert g.lengths.shape == b.lengths.shape == (3,)
     assert allb.tokens.shape == (3, 3, 5) and allb.scores.shape == (3, 3)
@@ -142,9 +150,12 @@ def test_bad_beam_size(k):
         run(beam_search, hand_table(), 1, max_len=4, beam_size=k)
 
 
-def test_bad_max_len():
+def test_bad_max_len_and_state():
     with pytest.raises(ValueError, match="max_len"):
         run(greedy_search, hand_table(), 1, max_len=0)
+    bad = {"t": jnp.zeros((2,), jnp.int32), "last": jnp.zeros((3, 2))}
+    with pytest.raises(ValueError, match="batch axis first"):
+        greedy_search(table_decoder(hand_table()), {}, bad, bos_id=BOS, eos_id=EOS, max_len=3)
 
 
 # ----------------------------------------------------------------------------- BLEU

@@ -1,4 +1,5 @@
-"""Seq2seq (plain and Bahdanau attention) and Nadaraya–Watson kernel regression."""
+"""Seq2seq (plain and Bahdanau attention) as Layers, the encoder-decoder combinator, training
+with fdl.train.fit, and Nadaraya–Watson kernel regression."""
 
 import importlib.util
 import os
@@ -8,19 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fdl import nn
+from fdl.data import ArrayLoader
 from fdl.models.sequence import nadaraya_watson as nw
 from fdl.models.sequence import seq2seq as s2s
-from fdl.models.sequence.decoding import beam_search
-from fdl.optim import sgd
+from fdl.models.sequence.decoding import beam_search, greedy_search
+from fdl.models.sequence.encoder_decoder import encoder_decoder
+from fdl.optim import adam, sgd
+from fdl.train import fit
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 REAL = os.path.join(ROOT, "..", "shared", "data", "fra-eng.zip")
 BOS, EOS, PAD = 2, 3, 1
 
 
-def small_cfg(attention, dropout=0.0):
-    return s2s.Seq2SeqConfig(11, 13, embed_size=5, num_hiddens=6, num_layers=2,
-                             dropout=dropout, attention=attention)
+def small(attention, dropout=0.0, **kw):
+    return s2s.seq2seq(11, 13, embed_size=5, num_hiddens=6, num_layers=2, dropout=dropout,
+                       attention=attention, **kw)
 
 
 def batch(rng, b=3, t=5, vs=11, vt=13):
@@ -31,49 +36,46 @@ def batch(rng, b=3, t=5, vs=11, vt=13):
     return jnp.asarray(x), jnp.asarray(x_len), jnp.asarray(y), jnp.asarray(y_len)
 
 
-def _apply_jit():
-    return jax.jit(s2s.apply_seq2seq, static_argnames=("cfg", "train"))
+def _init(model, b=3, t=5):
+    return model.init(jax.random.key(0), ((b, t), (b,), (b, t)))
 
 
 @pytest.mark.parametrize("attention", [False, True])
-def test_shapes_masking_and_stepwise_decoding(attention):
-    """Shapes, attention masked to the source valid_len, and cached step-by-step decoding
-    equal to the teacher-forced pass (logits and attention weights)."""
-    cfg = small_cfg(attention)
-    params = s2s.init_seq2seq(jax.random.key(0), cfg)
+def test_paths_state_and_stepwise_decoding(attention):
+    """Readable param paths; the decoder's carry lives in its state; step-by-step decoding
+    from the bound state equals the teacher-forced pass; attention weights are masked to the
+    source valid_len."""
+    model = small(attention)
+    out_shape, params, state = _init(model)
+    assert out_shape == (3, 5, 13)
+    assert set(params) == {"encoder", "decoder"} and set(params["encoder"]) == {"embedding",
+                                                                                "rnn"}
     assert ("attention" in params["decoder"]) == attention
-    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(params))
-    if attention:
-        assert set(params["decoder"]["attention"]) == {"w_q", "w_k", "w_v"}
+    assert params["decoder"]["rnn"]["l0"]["fwd"]["w_ih"].shape[0] == 5 + 6
+    assert state["encoder"]["rnn"]["h"].shape == (3, 2, 6)
     x, x_len, y, _ = batch(np.random.default_rng(0))
-    full, w_full = _apply_jit()(params, cfg, x, x_len, y)
-    assert full.shape == (3, 5, 13)
+    full, new_state = jax.jit(model.apply)(params, state, (x, x_len, y))
+    assert full.shape == (3, 5, 13) and set(new_state) == {"encoder"}
+    dec = model.decoder
+    st = model.encode(params, state, x, x_len)
+    assert st["rnn"]["h"].shape == (3, 2, 6)
+
+    @jax.jit
+    def stepwise(st):
+        def body(s, tok):
+            logits, s = dec.apply(params["decoder"], s, tok[:, None])
+            w = s["attention_weights"] if attention else jnp.zeros(())
+            return s, (logits[:, 0], w)
+
+        return jax.lax.scan(body, st, y.T)
+
+    _, (logits, ws) = stepwise(st)
+    np.testing.assert_allclose(np.swapaxes(logits, 0, 1), full, rtol=1e-5, atol=1e-5)
     if attention:
-        assert w_full.shape == (3, 5, 5)  # (batch, target steps, source steps)
-        w = np.asarray(w_full)
+        w = np.swapaxes(np.asarray(ws), 0, 1)  # (B, T, T_src)
         np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
         for b, n in enumerate(np.asarray(x_len)):
             assert (w[b, :, n:] == 0).all()
-    else:
-        assert w_full is None
-
-    @jax.jit
-    def stepwise(params, x, x_len, y):
-        enc_out, enc_state = s2s.encode(params, cfg, x)
-        carry = s2s.decoder_init_carry(cfg, enc_out, enc_state, x_len)
-        step = s2s.decode_step(params, cfg)
-
-        def body(c, tok):
-            logits, c, aux = step(c, tok)
-            return c, (logits, aux)
-
-        _, (logits, aux) = jax.lax.scan(body, carry, y.T)
-        return jnp.swapaxes(logits, 0, 1), (None if aux is None else jnp.swapaxes(aux, 0, 1))
-
-    logits, aux = stepwise(params, x, x_len, y)
-    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
-    if attention:
-        np.testing.assert_allclose(aux, w_full, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_softmax_ce_loss_matches_d2l_formula():
@@ -91,88 +93,104 @@ def test_masked_softmax_ce_loss_matches_d2l_formula():
     d2l = s2s.masked_softmax_ce_loss(jnp.ones((3, 4, 10)), jnp.ones((3, 4), jnp.int32),
                                      jnp.array([4, 2, 0]))
     np.testing.assert_allclose(d2l, [2.3026, 1.1513, 0.0], atol=1e-4)
-
-
-def test_padding_last_batch_changes_no_gradient():
-    cfg = s2s.Seq2SeqConfig(11, 13, embed_size=4, num_hiddens=4, num_layers=1, dropout=0.0,
-                            attention=True)
-    params = s2s.init_seq2seq(jax.random.key(2), cfg)
-    b = batch(np.random.default_rng(3))
-    padded = tuple(jnp.asarray(a) for a in s2s._pad_batch(b, 5))
-    assert padded[0].shape == (5, 5) and list(np.asarray(padded[3][3:])) == [0, 0]
-    grads = jax.jit(jax.grad(lambda p, bb: s2s.seq2seq_loss(p, cfg, bb, BOS, train=False)[0]))
-    g1, g2 = grads(params, b), grads(params, padded)
-    for a, c in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
-        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
-        assert np.isfinite(np.asarray(c)).all()
+    np.testing.assert_allclose(s2s.sequence_loss(jnp.asarray(logits), (labels, valid)), got)
+    np.testing.assert_array_equal(s2s.teacher_forcing_inputs(jnp.array([[5, 6, 7]]), BOS),
+                                  [[BOS, 5, 6]])
 
 
 def test_dropout_needs_key_and_bad_config():
-    cfg = small_cfg(True, dropout=0.5)
-    params = s2s.init_seq2seq(jax.random.key(3), cfg)
-    b = batch(np.random.default_rng(4))
+    model = small(True, dropout=0.5)
+    _, params, state = _init(model)
+    x, x_len, y, _ = batch(np.random.default_rng(4))
     with pytest.raises(ValueError, match="key"):
-        s2s.seq2seq_loss(params, cfg, b, BOS, train=True)
-    loss = jax.jit(lambda p, bb, k: s2s.seq2seq_loss(p, cfg, bb, BOS, key=k, train=True)[0])
-    l1, l2 = loss(params, b, jax.random.key(0)), loss(params, b, jax.random.key(1))
-    assert np.isfinite(float(l1)) and float(l1) != float(l2)
+        model.apply(params, state, (x, x_len, y), train=True)
+    f = jax.jit(lambda k: model.apply(params, state, (x, x_len, y), key=k, train=True)[0])
+    a, b = f(jax.random.key(0)), f(jax.random.key(1))
+    assert np.isfinite(np.asarray(a)).all() and not np.allclose(a, b)
     with pytest.raises(ValueError, match="num_layers"):
-        s2s.Seq2SeqConfig(5, 5, num_layers=0)
+        s2s.seq2seq(5, 5, num_layers=0)
     with pytest.raises(ValueError, match="dropout"):
-        s2s.Seq2SeqConfig(5, 5, dropout=1.0)
-    with pytest.raises(ValueError, match="integer tokens"):
-        s2s.encode(params, cfg, jnp.ones((2, 3)))
+        s2s.seq2seq(5, 5, dropout=1.0)
+    with pytest.raises(nn.ShapeError, match="'encoder/embedding'.*integer"):
+        model.apply(params, state, (jnp.ones((3, 5)), x_len, y))
+
+
+def test_bad_input_names_the_layer():
+    """A decoder called without its encoder state, a state from another batch size, a
+    mismatched encoder: errors naming the layer path and the shapes."""
+    model = small(True)
+    _, params, state = _init(model)
+    x, x_len, y, _ = batch(np.random.default_rng(5))
+    dec = model.decoder
+    with pytest.raises(nn.ShapeError, match="without its encoder state.*bind"):
+        dec.apply(params["decoder"], {}, y)
+    st = model.encode(params, state, x, x_len)
+    with pytest.raises(nn.ShapeError, match=r"tokens of shape \(3, steps\).*got \(2, 5\)"):
+        dec.apply(params["decoder"], st, y[:2])
+    bad = {**st, "rnn": {"h": st["rnn"]["h"][:2]}}
+    with pytest.raises(nn.ShapeError, match="batch size"):
+        dec.apply(params["decoder"], bad, y)
+    with pytest.raises(nn.ShapeError, match="keys"):
+        dec.apply(params["decoder"], {"rnn": st["rnn"]}, y)
+    plain = small(False)
+    _, pp, ps = _init(plain)
+    with pytest.raises(nn.ShapeError, match=r"'rnn' \(gru\).*state\['h'\]"):
+        plain.decoder.apply(pp["decoder"], {"rnn": {"h": jnp.zeros((3, 1, 6))},
+                                            "context": jnp.zeros((3, 6))}, y)
+    with pytest.raises(nn.ShapeError, match="memory_size=6"):
+        encoder_decoder(s2s.seq2seq_encoder(11, 5, 7), s2s.seq2seq_decoder(13, 5, 6)).init(
+            jax.random.key(0), ((3, 5), (3,), (3, 5)))
 
 
 def test_translate_under_jit_fixed_shapes_and_beam_one_is_greedy():
-    cfg = small_cfg(True)
-    params = s2s.init_seq2seq(jax.random.key(4), cfg)
+    model = small(True)
+    _, params, state = _init(model)
     x, x_len, _, _ = batch(np.random.default_rng(5))
-    f = jax.jit(s2s.translate, static_argnames=("cfg", "bos_id", "eos_id", "max_len",
+    f = jax.jit(s2s.translate, static_argnames=("model", "bos_id", "eos_id", "max_len",
                                                 "beam_size", "alpha"))
-    g = f(params, cfg, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7)
-    b3 = f(params, cfg, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7, beam_size=3)
+    g = f(model, params, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7)
+    b3 = f(model, params, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7, beam_size=3)
     assert g.tokens.shape == b3.tokens.shape == (3, 7) and b3.aux.shape == (3, 7, 5)
     assert g.aux.shape == (3, 7, 5) and b3.lengths.shape == (3,)
-
-    @jax.jit
-    def beam1(params, x, x_len):
-        enc_out, enc_state = s2s.encode(params, cfg, x)
-        carry = s2s.decoder_init_carry(cfg, enc_out, enc_state, x_len)
-        return beam_search(s2s.decode_step(params, cfg), carry, 3, beam_size=1, bos_id=BOS,
-                           eos_id=EOS, max_len=7)
-
-    b1 = beam1(params, x, x_len)
+    st = model.encode(params, state, x, x_len)
+    b1 = jax.jit(lambda s: beam_search(model.decoder, params["decoder"], s, beam_size=1,
+                                       bos_id=BOS, eos_id=EOS, max_len=7,
+                                       record=lambda s: s["attention_weights"]))(st)
+    g2 = greedy_search(model.decoder, params["decoder"], st, bos_id=BOS, eos_id=EOS, max_len=7)
     np.testing.assert_array_equal(g.tokens, b1.tokens)
+    np.testing.assert_array_equal(g.tokens, g2.tokens)
     np.testing.assert_array_equal(g.lengths, b1.lengths)
     np.testing.assert_allclose(g.aux, b1.aux, atol=1e-6)
     with pytest.raises(ValueError, match="beam_size"):
-        s2s.translate(params, cfg, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7, beam_size=0)
+        s2s.translate(model, params, x, x_len, bos_id=BOS, eos_id=EOS, max_len=7, beam_size=0)
 
 
-class _Data:
-    def __init__(self, b):
-        self.b, self.batch_size = b, b[0].shape[0]
-
-    def batches(self, key):
-        yield tuple(np.asarray(a) for a in self.b)
-
-
-def test_training_reduces_loss_and_memorises_a_pair():
-    cfg = s2s.Seq2SeqConfig(8, 8, embed_size=8, num_hiddens=16, num_layers=1, dropout=0.0,
-                            attention=True)
-    params = s2s.init_seq2seq(jax.random.key(5), cfg)
+def test_fit_trains_it_and_it_memorises_a_pair():
+    """One fit for every family: the seq2seq Layer trained by fdl.train.fit (tuple inputs,
+    per-token weights) learns two pairs by heart."""
+    model = s2s.seq2seq(8, 8, embed_size=8, num_hiddens=16, num_layers=1, dropout=0.0,
+                        attention=True)
     x = np.array([[4, 5, EOS, PAD], [6, 7, 5, EOS]], np.int32)
     y = np.array([[6, 4, EOS, PAD], [5, 5, 7, EOS]], np.int32)
-    data = _Data((x, np.array([3, 4], np.int32), y, np.array([3, 4], np.int32)))
-    params, hist = s2s.train_seq2seq(params, cfg, data, sgd(0.5), bos_id=BOS, num_epochs=150,
-                                     key=jax.random.key(6), log=None)
-    assert hist["loss"][-1] < 0.2 * hist["loss"][0]
-    res = s2s._translate_jit(params, cfg, jnp.asarray(x), jnp.array([3, 4]), bos_id=BOS,
-                             eos_id=EOS, max_len=4, beam_size=2)
-    np.testing.assert_array_equal(res.tokens[0, :3], [6, 4, EOS])
-    np.testing.assert_array_equal(res.tokens[1], [5, 5, 7, EOS])
-    np.testing.assert_array_equal(res.lengths, [2, 3])
+    lens = np.array([3, 4], np.int32)
+    dec_in = np.asarray(s2s.teacher_forcing_inputs(y, BOS))
+    data = ArrayLoader(((x, lens, dec_in), (y, lens)), 2)
+    _, params, state = model.init(jax.random.key(5), ((2, 4), (2,), (2, 4)))
+
+    def loss(logits, targets):  # per-token CE with the valid-token mask as weights
+        labels, valid = targets
+        ce = nn.losses.softmax_cross_entropy(logits, labels, reduction="none")
+        return ce, nn.padding_mask(valid, labels.shape[1]).astype(ce.dtype)
+
+    res = fit(model, params, state, adam(0.05), data, epochs=60, key=jax.random.key(6),
+              loss=loss, progress=False, print_fn=None)
+    hist = res.history["train_loss"]
+    assert hist[-1] < 0.1 * hist[0]
+    out = s2s.translate(model, res.params, jnp.asarray(x), jnp.asarray(lens), bos_id=BOS,
+                        eos_id=EOS, max_len=4, beam_size=2)
+    np.testing.assert_array_equal(out.tokens[0, :3], [6, 4, EOS])
+    np.testing.assert_array_equal(out.tokens[1], [5, 5, 7, EOS])
+    np.testing.assert_array_equal(out.lengths, [2, 3])
 
 
 def _load_example(name):
@@ -231,13 +249,22 @@ def test_leave_one_out_and_learned_width():
     assert keys.shape == (50, 49)
     for i in (0, 17, 49):
         assert float(x[i]) not in np.asarray(keys[i]).tolist()
-    params = nw.init_nadaraya_watson(jax.random.key(1))
-    params, losses = nw.fit_nadaraya_watson(params, x, y, epochs=5)
+    model = nw.nadaraya_watson_regression()
+    _, params, state = model.init(jax.random.key(1), ((50,), keys.shape, values.shape))
+    res = fit(model, params, state, sgd(0.5), ArrayLoader(((x, keys, values), y), 50), epochs=5,
+              key=jax.random.key(2), loss=nw.summed_squared_error(), progress=False,
+              print_fn=None)
+    losses, params = res.history["train_loss"], res.params
     assert losses[-1] < losses[0]
+    # the logged loss is the book's summed squared error of the leave-one-out estimator
+    y0, _ = model.apply(model.init(jax.random.key(1), ((50,), keys.shape, values.shape))[1], {},
+                        (x, keys, values))
+    np.testing.assert_allclose(losses[0], float(jnp.sum((y0 - y) ** 2)), rtol=1e-5)
     # the trained kernel is narrower than the non-parametric one and fits the truth better
     assert float(params["w"][0]) > 1.0
     y_np, _ = nw.nadaraya_watson(x_test, x, y)
-    y_p, w_p = nw.nadaraya_watson_apply(params, x_test, x, y)
+    y_p, _ = model.apply(params, {}, (x_test, x, y))
+    _, w_p = nw.nadaraya_watson(x_test, x, y, params["w"][0])
     assert float(jnp.mean((y_p - y_truth) ** 2)) < float(jnp.mean((y_np - y_truth) ** 2))
     np.testing.assert_allclose(w_p.sum(1), 1.0, rtol=1e-5)
 

@@ -1,17 +1,18 @@
-"""Sequence models: character language models (rnn_lm), encoder-decoder, decoding, BLEU."""
+"""Sequence models as Layers: character language models (:mod:`.rnn_lm`), the encoder-decoder
+combinator (:mod:`.encoder_decoder`) and the book's seq2seq models (:mod:`.seq2seq`),
+Nadaraya-Watson regression, decoding (greedy and beam search over any decoder Layer), BLEU."""
 
-from fdl.models.sequence import decoding, nadaraya_watson, seq2seq  # noqa: E402, F401
-from fdl.models.sequence.bleu import bleu  # noqa: E402, F401
-from fdl.models.sequence.decoding import (  # noqa: E402, F401
+from fdl.models.sequence import (  # noqa: F401
+    decoding,
+    encoder_decoder,
+    nadaraya_watson,
+    rnn_lm,
+    seq2seq,
+)
+from fdl.models.sequence.bleu import bleu  # noqa: F401
+from fdl.models.sequence.decoding import (  # noqa: F401
     DecodeResult,
     beam_search,
     greedy_search,
 )
-from fdl.models.sequence.rnn_lm import predict, rnn_lm  # noqa: E402, F401
-from fdl.models.sequence.seq2seq import (  # noqa: E402, F401
-    Seq2SeqConfig,
-    init_seq2seq,
-    predict_seq2seq,
-    train_seq2seq,
-    translate,
-)
+from fdl.models.sequence.encoder_decoder import Decoder, EncoderDecoder  # noqa: F401

@@ -1,13 +1,17 @@
-"""Greedy and beam-search decoding with fixed shapes, generic over a decoder step function.
+"""Greedy and beam-search decoding with fixed shapes, for any decoder Layer.
 
-A **step function** advances a decoder by one token for a batch of rows::
+A **decoder** is a Layer ``apply(params, state, tokens (N, 1)) -> (logits (N, 1, V), state)``
+whose state carries everything between steps (a recurrent carry, a KV cache, the encoder memory:
+a bound :class:`~fdl.models.sequence.encoder_decoder.Decoder` state). Every leaf of that state
+has the row axis **first** (``(N, ...)``): beam search reorders rows by gathering on axis 0, and
+the batch size is read from it. ``record(state) -> pytree`` (optional) picks per-step extras
+from the state after each step, leaves with leading axis ``N`` (e.g. attention weights
+``(N, K)``); they come back stacked over steps as ``aux``.
 
-    step_fn(carry, tokens) -> (logits, new_carry, aux)
-
-``tokens`` is ``(N,)`` int32 (the previous output token of every row), ``logits`` ``(N, V)``,
-``carry`` any pytree whose leaves all have the row axis **first** (``(N, ...)``; beam search
-reorders rows by gathering on axis 0), and ``aux`` a pytree of per-step extras with leading axis
-``N`` (e.g. attention weights ``(N, K)``) or ``None``.
+The same searches over a bare **step function** (:func:`greedy_search_steps`,
+:func:`beam_search_steps`) take ``step_fn(carry, tokens (N,)) -> (logits (N, V), new_carry,
+aux)`` with the same row-first rule for ``carry`` and ``aux`` (:func:`decoder_step` builds one
+from a decoder Layer).
 
 Both searches run ``max_len`` steps in one ``lax.scan`` (so they can be ``jit``-ed; ``max_len``,
 ``beam_size`` and the ids are static) and return a :class:`DecodeResult` of fixed shape:
@@ -38,7 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["DecodeResult", "greedy_search", "beam_search", "StepFn"]
+__all__ = ["DecodeResult", "StepFn", "beam_search", "beam_search_steps", "decoder_step",
+           "greedy_search", "greedy_search_steps"]
 
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any, Any]]
 
@@ -50,6 +55,27 @@ class DecodeResult(NamedTuple):
     lengths: jax.Array
     scores: jax.Array
     aux: Any
+
+
+def decoder_step(decoder, params, record: Callable[[Any], Any] | None = None) -> StepFn:
+    """``step(state, tokens (N,)) -> (logits (N, V), state, aux)``: one evaluation-mode call
+    of ``decoder`` on one token per row; ``aux = record(state)`` (or ``None``)."""
+
+    def step(state, tokens):
+        logits, state = decoder.apply(params, state, tokens[:, None], key=None, train=False)
+        return logits[:, 0], state, (None if record is None else record(state))
+
+    return step
+
+
+def _rows(state: Any) -> int:
+    """The batch size of a decoder state (axis 0 of every leaf, which must agree)."""
+    rows = {jax.tree_util.keystr(path): jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    if not rows or None in rows.values() or len(set(rows.values())) != 1:
+        raise ValueError(f"decoding: every leaf of the decoder state needs the batch axis "
+                         f"first, of one size; got first dims {rows}")
+    return next(iter(rows.values()))
 
 
 def _check_common(max_len: int, batch_size: int) -> None:
@@ -75,20 +101,30 @@ def _zero_rows(aux, rows_done):
 
 
 def greedy_search(
-    step_fn: StepFn,
-    carry: Any,
-    batch_size: int,
+    decoder,
+    params: Any,
+    state: Any,
     *,
     bos_id: int,
     eos_id: int,
     max_len: int,
     pad_id: int = -1,
+    record: Callable[[Any], Any] | None = None,
 ) -> DecodeResult:
     """Greedy decoding: at every step feed back the arg-max token; stop a row at ``<eos>``.
 
-    ``carry`` is the initial decoder carry for ``batch_size`` rows. Returns a
-    :class:`DecodeResult` (``aux`` leaves ``(B, max_len, ...)``).
+    ``decoder``, ``params``: the decoder Layer and its params; ``state``: its initial (bound)
+    state for ``B`` rows. Returns a :class:`DecodeResult` (``aux``: ``record``'s leaves
+    ``(B, max_len, ...)``, or ``None``).
     """
+    return greedy_search_steps(decoder_step(decoder, params, record), state, _rows(state),
+                               bos_id=bos_id, eos_id=eos_id, max_len=max_len, pad_id=pad_id)
+
+
+def greedy_search_steps(step_fn: StepFn, carry: Any, batch_size: int, *, bos_id: int,
+                        eos_id: int, max_len: int, pad_id: int = -1) -> DecodeResult:
+    """:func:`greedy_search` over a step function (see the module docstring) from ``carry``
+    for ``batch_size`` rows."""
     _check_common(max_len, batch_size)
     tokens0 = jnp.full((batch_size,), bos_id, jnp.int32)
 
@@ -118,9 +154,9 @@ def greedy_search(
 
 
 def beam_search(
-    step_fn: StepFn,
-    carry: Any,
-    batch_size: int,
+    decoder,
+    params: Any,
+    state: Any,
     *,
     beam_size: int,
     bos_id: int,
@@ -129,15 +165,27 @@ def beam_search(
     alpha: float = 0.75,
     pad_id: int = -1,
     return_all: bool = False,
+    record: Callable[[Any], Any] | None = None,
 ) -> DecodeResult | tuple[DecodeResult, DecodeResult]:
     """Beam search with ``beam_size`` beams and length normalisation ``1 / L**alpha``.
 
-    ``carry`` is the initial carry for ``batch_size`` rows (it is repeated ``beam_size`` times;
-    row ``b * beam_size + j`` is beam ``j`` of example ``b``). Returns the best beam per example
-    as a :class:`DecodeResult`; with ``return_all=True`` also a second one holding every beam
-    (``tokens (B, k, max_len)``, ``lengths``/``scores (B, k)``, sorted best first).
+    ``state`` is the decoder's initial state for ``B`` rows (it is repeated ``beam_size``
+    times; row ``b * beam_size + j`` is beam ``j`` of example ``b``). Returns the best beam per
+    example as a :class:`DecodeResult`; with ``return_all=True`` also a second one holding every
+    beam (``tokens (B, k, max_len)``, ``lengths``/``scores (B, k)``, sorted best first).
     Raises ``ValueError`` if ``beam_size < 1``.
     """
+    return beam_search_steps(decoder_step(decoder, params, record), state, _rows(state),
+                             beam_size=beam_size, bos_id=bos_id, eos_id=eos_id,
+                             max_len=max_len, alpha=alpha, pad_id=pad_id, return_all=return_all)
+
+
+def beam_search_steps(step_fn: StepFn, carry: Any, batch_size: int, *, beam_size: int,
+                      bos_id: int, eos_id: int, max_len: int, alpha: float = 0.75,
+                      pad_id: int = -1, return_all: bool = False
+                      ) -> DecodeResult | tuple[DecodeResult, DecodeResult]:
+    """:func:`beam_search` over a step function (see the module docstring) from ``carry`` for
+    ``batch_size`` rows."""
     if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be an integer >= 1, got {beam_size!r}")
     if alpha < 0:

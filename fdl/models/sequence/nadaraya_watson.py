@@ -4,6 +4,10 @@
 into attention weights. ``w = 1`` is the non-parametric estimator; learning ``w`` (one scalar
 parameter) narrows the kernel. Data: d2l's ``y = 2 sin(x) + x**0.8 + eps`` on 50 sorted training
 inputs in ``[0, 5)``, tested on ``arange(0, 5, 0.1)``.
+
+The learned estimator is a Layer, :func:`nadaraya_watson_regression`, trained by
+:func:`fdl.train.fit` like every model (the book: full-batch SGD, lr 0.5, on the summed squared
+error, :func:`summed_squared_error`, of the leave-one-out estimator, :func:`leave_one_out`).
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fdl.nn.core import Layer, ShapeError
+
 __all__ = [
     "average_pooling",
-    "fit_nadaraya_watson",
-    "init_nadaraya_watson",
     "leave_one_out",
     "nadaraya_watson",
-    "nadaraya_watson_apply",
+    "nadaraya_watson_regression",
+    "summed_squared_error",
     "synthetic_data",
     "target_fn",
 ]
@@ -68,15 +73,44 @@ def nadaraya_watson(queries: jax.Array, keys: jax.Array, values: jax.Array,
     return jnp.sum(weights * values, axis=-1), weights
 
 
-def init_nadaraya_watson(key) -> dict[str, jax.Array]:
-    """Params ``{"w": (1,)}`` drawn from ``U(0, 1)`` as d2l's ``torch.rand((1,))``."""
-    return {"w": jax.random.uniform(key, (1,))}
+def _unpack(x):
+    if not (isinstance(x, (tuple, list)) and len(x) == 3):
+        raise ShapeError("nadaraya_watson", "expected x = (queries (n_q,), keys, values) with "
+                         f"keys/values (n_k,) or (n_q, n_k), got {type(x).__name__}")
+    return x
 
 
-def nadaraya_watson_apply(params: dict[str, jax.Array], queries, keys, values
-                          ) -> tuple[jax.Array, jax.Array]:
-    """The learned-width estimator: :func:`nadaraya_watson` with ``w = params["w"]``."""
-    return nadaraya_watson(queries, keys, values, params["w"][0])
+def nadaraya_watson_regression() -> Layer:
+    """The learned-width estimator as a Layer: ``x = (queries (n_q,), keys, values)`` (keys
+    and values ``(n_k,)`` shared by every query, or ``(n_q, n_k)``) -> ``y_hat (n_q,)``;
+    params ``{"w": (1,)}`` drawn from ``U(0, 1)`` as d2l's ``torch.rand((1,))``; no state.
+    The attention weights are :func:`nadaraya_watson` with ``w = params["w"][0]``."""
+
+    def init(key, in_shape):
+        q_shape, k_shape, v_shape = _unpack(in_shape)
+        if len(q_shape) != 1 or tuple(k_shape) != tuple(v_shape) or len(k_shape) not in (1, 2):
+            raise ShapeError("nadaraya_watson", f"expected queries (n_q,) and keys/values "
+                             f"(n_k,) or (n_q, n_k), got {q_shape}, {k_shape}, {v_shape}")
+        return tuple(q_shape), {"w": jax.random.uniform(key, (1,))}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        queries, keys, values = _unpack(x)
+        y_hat, _ = nadaraya_watson(queries, keys, values, params["w"][0])
+        return y_hat, state
+
+    return Layer(init, apply, name="nadaraya_watson")
+
+
+def summed_squared_error():
+    """The book's objective for the learned width, ``sum((y_hat - y)**2)`` over the batch, as
+    an :class:`fdl.train.Objective` (the logged loss is that sum)."""
+    from fdl.train import Objective
+
+    def fn(y_hat, y, mask):
+        sq = (y_hat - y) ** 2
+        return jnp.sum(sq if mask is None else sq * mask), {}
+
+    return Objective(fn)
 
 
 def leave_one_out(x_train: jax.Array, y_train: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,22 +119,3 @@ def leave_one_out(x_train: jax.Array, y_train: jax.Array) -> tuple[jax.Array, ja
     n = x_train.shape[0]
     idx = jnp.array([[j for j in range(n) if j != i] for i in range(n)], jnp.int32)
     return x_train[idx], y_train[idx]
-
-
-def fit_nadaraya_watson(params, x_train, y_train, *, lr: float = 0.5, epochs: int = 5
-                        ) -> tuple[dict[str, jax.Array], list[float]]:
-    """d2l's training: full-batch SGD on the summed squared error ``sum((y_hat - y)**2)`` of the
-    leave-one-out estimator. Returns ``(params, losses per epoch)``."""
-    keys, values = leave_one_out(x_train, y_train)
-
-    def loss_fn(p):
-        y_hat, _ = nadaraya_watson_apply(p, x_train, keys, values)
-        return jnp.sum((y_hat - y_train) ** 2)
-
-    step = jax.jit(jax.value_and_grad(loss_fn))
-    losses = []
-    for _ in range(epochs):
-        loss, g = step(params)
-        params = jax.tree_util.tree_map(lambda p, gg: p - lr * gg, params, g)
-        losses.append(float(loss))
-    return params, losses

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdl.models.sequence.decoding import DecodeResult, beam_search, greedy_search
+from fdl.models.sequence.decoding import DecodeResult, beam_search_steps, greedy_search_steps
 from fdl.nn.core import Layer, ShapeError, apply_child, check_positive_int, child_key, init_child
 from fdl.nn.embedding import embedding
 from fdl.nn.linear import dense
@@ -346,6 +346,7 @@ def translate(model: Layer, params, src: jax.Array, src_valid_lens: jax.Array, *
 
     b = src.shape[0]
     if beam_size == 1:
-        return greedy_search(step, state, b, bos_id=bos_id, eos_id=eos_id, max_len=max_len)
-    return beam_search(step, state, b, beam_size=beam_size, bos_id=bos_id, eos_id=eos_id,
-                       max_len=max_len, alpha=alpha)
+        return greedy_search_steps(step, state, b, bos_id=bos_id, eos_id=eos_id,
+                                   max_len=max_len)
+    return beam_search_steps(step, state, b, beam_size=beam_size, bos_id=bos_id, eos_id=eos_id,
+                             max_len=max_len, alpha=alpha)

@@ -232,7 +232,11 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
         d_params = {"w_ih": _outer_sum(xs, d_xp), "w_hh": d_w_hh,
                     "b_ih": d_b_ih, "b_hh": d_b_hh}
     d_xs = jnp.einsum("tbg,cg->tbc", d_xp, w_ih)  # (no (T*B, .) reshape: B may be sharded)
-    return d_params, d_xs, d0
+    # mixed dtypes (e.g. float32 params, float64 inputs) promote inside the loops: every
+    # cotangent takes its primal's dtype
+    like = lambda d, p: d.astype(jnp.result_type(p))  # noqa: E731
+    return (jax.tree_util.tree_map(like, d_params, {k: params[k] for k in d_params}),
+            like(d_xs, xs), jax.tree_util.tree_map(like, d0, carry0))
 
 
 _fused_dir.defvjp(_fused_dir_fwd, _fused_dir_bwd)
