@@ -69,18 +69,15 @@ FAMILIES = {
 def _seq2seq():
     from fdl.models.sequence import seq2seq as s2s
 
-    cfg = s2s.Seq2SeqConfig(src_vocab_size=9, tgt_vocab_size=10, embed_size=8, num_hiddens=16)
-    params = s2s.init_seq2seq(jax.random.key(0), cfg)
+    model = s2s.seq2seq(9, 10, embed_size=8, num_hiddens=16)
     x, y = _tokens(2, 6, 9)
-    batch = (x, jnp.array([6, 4]), y, jnp.array([5, 6]))
+    dec_in = s2s.teacher_forcing_inputs(y, 1)
+    batch = ((x, jnp.array([6, 4], jnp.int32), dec_in), (y, jnp.array([5, 6], jnp.int32)))
+    _, params, state = model.init(jax.random.key(0), ((2, 6), (2,), (2, 6)))
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)  # the suite runs with x64
     opt = optim.sgd(0.1)
-
-    def step(params, opt_state, batch, key):
-        grads = jax.grad(lambda p: s2s.seq2seq_loss(p, cfg, batch, 1, key=key)[0])(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), opt_state
-
-    return step, (params, opt.init(params), batch, jax.random.key(1))
+    step = make_train_step(model, opt, s2s.sequence_loss, jit=False)
+    return step, (params, state, opt.init(params), batch, jax.random.key(1))
 
 
 STEPS = {"seq2seq": _seq2seq}

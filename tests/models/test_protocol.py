@@ -2,9 +2,10 @@
 function that builds a Layer and runs init / apply / jax.jit / jax.grad on each; it also fails
 on a model-like class outside the protocol and on a training loop outside fdl.train.
 
-The sequence models of this package's d2l chapters run for real on small inputs; the others
-(vision zoo, transformer, BERT: each has its own numerical tests) run abstractly
-(``jax.eval_shape`` traces init, apply, jit and grad without computing or compiling). A new
+Every builder is traced abstractly (``jax.eval_shape`` traces init, apply, jit and grad without
+computing or compiling); the sequence models of this package's d2l chapters also run for real
+on small inputs (the vision zoo, detection, transformer and BERT have their own numerical
+tests). A new
 model builder must be added to ``_specs`` (or ``PARTS``) below: the discovery test says which
 one is missing.
 """
@@ -72,6 +73,7 @@ RUN, ABS = "run", "abstract"
 Spec = tuple[Callable[[], Layer], Callable[[], Any], str, Callable | None]
 S = "fdl.models.sequence"
 V = "fdl.models.vision"
+D = "fdl.models.detection"
 
 
 def _specs() -> dict[str, Spec]:
@@ -79,6 +81,7 @@ def _specs() -> dict[str, Spec]:
     bert, nadaraya_watson, rnn_lm, seq2seq, transformer, encdec = (
         importlib.import_module(f"{S}.{m}") for m in
         ("bert", "nadaraya_watson", "rnn_lm", "seq2seq", "transformer", "encoder_decoder"))
+    ssd = importlib.import_module("fdl.models.detection.ssd")
     _common, alexnet, densenet, googlenet, lenet, mobilenet, nin, resnet, vgg = (
         importlib.import_module(f"{V}.{m}") for m in
         ("_common", "alexnet", "densenet", "googlenet", "lenet", "mobilenet", "nin", "resnet",
@@ -122,6 +125,11 @@ def _specs() -> dict[str, Spec]:
                                       ABS, None),
         f"{S}.bert.bert_tagger": (lambda: bert.bert_tagger(_bert_cfg(), 3), _bert_x, ABS, None),
         f"{S}.bert.bert_qa": (lambda: bert.bert_qa(_bert_cfg()), _bert_x, ABS, None),
+        # detection (numerical tests in tests/models/test_detection_*.py), abstractly
+        f"{D}.ssd.tiny_ssd": (lambda: ssd.tiny_ssd(2), lambda: _img(1, 64, 64, 3), ABS, None),
+        f"{D}.ssd.base_net": (ssd.base_net, lambda: _img(1, 16, 16, 3), ABS, None),
+        f"{D}.ssd.down_sample_blk": (lambda: ssd.down_sample_blk(4), lambda: _img(1, 8, 8, 3),
+                                     ABS, None),
         # vision: the zoo abstractly at its usual input sizes
         f"{V}.lenet.lenet5": (lenet.lenet5, lambda: _img(2, 28, 28, 1), ABS, None),
         f"{V}.alexnet.alexnet": (lambda: alexnet.alexnet(3, 1), lambda: _img(1, 224, 224, 1),
@@ -132,14 +140,28 @@ def _specs() -> dict[str, Spec]:
                                    lambda: _img(1, 32, 32, 3), ABS, None),
         f"{V}.densenet.densenet121": (lambda: densenet.densenet121(**small),
                                       lambda: _img(1, 64, 64, 3), ABS, None),
+        f"{V}.densenet.densenet161": (lambda: densenet.densenet161(**small),
+                                      lambda: _img(1, 64, 64, 3), ABS, None),
+        f"{V}.densenet.densenet169": (lambda: densenet.densenet169(**small),
+                                      lambda: _img(1, 64, 64, 3), ABS, None),
+        f"{V}.densenet.densenet201": (lambda: densenet.densenet201(**small),
+                                      lambda: _img(1, 64, 64, 3), ABS, None),
         f"{V}.densenet.densenet_book": (densenet.densenet_book, lambda: _img(1, 96, 96, 1),
                                         ABS, None),
         f"{V}.googlenet.googlenet": (googlenet.googlenet, lambda: _img(1, 96, 96, 1),
                                      ABS, None),
+        f"{V}.googlenet.googlenet_torchvision": (lambda: googlenet.googlenet_torchvision(3),
+                                                 lambda: _img(1, 64, 64, 3), ABS, None),
         f"{V}.mobilenet.mobilenet_v1": (lambda: mobilenet.mobilenet_v1(**small),
                                         lambda: _img(1, 64, 64, 3), ABS, None),
         f"{V}.mobilenet.mobilenet_v2": (lambda: mobilenet.mobilenet_v2(**small),
                                         lambda: _img(1, 64, 64, 3), ABS, None),
+        f"{V}.mobilenet.mobilenet_v3_large": (
+            lambda: mobilenet.mobilenet_v3_large(**small, small_input=True),
+            lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{V}.mobilenet.mobilenet_v3_small": (
+            lambda: mobilenet.mobilenet_v3_small(**small, small_input=True),
+            lambda: _img(1, 32, 32, 3), ABS, None),
         f"{V}.nin.nin": (nin.nin, lambda: _img(1, 224, 224, 1), ABS, None),
         f"{V}.resnet.resnet": (lambda: resnet.resnet("basic", (1, 1), **small),
                                lambda: _img(1, 32, 32, 3), ABS, None),
@@ -151,12 +173,24 @@ def _specs() -> dict[str, Spec]:
                                  ABS, None),
         f"{V}.resnet.resnet101": (lambda: resnet.resnet101(**small), lambda: _img(1, 32, 32, 3),
                                   ABS, None),
+        f"{V}.resnet.resnet152": (lambda: resnet.resnet152(**small), lambda: _img(1, 32, 32, 3),
+                                  ABS, None),
+        f"{V}.resnet.resnext101_32x8d": (lambda: resnet.resnext101_32x8d(**small),
+                                         lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{V}.resnet.resnext101_64x4d": (lambda: resnet.resnext101_64x4d(**small),
+                                         lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{V}.resnet.wide_resnet50_2": (lambda: resnet.wide_resnet50_2(**small),
+                                        lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{V}.resnet.wide_resnet101_2": (lambda: resnet.wide_resnet101_2(**small),
+                                         lambda: _img(1, 32, 32, 3), ABS, None),
         f"{V}.resnet.resnext50_32x4d": (lambda: resnet.resnext50_32x4d(**small),
                                         lambda: _img(1, 32, 32, 3), ABS, None),
         f"{V}.vgg.vgg": (lambda: vgg.vgg(((1, 8), (1, 16)), num_classes=3, in_channels=1),
                          lambda: _img(1, 224, 224, 1), ABS, None),
         f"{V}.vgg.vgg11": (lambda: vgg.vgg11(3), lambda: _img(1, 224, 224, 3), ABS, None),
+        f"{V}.vgg.vgg13": (lambda: vgg.vgg13(3), lambda: _img(1, 224, 224, 3), ABS, None),
         f"{V}.vgg.vgg16": (lambda: vgg.vgg16(3), lambda: _img(1, 224, 224, 3), ABS, None),
+        f"{V}.vgg.vgg19": (lambda: vgg.vgg19(3), lambda: _img(1, 224, 224, 3), ABS, None),
         # building blocks (parts of the zoo), abstractly
         f"{V}.densenet.dense_layer": (lambda: densenet.dense_layer(4),
                                       lambda: _img(1, 8, 8, 3), ABS, None),
@@ -168,6 +202,13 @@ def _specs() -> dict[str, Spec]:
                                      lambda: _img(1, 8, 8, 3), ABS, None),
         f"{V}.mobilenet.depthwise_separable": (lambda: mobilenet.depthwise_separable(3, 4),
                                                lambda: _img(1, 8, 8, 3), ABS, None),
+        f"{V}.googlenet.inception_bn": (lambda: googlenet.inception_bn(2, (2, 3), (2, 3), 2),
+                                        lambda: _img(1, 8, 8, 3), ABS, None),
+        f"{V}.mobilenet.squeeze_excite": (lambda: mobilenet.squeeze_excite(4, 2),
+                                          lambda: _img(1, 8, 8, 4), ABS, None),
+        f"{V}.mobilenet.inverted_residual_v3": (
+            lambda: mobilenet.inverted_residual_v3(3, 3, 6, 3, True, "HS", 1),
+            lambda: _img(1, 8, 8, 3), ABS, None),
         f"{V}.mobilenet.inverted_residual": (lambda: mobilenet.inverted_residual(3, 3, 1, 2),
                                              lambda: _img(1, 8, 8, 3), ABS, None),
         f"{V}.nin.nin_block": (lambda: nin.nin_block(4, 3, 1, 1), lambda: _img(1, 8, 8, 3),
@@ -256,7 +297,14 @@ def _check(layer: Layer, x, state_fn):
     return y, grads
 
 
-@pytest.mark.parametrize("name", sorted(k for k, v in _specs().items() if v[2] == "abstract"))
+# compiling a real run of the recurrent models takes 5-20 s on 2 cores: they are traced by
+# default (below) and trained for real by tests/models/test_rnn_lm.py and test_seq2seq.py
+SLOW_RUNS = {f"{S}.rnn_lm.rnn_lm", f"{S}.seq2seq.seq2seq"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(k, marks=pytest.mark.slow) if k in SLOW_RUNS else k
+    for k in sorted(k for k, v in _specs().items() if v[2] == RUN)])
 def test_model_runs_init_apply_jit_grad(name):
     build, make_x, _, state_fn = _specs()[name]
     y, grads = _check(build(), make_x(), state_fn)
@@ -266,12 +314,16 @@ def test_model_runs_init_apply_jit_grad(name):
     assert any(np.any(np.asarray(g) != 0) for g in leaves)
 
 
-SLOW = {f"{V}.densenet.densenet121", f"{V}.resnet.resnet101", f"{V}.vgg.vgg16"}
+# tracing these takes > 3 s each; one model per family stays in the default run
+SLOW = {f"{V}.densenet.densenet121", f"{V}.densenet.densenet161", f"{V}.densenet.densenet169",
+        f"{V}.densenet.densenet201", f"{V}.resnet.resnet101", f"{V}.resnet.resnet152",
+        f"{V}.resnet.resnext101_32x8d", f"{V}.resnet.resnext101_64x4d",
+        f"{V}.resnet.wide_resnet101_2", f"{V}.vgg.vgg16", f"{V}.vgg.vgg19",
+        f"{V}.mobilenet.mobilenet_v3_large", f"{V}.googlenet.googlenet_torchvision"}
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k
-    for k in sorted(k for k, v in _specs().items() if v[2] == "abstract")])
+    pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in sorted(_specs())])
 def test_model_traces_init_apply_jit_grad(name):
     build, make_x, _, state_fn = _specs()[name]
     layer, x = build(), make_x()
