@@ -9,6 +9,8 @@ attention weights (before dropout) for heat maps; XLA removes them when unused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,7 @@ from fdl.nn.core import (
 from fdl.nn.linear import dense
 from fdl.nn.multi_head import multi_head_attention, self_attention
 from fdl.nn.norm import layer_norm
+from fdl.nn.wrappers import remat as remat_layer
 
 __all__ = [
     "sinusoidal_positions",
@@ -297,20 +300,29 @@ def decoder_block(num_heads: int, num_hiddens: int, ffn_hiddens: int, *, dropout
 
 
 
-def block_stack(block: Layer, num_layers: int, *, scan: bool = False, remat: bool = False
-                ) -> Layer:
+def block_stack(block: Layer, num_layers: int, *, scan: bool = False,
+                remat: bool | str | Callable = False) -> Layer:
     """``num_layers`` copies of ``block`` applied in sequence (each with its own params).
 
     ``block`` maps ``x -> ((y, weights), state)`` like :func:`encoder_block`. Params
     ``{"0": ..., "1": ..., ...}``; with ``scan=True`` one tree whose leaves are stacked along a
     leading ``num_layers`` axis, applied by ``lax.scan`` (one compiled body for all layers:
     faster compiles for deep stacks; the full-sequence pass only, a KV cache runs the layers
-    in a Python loop). ``remat=True`` wraps each layer in ``jax.checkpoint`` (activations are
-    recomputed in the backward pass instead of stored). ``apply(..., collect_weights=False,
-    **masks)`` returns ``((y, weights), state)``: ``weights`` is a tuple with every layer's
+    in a Python loop). ``remat`` wraps each layer in :func:`fdl.nn.remat` (``jax.checkpoint``:
+    activations recomputed in the backward pass instead of stored): ``True`` saves nothing but
+    each layer's input; a policy name (``"dots_saveable"``, ...,
+    ``fdl.nn.wrappers.REMAT_POLICIES``) or a ``jax.checkpoint_policies`` function chooses what
+    may be kept. ``apply(..., collect_weights=False, **masks)`` returns
+    ``((y, weights), state)``: ``weights`` is a tuple with every layer's
     attention weights when ``collect_weights``, else ``None``. State (caches): ``{"0": ...}``.
     """
     check_positive_int("block_stack", "num_layers", num_layers)
+    if remat is not False and remat is not None:
+        # inside lax.scan the CSE that prevent_cse guards against cannot happen (JAX's advice)
+        block_run = remat_layer(block, policy=None if remat is True else remat,
+                                prevent_cse=not scan)
+    else:
+        block_run = block
     names = [str(i) for i in range(num_layers)]
     children = tuple((n, block) for n in names)
 
@@ -326,10 +338,10 @@ def block_stack(block: Layer, num_layers: int, *, scan: bool = False, remat: boo
 
     def layer_fn(i, p, s, train, key, kw):
         def run(p, h):
-            return apply_child(names[i] if isinstance(i, int) else "blocks", block, p, s, h,
+            return apply_child(names[i] if isinstance(i, int) else "blocks", block_run, p, s, h,
                                key=key, train=train, **kw)
 
-        return jax.checkpoint(run) if remat else run
+        return run
 
     def apply(params, state, x, *, key=None, train=False, collect_weights=False, **kw):
         if scan and not state:
@@ -355,4 +367,6 @@ def block_stack(block: Layer, num_layers: int, *, scan: bool = False, remat: boo
         return (h, tuple(ws) if collect_weights else None), new_state
 
     return Layer(init, apply, name="block_stack", children=children,
-                 config={"num_layers": num_layers, "scan": scan, "remat": remat})
+                 config={"num_layers": num_layers, "scan": scan,
+                         "remat": remat if isinstance(remat, (bool, str)) or remat is None
+                         else getattr(remat, "__name__", "policy")})

@@ -183,3 +183,22 @@ def test_pretraining_objective_trains_with_fit(model_params):
     assert h["train_mlm"][-1] < h["train_mlm"][0]
     assert h.last["train_loss"] == pytest.approx(h.last["train_mlm"] + h.last["train_nsp"],
                                                  rel=1e-4)
+
+
+def test_compute_dtype_and_mixed_precision(model_params):
+    """BertConfig's compute_dtype is checked (strings accepted); nn.mixed_precision wraps the
+    pretraining model: float32 master params and outputs, close to float32."""
+    import dataclasses
+
+    from fdl import nn
+
+    assert dataclasses.replace(CFG, compute_dtype="bfloat16").compute_dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        dataclasses.replace(CFG, compute_dtype="int8")
+    model, params = model_params
+    x = _batch()
+    out32, _ = jax.jit(model.apply)(params, {}, x)
+    out16, _ = jax.jit(nn.mixed_precision(model, "bfloat16").apply)(params, {}, x)
+    assert out16.mlm_logits.dtype == out16.encoded.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(out16.mlm_logits - out32.mlm_logits)))
+    assert 0 < err < 0.1

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fdl import nn
 from fdl.models.sequence.transformer import (
     decoder_state,
     init_decoding,
@@ -111,7 +112,8 @@ def test_causal_decoder_has_zero_gradient_to_future(t, data):
 def test_scan_and_remat_equal_unrolled(key):
     kw = dict(max_len=8)
     base = transformer_encoder(V_SRC, D, FFN, HEADS, 3, **kw)
-    scanned = transformer_encoder(V_SRC, D, FFN, HEADS, 3, scan_layers=True, remat=True, **kw)
+    scanned = transformer_encoder(V_SRC, D, FFN, HEADS, 3, scan_layers=True,
+                                  remat="dots_saveable", **kw)
     _, p, _ = base.init(key, (2, 5))
     _, ps, _ = scanned.init(key, (2, 5))
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
@@ -130,6 +132,12 @@ def test_scan_and_remat_equal_unrolled(key):
                  for i in range(3)}
     for a, b in zip(jax.tree_util.tree_leaves(g1["blocks"]), jax.tree_util.tree_leaves(g2_blocks)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # remat=True: fdl.nn.remat (jax.checkpoint) on every layer, the params unchanged
+    rm = transformer_encoder(V_SRC, D, FFN, HEADS, 3, remat=True, **kw)
+    assert "remat" in str(jax.make_jaxpr(jax.grad(lambda q: loss(rm, q)))(p))
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(lambda q: loss(base, q)))(p))
+    with pytest.raises(ValueError, match="policy"):
+        transformer_encoder(V_SRC, D, FFN, HEADS, 3, remat="sometimes")
 
 
 def test_translate_greedy_matches_full_pass_loop_and_beam_runs(model_and_params):
@@ -164,6 +172,8 @@ def test_bad_input(key):
         enc.apply(p, {}, jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="divisible"):
         transformer_encoder(V_SRC, 10, FFN, 4, 1)
+    with pytest.raises(ValueError, match="compute_dtype must be None or one of"):
+        transformer_encoder(V_SRC, D, FFN, HEADS, 1, compute_dtype="int8")
 
 
 def test_bf16_compute_close_to_float32(key):
@@ -176,3 +186,9 @@ def test_bf16_compute_close_to_float32(key):
     assert y16.dtype == jnp.bfloat16 and p["embedding"]["table"].dtype == jnp.float32
     err = float(jnp.max(jnp.abs(y16.astype(jnp.float32) - y32)))
     assert 0 < err < 0.1
+    # the library-wide policy on the same model: float32 out, LayerNorm params kept float32
+    mp = nn.mixed_precision(f32, "bfloat16")
+    ymp, _ = jax.jit(mp.apply)(p, {}, x)
+    assert ymp.dtype == jnp.float32
+    err_mp = float(jnp.max(jnp.abs(ymp - y32)))
+    assert 0 < err_mp < 0.1

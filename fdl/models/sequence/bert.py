@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fdl.models.sequence.transformer import cast_floating, check_tokens
+from fdl.models.sequence.transformer import cast_floating, check_compute_dtype, check_tokens
 from fdl.nn import initializers as inits
 from fdl.nn.core import (
     Layer,
@@ -110,8 +110,8 @@ class BertConfig:
     init_std: float | None = 0.02  # initializer_range; None: the layers' PyTorch defaults
     tie_mlm_decoder: bool = True
     scan_layers: bool = False
-    remat: bool = False
-    compute_dtype: Any = None
+    remat: bool | str = False  # True or a policy name: fdl.nn.remat on every block
+    compute_dtype: Any = None  # None, "bfloat16", jnp.bfloat16, ... (COMPUTE_DTYPES)
 
     def __post_init__(self):
         for n in ("vocab_size", "num_hiddens", "ffn_hiddens", "num_heads", "num_layers",
@@ -122,6 +122,8 @@ class BertConfig:
                              f"by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"BertConfig: dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "compute_dtype",
+                           check_compute_dtype("BertConfig", self.compute_dtype))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"BertConfig: activation must be one of {sorted(ACTIVATIONS)}, got "
                              f"{self.activation!r}")

@@ -16,9 +16,17 @@ Every model is a :class:`~fdl.nn.core.Layer`:
 Params (post-LN, d2l's layout): ``{"embedding": {"table"}, "positional": {} | {"table"},
 "blocks": {"0": block, ...} (stacked leaves with scan_layers), ["final_norm"] (pre-LN),
 ["dense"] (decoder)}``. Embeddings are scaled by ``sqrt(d)`` before the positional encoding
-(d2l). Options: ``scan_layers`` (one compiled body for all layers), ``remat`` (``jax.checkpoint``
-per layer), ``compute_dtype`` (e.g. ``jnp.bfloat16``: params cast on entry, float32 master
-weights stay in ``params``; softmax and LayerNorm statistics in float32; logits float32).
+(d2l). Options: ``scan_layers`` (one compiled body for all layers), ``remat`` (``True`` or a
+policy name: :func:`fdl.nn.remat` on every layer), ``compute_dtype`` (e.g. ``"bfloat16"``:
+params cast on entry, float32 master weights stay in ``params``; softmax and LayerNorm
+statistics in float32; logits float32).
+
+``compute_dtype`` vs :func:`fdl.nn.mixed_precision`: for a full pass (training, the BERT heads)
+``nn.mixed_precision(model, "bfloat16")`` is the library-wide policy and works on these models
+(it also keeps the LayerNorm params float32 and casts every output to float32).
+``compute_dtype`` is the model-local form, needed for incremental decoding: the KV caches in
+``state`` are made in the compute dtype (``init_decoding``), which ``mixed_precision`` (it
+never casts state) cannot do.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from fdl.nn.embedding import embedding
 from fdl.nn.linear import dense
 from fdl.nn.multi_head import init_kv_cache, project_kv
 from fdl.nn.norm import layer_norm
+from fdl.nn.precision import cast_floating as _cast_floating
 from fdl.nn.transformer import block_stack, decoder_block, encoder_block, positional_encoding
 
 __all__ = [
@@ -48,16 +57,33 @@ __all__ = [
     "translate",
     "check_tokens",
     "cast_floating",
+    "check_compute_dtype",
+    "COMPUTE_DTYPES",
 ]
+
+#: the compute dtypes the models' ``compute_dtype`` accepts (as :func:`fdl.nn.mixed_precision`)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def cast_floating(tree, dtype):
-    """Cast the floating-point leaves of ``tree`` to ``dtype`` (``None``: unchanged)."""
-    if dtype is None:
-        return tree
-    return jax.tree_util.tree_map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
-        tree)
+    """Cast the floating-point leaves of ``tree`` to ``dtype`` (``None``: unchanged);
+    :func:`fdl.nn.precision.cast_floating`."""
+    return tree if dtype is None else _cast_floating(tree, dtype)
+
+
+def check_compute_dtype(where: str, compute_dtype) -> Any:
+    """``None`` or the scalar type of ``compute_dtype`` (one of
+    :data:`COMPUTE_DTYPES`), else a ``ValueError`` naming the valid values."""
+    if compute_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(compute_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in COMPUTE_DTYPES:
+        raise ValueError(f"{where}: compute_dtype must be None or one of {COMPUTE_DTYPES}, got "
+                         f"{compute_dtype!r}")
+    return dt.type  # a scalar type (jnp.bfloat16, ...): truthy, unlike a np.dtype
 
 
 def check_tokens(tokens, vocab_size: int, max_len: int | None = None, name: str = "tokens"
@@ -111,7 +137,7 @@ def transformer_encoder(vocab_size: int, num_hiddens: int, ffn_hiddens: int, num
                         positional: str = "sinusoidal", norm_first: bool = False,
                         activation: str = "relu", use_bias: bool = True,
                         scale_embedding: bool = True, eps: float = 1e-5,
-                        scan_layers: bool = False, remat: bool = False,
+                        scan_layers: bool = False, remat: bool | str = False,
                         compute_dtype=None) -> Layer:
     """d2l's ``TransformerEncoder``: ``tokens (B, S) int -> (B, S, num_hiddens)``.
 
@@ -120,6 +146,7 @@ def transformer_encoder(vocab_size: int, num_hiddens: int, ffn_hiddens: int, num
     layer. Token ids outside ``[0, vocab_size)`` and ``S > max_len`` are refused eagerly.
     """
     _common(num_hiddens, ffn_hiddens, num_heads, num_layers, "transformer_encoder")
+    compute_dtype = check_compute_dtype("transformer_encoder", compute_dtype)
     check_positive_int("transformer_encoder", "vocab_size", vocab_size)
     block = encoder_block(num_heads, num_hiddens, ffn_hiddens, dropout=dropout,
                           norm_first=norm_first, activation=activation, use_bias=use_bias,
@@ -207,7 +234,8 @@ def transformer_decoder(vocab_size: int, num_hiddens: int, ffn_hiddens: int, num
                         positional: str = "sinusoidal", norm_first: bool = False,
                         activation: str = "relu", use_bias: bool = True,
                         cross_attention: bool = True, scale_embedding: bool = True,
-                        eps: float = 1e-5, scan_layers: bool = False, remat: bool = False,
+                        eps: float = 1e-5, scan_layers: bool = False,
+                        remat: bool | str = False,
                         compute_dtype=None) -> Layer:
     """d2l's ``TransformerDecoder``: ``tokens (B, T) -> logits (B, T, vocab_size)`` (float32).
 
@@ -217,6 +245,7 @@ def transformer_decoder(vocab_size: int, num_hiddens: int, ffn_hiddens: int, num
     weights)``, per layer ``(self (B, heads, T, K), cross (B, heads, T, S) or None)``.
     """
     _common(num_hiddens, ffn_hiddens, num_heads, num_layers, "transformer_decoder")
+    compute_dtype = check_compute_dtype("transformer_decoder", compute_dtype)
     check_positive_int("transformer_decoder", "vocab_size", vocab_size)
     block = decoder_block(num_heads, num_hiddens, ffn_hiddens, dropout=dropout,
                           norm_first=norm_first, activation=activation, use_bias=use_bias,
