@@ -18,7 +18,8 @@ per-coordinate central difference for small inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ __all__ = [
     "arrays",
     "native_targets",
     "require_x64",
+    "count_compilations",
 ]
 
 
@@ -210,3 +212,41 @@ def check_lowers_on_all_platforms(fn: Callable[..., Any], *args,
         assert not found, f"fdl native custom calls in the {platform} module: {found}"
         texts[platform] = text
     return texts
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compilations(fn: Callable[..., Any] | str | None = None) -> Iterator[list[str]]:
+    """Record the XLA compilations made inside the ``with`` block: yields a list that fills with
+    the compiled programs' names (``"jit(step)"``), only those of ``fn`` (a function or its
+    name) when given. ``len(...) == 1`` after many calls means no recompilation. It counts
+    compilations themselves, unlike the private ``_cache_size()`` of a jitted function (the C++
+    dispatch cache), which was seen to read 0 late in a long test session::
+
+        with fdl.testing.count_compilations(step) as compiled:
+            for batch in batches:
+                params = step(params, batch)
+        assert len(compiled) == 1
+    """
+    import jax.monitoring
+
+    if fn is None or isinstance(fn, str):
+        name = fn
+    else:
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "__wrapped__", None),
+                                                        "__name__", None)
+    wanted = None if name is None else (name if name.startswith("jit(") else f"jit({name})")
+    compiled: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        fun_name = kwargs.get("fun_name", "")
+        if event == _COMPILE_EVENT and (wanted is None or fun_name == wanted):
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

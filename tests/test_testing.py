@@ -118,3 +118,23 @@ def test_arrays_strategy_bounds_and_kinks(a):
     # values stay in range (a value pushed off a kink may move by at most the margin)
     assert np.all(a >= -1.0 - 0.1) and np.all(a <= 1.0 + 0.1)
     assert np.all(np.abs(a - 0.0) >= 0.1 - 1e-12) and np.all(np.abs(a - 0.5) >= 0.1 - 1e-12)
+
+
+def test_count_compilations_sees_recompiles_of_that_function_only():
+    @jax.jit
+    def step(x):
+        return x * 2
+
+    other = jax.jit(lambda x: x + 1)
+    with ft.count_compilations(step) as compiled:
+        step(jnp.ones(3))
+        step(jnp.ones(3))
+        other(jnp.ones(5))
+    assert compiled == ["jit(step)"]
+    with ft.count_compilations("step") as compiled:
+        step(jnp.ones(3))
+        step(jnp.ones(4))  # a new shape compiles again
+    assert compiled == ["jit(step)"]
+    with ft.count_compilations() as everything:
+        other(jnp.ones(6))
+    assert "jit(<lambda>)" in everything

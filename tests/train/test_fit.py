@@ -10,6 +10,7 @@ import pytest
 
 from fdl import optim
 from fdl.data import ArrayLoader
+from fdl.testing import count_compilations
 from fdl.train import EarlyStopping, checkpoint, fit, make_eval_step, make_train_step
 from fdl.train.device_loop import calls, device_eval, device_steps
 
@@ -134,10 +135,10 @@ def test_device_path_matches_host_batches_one_compile(monkeypatch):
     step = make_train_step(MODEL, OPT)
     fast = _run(train_step=step, eval_data=None)
     run = device_steps(step).run
-    size = run._cache_size()  # first call takes a NumPy step counter, then a device one
-    _run(train_step=step, eval_data=None, epochs=2)
-    _run(train_step=step, eval_data=None, epochs=2, steps_per_call=2)
-    assert run._cache_size() == size <= 2
+    with count_compilations(run) as compiled:
+        _run(train_step=step, eval_data=None, epochs=2)
+        _run(train_step=step, eval_data=None, epochs=2, steps_per_call=2)
+    assert compiled == []
     with monkeypatch.context() as m:
         m.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
         slow = _run(train_step=step, eval_data=None)
@@ -156,8 +157,9 @@ def test_device_evaluation_is_bitwise_the_host_loop(monkeypatch, batch_size):
     step = make_eval_step(MODEL)
     fast = evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
     run = device_eval(step).run
-    evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
-    assert run._cache_size() == 1
+    with count_compilations(run) as compiled:
+        evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
+    assert compiled == []
     with monkeypatch.context() as m:
         m.setattr(ArrayLoader, "indexable_on_device", property(lambda self: False))
         slow = evaluate(params, state, TEST, eval_step=step, batch_size=batch_size)
