@@ -71,6 +71,27 @@ def main() -> None:
     for size in ((7, 7), (3, 5), (2, 2)):
         out = ops.roi_pool(t(feats), r5, size, spatial_scale=0.5)
         g[f"pool_{size[0]}x{size[1]}"] = out.numpy().transpose(0, 2, 3, 1)
+    # Faster R-CNN pieces: BoxCoder, Matcher, AnchorGenerator
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    props, gts = random_boxes(rng, 60), random_boxes(rng, 60)
+    g["coder_proposals"], g["coder_gt"] = props, gts
+    coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    g["coder_encoded"] = coder.encode_single(t(gts), t(props)).numpy()
+    deltas = rng.normal(0, 1.5, (60, 4)).astype(np.float32)
+    deltas[:3, 2:] = 9.0  # beyond the log(1000/16) clamp
+    g["coder_deltas"] = deltas
+    g["coder_decoded"] = coder.decode_single(t(deltas), t(props)).numpy()
+    iou = ops.box_iou(t(random_boxes(rng, 7)), t(random_boxes(rng, 90)))
+    g["matcher_iou"] = iou.numpy()
+    for low_q in (False, True):
+        m = det_utils.Matcher(0.7, 0.3, allow_low_quality_matches=low_q)
+        g[f"matcher_{int(low_q)}"] = m(iou).numpy()
+    ag = AnchorGenerator(sizes=((32, 64, 128),), aspect_ratios=((0.5, 1.0, 2.0),))
+    images = ImageList(torch.zeros(1, 3, 96, 128), [(96, 128)])
+    g["anchors_6x8_stride16"] = ag(images, [torch.zeros(1, 4, 6, 8)])[0].numpy()
     g["versions"] = np.array(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     np.savez_compressed(OUT, **g)
     print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes) with {g['versions']}")

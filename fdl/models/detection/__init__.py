@@ -16,6 +16,26 @@ from fdl.models.detection.anchors import (
 )
 from fdl.models.detection.draw import draw_boxes, save_detection_grid
 from fdl.models.detection.evaluate import coco_map, pairwise_iou, voc_ap, voc_map
+from fdl.models.detection.rcnn import (
+    check_ground_truth,
+    decode_boxes,
+    encode_boxes,
+    fast_rcnn_loss,
+    faster_rcnn,
+    faster_rcnn_loss,
+    grid_anchors,
+    match_boxes,
+    postprocess_detections,
+    resnet_trunk,
+    roi_box_head,
+    rpn_head,
+    rpn_loss,
+    rpn_proposals,
+    rpn_targets,
+    sample_balanced,
+    sample_rois,
+    to_pixels,
+)
 from fdl.models.detection.ssd import (
     RATIOS,
     SIZES,
@@ -29,6 +49,14 @@ from fdl.models.detection.ssd import (
     ssd_metrics,
     tiny_ssd,
 )
+from fdl.models.detection.yolo import (
+    yolo,
+    yolo_decode,
+    yolo_detect,
+    yolo_head,
+    yolo_loss,
+    yolo_targets,
+)
 
 __all__ = [
     "RATIOS", "SIZES", "assign_anchor_to_bbox", "base_net", "check_targets", "coco_map",
@@ -37,3 +65,10 @@ __all__ = [
     "multibox_detection", "multibox_prior", "multibox_target", "num_anchors_per_pixel",
     "offset_boxes", "offset_inverse", "ssd_detect", "ssd_loss", "ssd_metrics", "tiny_ssd",
 ]
+__all__ += [  # two-stage (Faster R-CNN)
+    "check_ground_truth", "decode_boxes", "encode_boxes", "fast_rcnn_loss", "faster_rcnn",
+    "faster_rcnn_loss", "grid_anchors", "match_boxes", "postprocess_detections",
+    "resnet_trunk", "roi_box_head", "rpn_head", "rpn_loss", "rpn_proposals", "rpn_targets",
+    "sample_balanced", "sample_rois", "to_pixels",
+]
+__all__ += ["yolo", "yolo_decode", "yolo_detect", "yolo_head", "yolo_loss", "yolo_targets"]
