@@ -81,7 +81,7 @@ def _specs() -> dict[str, Spec]:
     bert, nadaraya_watson, rnn_lm, seq2seq, transformer, encdec = (
         importlib.import_module(f"{S}.{m}") for m in
         ("bert", "nadaraya_watson", "rnn_lm", "seq2seq", "transformer", "encoder_decoder"))
-    ssd = importlib.import_module("fdl.models.detection.ssd")
+    ssd, rcnn, yolo = (importlib.import_module(f"{D}.{m}") for m in ("ssd", "rcnn", "yolo"))
     _common, alexnet, densenet, googlenet, lenet, mobilenet, nin, resnet, vgg = (
         importlib.import_module(f"{V}.{m}") for m in
         ("_common", "alexnet", "densenet", "googlenet", "lenet", "mobilenet", "nin", "resnet",
@@ -130,6 +130,20 @@ def _specs() -> dict[str, Spec]:
         f"{D}.ssd.base_net": (ssd.base_net, lambda: _img(1, 16, 16, 3), ABS, None),
         f"{D}.ssd.down_sample_blk": (lambda: ssd.down_sample_blk(4), lambda: _img(1, 8, 8, 3),
                                      ABS, None),
+        f"{D}.rcnn.faster_rcnn": (
+            lambda: rcnn.faster_rcnn(2, backbone=nn.conv2d(4, 3, stride=8, padding=1), stride=8,
+                                     anchor_sizes=(16,), rpn_pre_nms_top_n_test=16,
+                                     rpn_post_nms_top_n_test=8, detections_per_image=4,
+                                     hidden=8, roi_size=2),
+            lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{D}.rcnn.rpn_head": (lambda: rcnn.rpn_head(3), lambda: _img(1, 4, 4, 4), ABS, None),
+        f"{D}.rcnn.roi_box_head": (lambda: rcnn.roi_box_head(2, hidden=8),
+                                   lambda: _img(3, 2, 2, 4), ABS, None),
+        f"{D}.rcnn.resnet_trunk": (lambda: rcnn.resnet_trunk("resnet18", stage=1)[0],
+                                   lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{D}.yolo.yolo": (lambda: yolo.yolo(2, backbone=nn.conv2d(4, 3, stride=8, padding=1)),
+                           lambda: _img(1, 32, 32, 3), ABS, None),
+        f"{D}.yolo.yolo_head": (lambda: yolo.yolo_head(2), lambda: _img(1, 4, 4, 8), ABS, None),
         # vision: the zoo abstractly at its usual input sizes
         f"{V}.lenet.lenet5": (lenet.lenet5, lambda: _img(2, 28, 28, 1), ABS, None),
         f"{V}.alexnet.alexnet": (lambda: alexnet.alexnet(3, 1), lambda: _img(1, 224, 224, 1),
