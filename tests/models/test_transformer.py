@@ -163,6 +163,25 @@ def test_translate_greedy_matches_full_pass_loop_and_beam_runs(model_and_params)
     assert decoder_state(None) == {}
 
 
+@pytest.mark.slow  # ~10 s quiet: one more decoding program
+def test_generic_layer_search_drives_the_cached_decoder(model_and_params):
+    """decoding.greedy_search over the decoder Layer (the protocol form: the KV cache is its
+    state) gives translate's tokens; translate keeps the *_steps form because its aux (the
+    cross-attention weights) comes from the decoder's output, not its state."""
+    from fdl.models.sequence.decoding import greedy_search
+
+    model, params = model_and_params
+    src, vl = _toks((2, 6), V_SRC, 3), jnp.array([6, 3])
+    ref = translate(model, params, src, vl, bos_id=1, eos_id=2, max_len=6)
+    state = start_decoding(model, params, src, vl, 6)
+    got = greedy_search(dict(model.children)["decoder"], params["decoder"], state, bos_id=1,
+                        eos_id=2, max_len=6)
+    np.testing.assert_array_equal(got.lengths, ref.lengths)
+    for b in range(2):
+        n = int(ref.lengths[b])
+        np.testing.assert_array_equal(got.tokens[b, :n], ref.tokens[b, :n])
+
+
 def test_bad_input(key):
     enc = transformer_encoder(V_SRC, D, FFN, HEADS, 1, max_len=4)
     _, p, _ = enc.init(key, (1, 4))
