@@ -154,7 +154,7 @@ def test_translate_greedy_matches_full_pass_loop_and_beam_runs(model_and_params)
     full = jax.jit(lambda p, x: model.apply(p, {}, x)[0])
     for i in range(6):
         logits = full(params, (src, vl, prefix))
-        prefix = prefix.at[:, i + 1].set(jnp.argmax(logits[:, i], -1))
+        prefix = prefix.at[:, i + 1].set(jnp.argmax(logits[:, i], -1).astype(jnp.int32))
     for b in range(2):
         n = int(res.lengths[b])
         np.testing.assert_array_equal(res.tokens[b, :n], prefix[b, 1:n + 1])
