@@ -66,6 +66,29 @@ def test_anchor_grid_equals_torchvision(golden):
 _sample = jax.jit(R.sample_balanced, static_argnums=(2, 3))
 
 
+def test_rpn_proposals_equal_torchvision(golden):
+    """RegionProposalNetwork.filter_proposals (eval: top 100, clip, min size, NMS 0.7, 40)."""
+    anchors = jnp.asarray(golden["anchors_6x8_stride16"])
+    boxes, valid = jax.jit(lambda lg, d: R.rpn_proposals(
+        anchors, lg, d, (96, 128), pre_nms_top_n=100, post_nms_top_n=40, nms_threshold=0.7))(
+        golden["rpn_logits"], golden["rpn_deltas"])
+    np.testing.assert_array_equal(np.asarray(valid).sum(1), golden["rpn_count"])
+    for i, c in enumerate(golden["rpn_count"]):
+        np.testing.assert_allclose(np.asarray(boxes[i, :c]), golden["rpn_boxes"][i, :c],
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_postprocess_detections_equal_torchvision(golden):
+    """RoIHeads.postprocess_detections (score > 0.05, min size 1e-2, per-class NMS 0.5, 20)."""
+    n, r = golden["post_logits"].shape[:2]
+    det = jax.jit(lambda lg, d, ro: R.postprocess_detections(
+        lg, d.reshape(n, r, -1, 4), ro, jnp.ones((n, r), bool), (96, 128),
+        detections_per_image=20))(golden["post_logits"], golden["post_deltas"],
+                                  golden["post_rois"])
+    np.testing.assert_array_equal(np.asarray(det[..., 0] >= 0).sum(1), golden["post_count"])
+    np.testing.assert_allclose(np.asarray(det), golden["post_rows"], rtol=1e-5, atol=1e-4)
+
+
 def test_sampler_counts():
     labels = jnp.asarray(np.r_[np.ones(30), np.zeros(500), -np.ones(20)].astype(np.int32))
     pos, neg = _sample(jax.random.key(0), labels, 256, 0.5)
@@ -77,6 +100,7 @@ def test_sampler_counts():
         _sample(jax.random.key(2), jnp.ones(400, jnp.int32), 256, 0.5)[0]))
 
 
+@pytest.mark.slow  # properties; test_rpn_proposals_equal_torchvision covers the same path
 def test_proposals_are_clipped_sorted_and_suppressed():
     rng = np.random.default_rng(0)
     anchors = R.grid_anchors((4, 4), 16, (16, 32), (0.5, 1.0, 2.0))

@@ -92,6 +92,34 @@ def main() -> None:
     ag = AnchorGenerator(sizes=((32, 64, 128),), aspect_ratios=((0.5, 1.0, 2.0),))
     images = ImageList(torch.zeros(1, 3, 96, 128), [(96, 128)])
     g["anchors_6x8_stride16"] = ag(images, [torch.zeros(1, 4, 6, 8)])[0].numpy()
+    # RPN proposal filtering and the RoI head's postprocessing (eval mode) on random outputs
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    anchors = ag(images, [torch.zeros(1, 4, 6, 8)])[0]
+    n_a = anchors.shape[0]
+    logits = rng.normal(0, 2, (2, n_a)).astype(np.float32)
+    rdeltas = rng.normal(0, 0.3, (2, n_a, 4)).astype(np.float32)
+    g["rpn_logits"], g["rpn_deltas"] = logits, rdeltas
+    rpn = RegionProposalNetwork(ag, None, 0.7, 0.3, 256, 0.5, {"training": 100, "testing": 100},
+                                {"training": 40, "testing": 40}, 0.7).eval()
+    decoded = rpn.box_coder.decode(t(rdeltas).reshape(-1, 4), [anchors, anchors]).view(2, -1, 4)
+    boxes, _ = rpn.filter_proposals(decoded, t(logits).reshape(-1, 1), [(96, 128)] * 2, [n_a])
+    g["rpn_count"] = np.array([len(b) for b in boxes])
+    g["rpn_boxes"] = np.stack([np.pad(b.numpy(), ((0, 40 - len(b)), (0, 0))) for b in boxes])
+    rois = np.stack([random_boxes(rng, 30, scale=90.0) for _ in range(2)])
+    cls_logits = rng.normal(0, 2, (2, 30, 4)).astype(np.float32)
+    box_deltas = rng.normal(0, 1, (2, 30, 16)).astype(np.float32)
+    g["post_rois"], g["post_logits"], g["post_deltas"] = rois, cls_logits, box_deltas
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 20).eval()
+    b, sc, lb = heads.postprocess_detections(t(cls_logits).reshape(60, 4),
+                                             t(box_deltas).reshape(60, 16),
+                                             [t(rois[0]), t(rois[1])], [(96, 128)] * 2)
+    rows = [np.concatenate([(lab.numpy()[:, None] - 1).astype(np.float32), s.numpy()[:, None],
+                            bb.numpy()], 1) for bb, s, lab in zip(b, sc, lb, strict=True)]
+    g["post_count"] = np.array([len(r) for r in rows])
+    g["post_rows"] = np.stack([np.pad(r, ((0, 20 - len(r)), (0, 0)), constant_values=-1)
+                               for r in rows])
     g["versions"] = np.array(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     np.savez_compressed(OUT, **g)
     print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes) with {g['versions']}")
