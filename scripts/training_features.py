@@ -1,11 +1,12 @@
 """Accuracy and speed of the training features on a zoo model, each against the plain run.
 
 Model: ``fdl.models.vision.resnet18(10, small_input=True, base_channels=16)`` on the offline
-digits (8x8 resized to 32x32, 1437 train / 360 test), Adam 1e-3 cosine-decayed to 0, batch
+digits (8x8 resized to 32x32, 1438 train / 359 test), Adam 1e-3 cosine-decayed to 0, batch
 64, trained with ``fdl.train.fit``. Variants:
 
 - ``baseline``; ``ema`` (``optim.ema(adam, 0.99)``; test accuracy of the raw and averaged
-  params); ``remat`` (``nn.at_paths(model, {"features/layer*": nn.remat})``);
+  params); ``ema_warmup`` (the same with ``warmup=True``); ``remat`` (``nn.at_paths(model,
+  {"features/layer*": nn.remat})``);
   ``bf16`` (``nn.mixed_precision(model, "bfloat16")``); ``fp16`` (``nn.mixed_precision(model,
   "float16")`` with ``optim.dynamic_loss_scale``); ``augment`` (``augment.augmented(model,
   from_spec("crop"))``: random 4-pixel-padded crops; no flips for digits).
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-VARIANTS = ("baseline", "ema", "remat", "bf16", "fp16", "augment")
+VARIANTS = ("baseline", "ema", "ema_warmup", "remat", "bf16", "fp16", "augment")
 
 
 def _data(size=32):
@@ -46,8 +47,8 @@ def _variant(name: str, epochs: int, steps_per_epoch: int):
     model = vision.resnet18(10, 1, small_input=True, base_channels=16)
     lr = optim.cosine_decay_schedule(1e-3, epochs * steps_per_epoch)
     opt = optim.adam(lr)
-    if name == "ema":
-        opt = optim.ema(opt, 0.99)
+    if name in ("ema", "ema_warmup"):
+        opt = optim.ema(opt, 0.99, warmup=name == "ema_warmup")
     elif name == "remat":
         model = nn.at_paths(model, {"features/layer*": nn.remat})
     elif name == "bf16":
@@ -96,7 +97,7 @@ def _train(name, epochs, data, seed, print_fn) -> dict:
               key=key, batch_size=bs, progress=False, print_fn=None)
     out = {"test_acc": float(res.history.last["test_acc"]),
            "train_loss": float(res.history.last["train_loss"]), "seconds": time.time() - t0}
-    if name == "ema":
+    if name in ("ema", "ema_warmup"):
         out["test_acc_ema"] = _accuracy(model, optim.ema_params(res.opt_state), res.state,
                                         xte, yte)
     if name == "fp16":

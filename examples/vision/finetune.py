@@ -111,7 +111,7 @@ def make_demo(root: str, *, per_class: int = 10, split_seed: int = 0, pretrain_k
               print_fn=print) -> None:
     """``root/backbone.safetensors`` (pretrained on generated glyphs) and image folders of the
     digits: ``train`` with ``per_class`` images per class from the digits' training split,
-    ``test`` with the whole test split (360 images). The folders hold the 8x8 images as they
+    ``test`` with the whole test split (359 images). The folders hold the 8x8 images as they
     are."""
     os.makedirs(root, exist_ok=True)
     acc = pretrain(os.path.join(root, "backbone.safetensors"), print_fn=print_fn,
