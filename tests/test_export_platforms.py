@@ -2,8 +2,9 @@
 native CPU kernels appear only in the CPU lowering (GPU/TPU get XLA's kernels).
 
 A new family registers here: add a builder to ``FAMILIES`` returning ``(model, x, y)`` (float32
-inputs, the batch the model's loss takes) or, for a model trained by its own step, to
-``STEPS`` returning ``(step, args)``; the check is
+inputs, the batch the model's loss takes) or, for a model whose batch or loss needs more
+(seq2seq: ``(src, src_valid_len, dec_in)`` with ``sequence_loss``), to ``STEPS`` returning
+``(step, args)``; the check is
 :func:`fdl.testing.check_lowers_on_all_platforms`.
 Lowering (no compile) costs 1-5 s per family: families beyond one per kind are marked slow.
 """
