@@ -140,14 +140,14 @@ def test_mixed_precision_casts_and_keeps_float32_master_state_and_output():
 
 @pytest.mark.parametrize("variant", ["bf16_remat_ema", "fp16_loss_scale_augment"])
 def test_training_features_lower_for_cuda_and_tpu(variant):
-    """A LeNet-5 training step with the issue-20 wrappers exports for CPU, CUDA and TPU
-    (jax.export; no accelerator here), with no native CPU kernel in the GPU/TPU modules."""
+    """A conv + BatchNorm training step with the issue-20 wrappers exports for CPU, CUDA and
+    TPU (jax.export; no accelerator here), with no native CPU kernel in the GPU/TPU modules."""
     from fdl import optim
     from fdl.data import augment
     from fdl.testing import check_lowers_on_all_platforms
     from fdl.train import make_train_step
 
-    model = vision.lenet5(num_classes=10, in_channels=1)
+    model = _net()
     opt = optim.sgd(0.1, momentum=0.9)
     if variant == "bf16_remat_ema":
         model = nn.mixed_precision(nn.at_paths(model, {"features": nn.remat}), "bfloat16")
@@ -156,7 +156,7 @@ def test_training_features_lower_for_cuda_and_tpu(variant):
         model = nn.mixed_precision(augment.augmented(model, augment.from_spec("flip,crop")),
                                    "float16")
         opt = optim.dynamic_loss_scale(opt)
-    x = _data((2, 28, 28, 1))
+    x = _data((2, 6, 6, 1))
     y = jnp.asarray([1, 2], jnp.int32)
     _, params, state = model.init(jax.random.key(0), x.shape)
     params = jax.tree.map(lambda a: a.astype(jnp.float32), params)  # the suite runs with x64
