@@ -335,18 +335,14 @@ def test_driver_gradients_with_lengths(kind, steps, reverse, seed):
 def test_layer_gradients_deep_bidirectional(kind, impl, key):
     layer = MAKE[kind](2, num_layers=2, bidirectional=True, impl=impl)
     x = np.random.default_rng(0).normal(size=(2, 2, 2))
-    # the fused path has a custom VJP: reverse mode only (forward mode needs impl="scan")
-    modes = ("rev",) if impl == "fused" else ("fwd", "rev")
-    check_layer_gradients(layer, x, key=key, order=1, modes=modes, dense_check_max_size=0)
+    check_layer_gradients(layer, x, key=key, order=1, modes=("fwd", "rev"),
+                          dense_check_max_size=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_equals_scan_values_and_gradients(kind, key):
     lf = MAKE[kind](3, num_layers=2, bidirectional=True)
     ls = MAKE[kind](3, num_layers=2, bidirectional=True, impl="scan", unroll=3)
-    if kind == "lstm":  # forward mode works on the scan path
-        _, p1, _ = ls.init(key, (1, 2, 4))
-        jax.jvp(lambda x: ls.apply(p1, {}, x)[0], (jnp.ones((1, 2, 4)),), (jnp.ones((1, 2, 4)),))
     _, p, _ = lf.init(key, (2, 5, 4))
     p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 4)))
@@ -372,8 +368,9 @@ def test_fused_equals_scan_values_and_gradients(kind, key):
 @settings(max_examples=2, deadline=None)
 @given(steps=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
 def test_fused_direction_gradients(kind, steps, seed):
-    """float64 (always the XLA loops): the hand-written VJP of projection + recurrence against
-    finite differences, for every parameter, the input and the initial state."""
+    """float64 (always the XLA loops): the hand-written VJP of projection + recurrence and its
+    forward mode (the JVP whose transpose is that VJP) against finite
+    differences, for every parameter, the input and the initial state."""
     B, F, H = 2, 3, 2
     rng = np.random.default_rng(seed)
     p = _params(kind, F, H, seed)
@@ -384,7 +381,9 @@ def test_fused_direction_gradients(kind, steps, seed):
     def f(p, x, c0):
         return R.fused_direction(kind, p, x, c0, unroll=2)
 
-    check_gradients(f, (p, x, c0), order=1, modes=("rev",), dense_check_max_size=0)
+    # second order (jvp/vjp of jvp/vjp) for the LSTM only: the others share the mechanism
+    check_gradients(f, (p, x, c0), order=2 if kind == "lstm" else 1, modes=("fwd", "rev"),
+                    dense_check_max_size=0)
 
 
 def _native_or_skip():
@@ -525,3 +524,61 @@ def test_native_fallback_when_unavailable(monkeypatch, tmp_path):
                     jax.jit(lambda p, x: layer.apply(p, {}, x)[0]).lower(p, x)
     finally:
         loader.reset()
+
+
+def _transforms(layer, lengths):
+    """jvp, jacfwd (wrt the input), jvp of grad (a Hessian-vector product) and grad of a loss of
+    ``layer``'s outputs and final state, all in one jitted function."""
+
+    def out(p, x, s0):
+        y, s = layer.apply_with_state(p, x, s0, seq_lengths=lengths)
+        return y, s
+
+    def loss(p, x, s0):
+        y, s = out(p, x, s0)
+        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(a)) for a in jax.tree_util.tree_leaves(s))
+
+    def all_of(args, tangents):
+        grad = jax.grad(loss, argnums=(0, 1, 2))
+        return {"jvp": jax.jvp(out, args, tangents),
+                "jacfwd": jax.jacfwd(lambda x: out(args[0], x, args[2])[0])(args[1]),
+                "hvp": jax.jvp(lambda *a: grad(*a), args, tangents)[1],
+                "grad": grad(*args)}
+
+    return jax.jit(all_of), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("kind,bidirectional,with_lengths", [
+    ("lstm", True, False), ("gru", False, False),
+    pytest.param("lstm", False, True, marks=pytest.mark.slow),
+    pytest.param("gru", True, False, marks=pytest.mark.slow),
+    pytest.param("lstm", False, False, marks=pytest.mark.slow)])
+def test_fused_forward_mode_native_and_xla_equal_scan(kind, bidirectional, with_lengths, key):
+    """Forward mode through the default (fused) path: jvp, jacfwd, jvp of grad and grad with
+    the native loops (float32) and the XLA loops (float64) equal autodiff through scan_cell
+    (float64); reverse mode still runs the native backward loop."""
+    layers = {impl: MAKE[kind](3, bidirectional=bidirectional, impl=impl)
+              for impl in ("fused", "scan")}
+    _, p, _ = layers["fused"].init(key, (2, 4, 3))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 3))
+    s0 = jax.tree_util.tree_map(lambda a: a + 0.3, layers["fused"].initial_state(2))
+    lengths = jnp.asarray([4, 2]) if with_lengths else None
+    f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+    args = f64((p, x, s0))
+    tangents = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), args)
+    with config.override(rnn_backend="xla"):
+        ref = _transforms(layers["scan"], lengths)[0](args, tangents)
+        got = _transforms(layers["fused"], lengths)[0](args, tangents)
+    _allclose(got, ref, rtol=1e-9, atol=1e-11)
+    from fdl._ext import loader
+
+    if not loader.load("rnn").loaded:
+        return
+    f32 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
+    with config.override(rnn_backend="native"):
+        run, grad = _transforms(layers["fused"], lengths)
+        got = run(f32(args), f32(tangents))
+        text = grad.lower(*f32(args)).as_text()
+    _allclose(got, ref, rtol=2e-3, atol=2e-4)
+    assert (f"fdl_{kind}_bwd_dw" in text) == (lengths is None)

@@ -2,7 +2,8 @@
 
 Modules: :mod:`~fdl.nn.recurrent.cells` (cells, input projection, parameter init),
 :mod:`~fdl.nn.recurrent.scan` (the ``lax.scan`` driver), :mod:`~fdl.nn.recurrent.fused` (one
-direction under a hand-written VJP), :mod:`~fdl.nn.recurrent.native` (the C++ time loops and the
+direction with hand-written derivatives), :mod:`~fdl.nn.recurrent.linear` (the linear map with a
+custom transpose its JVP uses), :mod:`~fdl.nn.recurrent.native` (the C++ time loops and the
 backend choice),
 :mod:`~fdl.nn.recurrent.layers` (the layers and their states). Every public name is re-exported
 here.
@@ -45,12 +46,13 @@ one, so truncated BPTT is feeding ``new_state`` back::
 ``nn.rnn(nonlinearity="relu")``, ``nn.lstm(proj_size=P)``.
 
 **Implementations** (``impl=``): ``"fused"`` (default) runs each direction through
-:func:`fused_direction` -- input projection + recurrence under one hand-written VJP; for float32
+:func:`fused_direction` -- input projection + recurrence with hand-written derivatives (reverse
+and forward mode); for float32
 LSTM/GRU the time loop itself runs in fdl's native library (``fdl/_ext/rnn_cpu.cc``: one GEMM
 + one vectorised elementwise pass per step instead of ~12 XLA thunks; built when fdl is
 installed; ``fdl.config.rnn_backend``, see :mod:`fdl.nn.recurrent.native`), otherwise in a
 ``lax.scan``. ``"scan"`` differentiates
-:func:`scan_cell` by autodiff (also forward mode). With ``seq_lengths`` the scan path is used.
+:func:`scan_cell` by autodiff. With ``seq_lengths`` the scan path is used.
 """
 
 from fdl.nn.recurrent.cells import (

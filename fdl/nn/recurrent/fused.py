@@ -1,5 +1,5 @@
-"""One direction of one built-in layer (input projection + recurrence) under a single
-hand-written VJP: :func:`fused_direction`, with the XLA time loops of the RNN, GRU and LSTM.
+"""One direction of one built-in layer (input projection + recurrence) with hand-written
+derivatives: :func:`fused_direction`, with the XLA time loops of the RNN, GRU and LSTM.
 
 The float32 LSTM/GRU loops may instead run in fdl's native library
 (:mod:`fdl.nn.recurrent.native`); :func:`fused_direction` dispatches.
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fdl.nn.recurrent.cells import CELL_GATES, CELLS, project_inputs
+from fdl.nn.recurrent.linear import linear_call
 from fdl.nn.recurrent.native import (
     gru_native_backward,
     gru_native_forward,
@@ -28,8 +29,11 @@ __all__ = ["fused_direction"]
 
 # ----------------------------------------------------------------------------- fused direction
 #
-# ``fused_direction``: one direction of one layer (input projection + recurrence) under a single
-# custom VJP. What it does differently from differentiating ``scan_cell`` (see
+# ``fused_direction``: one direction of one layer (input projection + recurrence) with a custom
+# JVP whose tangent is a linear map (:func:`fdl.nn.recurrent.linear.linear_call`) transposed by
+# the hand-written backward loop: forward mode (jvp, jacfwd) evaluates the XLA loop's JVP,
+# reverse mode runs the backward below, derivatives of order two and up differentiate the XLA
+# loops. What it does differently from differentiating ``scan_cell`` (see
 # docs/results/sequence_lm.md, "Step time (2026-11-29)", for what each part gained):
 #
 # - forward: the projection ``x @ w_ih + b`` for all steps is one matmul; the scan carries that
@@ -184,18 +188,21 @@ def _dir_forward(kind, unroll, native, params, xs, carry):
     return _rnn_dir_forward(unroll, w_ih, w_hh, b_ih + b_hh, xs, carry, kind == "rnn_relu")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_dir(kind, unroll, native, params, xs, carry):
-    carry, ys, _ = _dir_forward(kind, unroll, native, params, xs, carry)
-    return carry, ys
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _native_forward(kind, unroll, params, xs, carry):
+    """The native loop's results and saved activations; their derivatives (needed only for
+    derivatives of order two and up) by autodiff of the XLA loop, which computes the same."""
+    return _dir_forward(kind, unroll, True, params, xs, carry)
 
 
-def _fused_dir_fwd(kind, unroll, native, params, xs, carry):
-    carry_n, ys, aux = _dir_forward(kind, unroll, native, params, xs, carry)
-    return (carry_n, ys), (params, xs, carry, ys, aux)
+@_native_forward.defjvp
+def _native_forward_jvp(kind, unroll, primals, tangents):
+    return jax.jvp(functools.partial(_dir_forward, kind, unroll, False), primals, tangents)
 
 
-def _fused_dir_bwd(kind, unroll, native, res, cts):
+def _dir_backward(kind, unroll, native, res, cts):
+    """The hand-written VJP of :func:`_dir_forward` from its residuals ``(params, xs, carry0,
+    ys, aux)``: cotangents ``(d_carry, d_ys)`` -> ``(d_params, d_xs, d_carry0)``."""
     params, xs, carry0, ys, aux = res
     d_carry, d_ys = cts
     w_ih, w_hh = params["w_ih"], params["w_hh"]
@@ -239,7 +246,53 @@ def _fused_dir_bwd(kind, unroll, native, res, cts):
             like(d_xs, xs), jax.tree_util.tree_map(like, d0, carry0))
 
 
-_fused_dir.defvjp(_fused_dir_fwd, _fused_dir_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _native_backward(kind, unroll, res, cts):
+    """:func:`_dir_backward` with the native loop; derivatives by autodiff of the XLA loop."""
+    return _dir_backward(kind, unroll, True, res, cts)
+
+
+@_native_backward.defjvp
+def _native_backward_jvp(kind, unroll, primals, tangents):
+    return jax.jvp(functools.partial(_dir_backward, kind, unroll, False), primals, tangents)
+
+
+def _dir_tangent(kind, unroll, res, tangents):
+    """The tangent ``(d_carry, d_ys)`` of :func:`_dir_forward` at residuals ``res`` along
+    ``tangents = (d_params, d_xs, d_carry0)``: autodiff (forward mode) of the XLA loop."""
+    params, xs, carry0 = res[:3]
+    fwd = lambda p, x, c: _dir_forward(kind, unroll, False, p, x, c)[:2]  # noqa: E731
+    return jax.jvp(fwd, (params, xs, carry0), tangents)[1]
+
+
+@functools.cache
+def _linear_pair(kind, unroll, native):
+    """(tangent, transpose) of one direction for :func:`linear_call` (cached: the same
+    function objects key JAX's caches)."""
+    bwd = (functools.partial(_native_backward, kind, unroll) if native
+           else functools.partial(_dir_backward, kind, unroll, False))
+    return functools.partial(_dir_tangent, kind, unroll), bwd
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _fused_dir(kind, unroll, native, params, xs, carry):
+    carry, ys, _ = _dir_forward(kind, unroll, native, params, xs, carry)
+    return carry, ys
+
+
+@_fused_dir.defjvp
+def _fused_dir_jvp(kind, unroll, native, primals, tangents):
+    """Primal by the (native or XLA) loop, saving its activations; the tangent by a linear map
+    whose transpose is the hand-written backward loop, so reverse mode (JAX transposes the
+    tangent) runs :func:`_dir_backward` and forward mode the XLA loop's JVP."""
+    params, xs, carry = primals
+    if native:
+        carry_n, ys, aux = _native_forward(kind, unroll, params, xs, carry)
+    else:
+        carry_n, ys, aux = _dir_forward(kind, unroll, False, params, xs, carry)
+    tangent, transpose = _linear_pair(kind, unroll, native)
+    d_out = linear_call(tangent, transpose, (params, xs, carry, ys, aux), tuple(tangents))
+    return (carry_n, ys), tuple(d_out)
 
 
 def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unroll: int = 1
@@ -247,10 +300,10 @@ def fused_direction(kind: str, params: dict, xs: jax.Array, carry: Any, *, unrol
     """One direction of one layer -- the input projection and the recurrence of a built-in
     cell (``kind`` in ``"rnn"``, ``"rnn_relu"``, ``"gru"``, ``"lstm"``; no LSTM projection,
     ``w_hr``: use :func:`~fdl.nn.recurrent.scan.scan_cell`) -- on time-major ``xs`` (T, B, in),
-    with a custom VJP (see the comment above). Same values as ``project_inputs`` +
-    :func:`scan_cell`. Returns ``(final_carry, ys (T, B, H))``. Reverse-mode only (no
-    ``jax.jvp``: use ``impl="scan"``). The float32 LSTM/GRU time loop runs in the native
-    library unless ``fdl.config.rnn_backend == "xla"`` (see
+    with hand-written derivatives (see the comment above; every JAX transformation works:
+    grad, jvp/jacfwd, Hessian-vector products, vmap). Same values as ``project_inputs`` +
+    :func:`scan_cell`. Returns ``(final_carry, ys (T, B, H))``. The float32 LSTM/GRU time loop
+    runs in the native library unless ``fdl.config.rnn_backend == "xla"`` (see
     :func:`fdl.nn.recurrent.native.use_native`)."""
     if kind not in CELL_GATES:
         raise ValueError(f"fused_direction: kind must be one of {sorted(CELL_GATES)}, got "

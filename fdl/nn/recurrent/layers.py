@@ -70,11 +70,11 @@ def run_direction(
     recurrence. Returns ``(final_carry, ys (T, B, H))``.
 
     ``impl="fused"`` (used when ``seq_lengths`` is None) runs :func:`fused_direction`
-    (projection + recurrence under one custom VJP), whose hand-written backward pass keeps only
+    (projection + recurrence with hand-written derivatives), whose backward pass keeps only
     the gate gradients and ``dgates @ w_hh.T`` in the reverse loop and computes every weight and
     bias gradient after it in one matmul (or sum) over all ``T*B`` rows;
-    ``impl="scan"`` differentiates :func:`scan_cell` by JAX autodiff (also supports forward
-    mode, ``jax.jvp``, which the fused custom-VJP path does not). Both give the same values.
+    ``impl="scan"`` differentiates :func:`scan_cell` by JAX autodiff. Both give the same values
+    and support every transformation (the fused path's forward mode runs the XLA loop's JVP).
     The LSTM projection (``w_hr`` in ``params``) always runs through :func:`scan_cell`.
     """
     if impl not in ("fused", "scan"):
