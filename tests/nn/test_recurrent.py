@@ -364,10 +364,11 @@ def test_fused_equals_scan_values_and_gradients(kind, key):
 # ----------------------------------------------------------------------------- fused_direction
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind,order", [("rnn", 1), ("gru", 1), ("lstm", 1),
+                                        pytest.param("lstm", 2, marks=pytest.mark.slow)])
 @settings(max_examples=2, deadline=None)
 @given(steps=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
-def test_fused_direction_gradients(kind, steps, seed):
+def test_fused_direction_gradients(kind, order, steps, seed):
     """float64 (always the XLA loops): the hand-written VJP of projection + recurrence and its
     forward mode (the JVP whose transpose is that VJP) against finite
     differences, for every parameter, the input and the initial state."""
@@ -381,9 +382,7 @@ def test_fused_direction_gradients(kind, steps, seed):
     def f(p, x, c0):
         return R.fused_direction(kind, p, x, c0, unroll=2)
 
-    # second order (jvp/vjp of jvp/vjp) for the LSTM only: the others share the mechanism
-    check_gradients(f, (p, x, c0), order=2 if kind == "lstm" else 1, modes=("fwd", "rev"),
-                    dense_check_max_size=0)
+    check_gradients(f, (p, x, c0), order=order, modes=("fwd", "rev"), dense_check_max_size=0)
 
 
 def _native_or_skip():
@@ -549,7 +548,8 @@ def _transforms(layer, lengths):
 
 
 @pytest.mark.parametrize("kind,bidirectional,with_lengths", [
-    ("lstm", True, False), ("gru", False, False),
+    ("lstm", True, False),
+    pytest.param("gru", False, False, marks=pytest.mark.slow),
     pytest.param("lstm", False, True, marks=pytest.mark.slow),
     pytest.param("gru", True, False, marks=pytest.mark.slow),
     pytest.param("lstm", False, False, marks=pytest.mark.slow)])
