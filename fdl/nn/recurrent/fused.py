@@ -259,9 +259,14 @@ def _native_backward_jvp(kind, unroll, primals, tangents):
 
 def _dir_tangent(kind, unroll, res, tangents):
     """The tangent ``(d_carry, d_ys)`` of :func:`_dir_forward` at residuals ``res`` along
-    ``tangents = (d_params, d_xs, d_carry0)``: autodiff (forward mode) of the XLA loop."""
+    ``tangents = (d_params, d_xs, d_carry0)``: forward-mode autodiff of ``project_inputs`` +
+    :func:`scan_cell` (the same function; its JVP is cheaper than that of the in-place gate
+    buffer of :func:`_dir_forward`)."""
     params, xs, carry0 = res[:3]
-    fwd = lambda p, x, c: _dir_forward(kind, unroll, False, p, x, c)[:2]  # noqa: E731
+
+    def fwd(p, x, c):
+        return scan_cell(CELLS[kind], p, project_inputs(kind, p, x), c, unroll=unroll)
+
     return jax.jvp(fwd, (params, xs, carry0), tangents)[1]
 
 
