@@ -405,90 +405,78 @@ ffi::Error LstmFwdImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
 // The weight and bias gradients of a backward loop, accumulated over the steps the loop has
 // finished, overlapped with the (single-threaded) reverse loop: `loop(step_done)` runs on the
 // caller and calls step_done() after each step whose gate gradients are final (t = T-1 down to
-// 0); the helper thread of Team meanwhile calls `accumulate(lo, hi, acc)` (acc: one pointer per
-// output) for the finished steps (a progress counter, no barrier on the loop's path; the helper
-// lags behind and catches up). Steps [top, T) are claimed by the helper (downwards, as they
-// finish), [0, bottom) by the caller once its loop is over (upwards): the two share whatever the
-// helper has not reached, the caller into its own accumulators (added at the end), so a helper
-// that got no core costs no more than doing the work after the loop. The outputs are zeroed
-// here (by the helper, before its first accumulate).
+// 0). The steps are cut into fixed chunks of K steps from the top (chunk c: steps
+// [T - (c+1)K, T - cK), at most kMaxChunks chunks); each chunk is summed by `accumulate(lo, hi,
+// acc)` into a buffer of its own, by the helper thread of Team as soon as its steps are done
+// (chunks from the top, a progress counter, no barrier on the loop's path) or by the caller once
+// its loop is over (chunks from the bottom, whatever the helper has not reached, so a helper
+// that got no core costs no more than doing the work after the loop). The outputs are the chunk
+// sums added in chunk order: which thread summed which chunk does not change a bit, so the
+// gradients are the same run to run (bitwise resume holds for recurrent models).
 struct DwOut {
   float* data;
   int64_t n;
 };
+
+constexpr int64_t kMaxChunks = 8;
 
 template <size_t N, class Loop, class Accumulate>
 void overlapped_dw(int64_t T, int64_t B, const std::array<DwOut, N>& outs, Loop&& loop,
                    Accumulate&& accumulate) {
   std::atomic<int> done{0}, sleepers{0};  // steps finished by the caller (from t = T - 1 down)
   std::mutex claim_mu;
-  int64_t top = T, bottom = 0;
-  const int64_t kChunk = std::max<int64_t>(1, 128 / B);  // steps per claim (~128 rows)
-  std::vector<float> mine;  // the caller's accumulators, the outputs back to back
+  // steps per chunk: ~128 rows per sgemm, and no more than kMaxChunks chunk buffers
+  const int64_t K = std::max<int64_t>({1, 128 / B, (T + kMaxChunks - 1) / kMaxChunks});
+  const int64_t chunks = (T + K - 1) / K;
+  int64_t total = 0;
+  for (const DwOut& o : outs) total += o.n;
+  thread_local std::vector<float> sums;  // chunk c's sums at c * total, the outputs back to back
+  if (int64_t(sums.size()) < chunks * total) sums.resize(chunks * total);
+  float* base = sums.data();
+  int64_t next_top = 0, next_bottom = chunks - 1;  // unclaimed chunks: [next_top, next_bottom]
+  auto sum_chunk = [&](int64_t c) {
+    float* mine = base + c * total;
+    std::memset(mine, 0, sizeof(float) * total);
+    std::array<float*, N> acc{};
+    int64_t off = 0;
+    for (size_t i = 0; i < N; ++i) {
+      acc[i] = mine + off;
+      off += outs[i].n;
+    }
+    accumulate(std::max<int64_t>(0, T - (c + 1) * K), T - c * K - 1, acc);
+  };
   auto step_done = [&] { notify(done, sleepers); };
   Team::get().run([&](int k) {
     if (k == 0) {
       loop(step_done);
-      std::array<float*, N> acc{};
-      for (;;) {  // help with what the helper has not claimed yet
-        int64_t lo, hi;
+      for (;;) {  // the chunks the helper has not claimed, from the bottom
+        int64_t c;
         {
           std::lock_guard<std::mutex> lock(claim_mu);
-          if (bottom >= top) break;
-          lo = bottom;
-          hi = std::min(top, bottom + kChunk) - 1;
-          bottom = hi + 1;
+          if (next_top > next_bottom) break;
+          c = next_bottom--;
         }
-        if (mine.empty()) {
-          int64_t total = 0;
-          for (const DwOut& o : outs) total += o.n;
-          mine.assign(total, 0.f);
-          int64_t off = 0;
-          for (size_t i = 0; i < N; ++i) {
-            acc[i] = mine.data() + off;
-            off += outs[i].n;
-          }
-        }
-        accumulate(lo, hi, acc);
+        sum_chunk(c);
       }
       return;
     }
     omp_set_num_threads(1);
-    std::array<float*, N> acc{};
-    for (size_t i = 0; i < N; ++i) {
-      std::memset(outs[i].data, 0, sizeof(float) * outs[i].n);
-      acc[i] = outs[i].data;
-    }
-    int seen = 0;
-    for (;;) {
-      int64_t lo, hi;
-      {
-        std::lock_guard<std::mutex> lock(claim_mu);
-        if (top <= bottom) break;
-      }
-      int n = done.load(std::memory_order_acquire);
-      if (n == seen && n < T) {  // nothing new finished yet (and the loop is not over)
+    for (int64_t c = 0;; ++c) {  // chunks from the top, each once its steps are done
+      const int64_t need = std::min(T, (c + 1) * K);
+      for (int n = done.load(std::memory_order_acquire); n < need;
+           n = done.load(std::memory_order_acquire))
         wait_change(done, n, sleepers);
-        n = done.load(std::memory_order_acquire);
-      }
-      seen = n;
       {
         std::lock_guard<std::mutex> lock(claim_mu);
-        // finished and unclaimed: [max(T - n, bottom), top), at most kChunk steps
-        lo = std::max<int64_t>({T - n, bottom, top - kChunk});
-        hi = top - 1;
-        if (lo > hi) continue;
-        top = lo;
+        if (c > next_bottom) break;  // the caller has taken it (and everything below)
+        next_top = c + 1;
       }
-      accumulate(lo, hi, acc);
+      sum_chunk(c);
     }
   });
-  if (!mine.empty()) {
-    int64_t off = 0;
-    for (const DwOut& o : outs) {
-      acc_into(o.n, o.data, mine.data() + off);
-      off += o.n;
-    }
+  for (size_t i = 0, off = 0; i < N; off += outs[i].n, ++i) {
+    std::memcpy(outs[i].data, base + off, sizeof(float) * outs[i].n);
+    for (int64_t c = 1; c < chunks; ++c) acc_into(outs[i].n, outs[i].data, base + c * total + off);
   }
 }
 
