@@ -129,10 +129,14 @@ def launch(command: Sequence[str], num_processes: int, *, cpu_devices: int | Non
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
+                # Several may have ended by this poll (a killed process, then a partner that
+                # noticed): a process killed by a signal is named as the cause, the others after.
+                failed.sort(key=lambda f: (f[1] > 0, f[0]))
                 i, code = failed[0]
+                also = "".join(f"; process {j} then {_describe(c)}" for j, c in failed[1:])
                 others = [p for p in procs if p.poll() is None]
                 say(f"fdl.launch: process {i} of {num_processes} (pid {procs[i].pid}) "
-                    f"{_describe(code)}"
+                    f"{_describe(code)}{also}"
                     + (f"; stopping the other {len(others)}" if others else ""))
                 _stop(others, grace)
                 return code if code > 0 else 128 - code

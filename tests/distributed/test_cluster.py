@@ -112,3 +112,23 @@ def test_a_launched_process_that_did_not_join_cannot_build_a_mesh(monkeypatch):
     monkeypatch.setenv("FDL_NUM_PROCESSES", "2")
     with pytest.raises(RuntimeError, match="call fdl.distributed.initialize"):
         parallel.data_mesh()
+
+
+def test_launcher_names_the_killed_process_when_its_partner_ended_too(monkeypatch):
+    """Both processes have ended by the launcher's next poll (process 1 killed, process 0
+    exited on noticing): the killed one is named as the cause, the other after it."""
+    import sys
+    import time
+
+    from fdl import launch
+
+    sleep = time.sleep
+    monkeypatch.setattr(launch.time, "sleep", lambda s: sleep(1.0))  # a slow poll
+    script = ("import os, signal, time\n"
+              "if os.environ['FDL_PROCESS_ID'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+              "time.sleep(0.1)\nraise SystemExit(1)")
+    said = []
+    code = launch.launch([sys.executable, "-c", script], 2, print_fn=said.append)
+    assert code == 128 + 9
+    assert said == [f"fdl.launch: process 1 of 2 (pid {said[0].split('pid ')[1].split(')')[0]}) "
+                    "was killed by SIGKILL; process 0 then exited with status 1"]

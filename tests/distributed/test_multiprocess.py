@@ -86,7 +86,9 @@ def test_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
         procs.kill_session(run)
     assert time.monotonic() - t0 < 30
     assert code != 0
-    assert "process 1 of 2" in text and "SIGKILL" in text and "stopping the other 1" in text
+    assert "process 1 of 2" in text and "SIGKILL" in text
+    # process 0 is stopped by the launcher, or has already noticed by the launcher's next poll
+    assert "stopping the other 1" in text or "; process 0 then exited with status" in text, text
     assert not os.path.exists(out)
     text = procs.launch(2, 2, ["fit", out, "--ckpt", ckpt, "--epochs", "2", "--resume"], LIMIT)
     assert "resumed from" in text
