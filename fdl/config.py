@@ -26,6 +26,8 @@ Options (``OPTIONS`` has the same as data):
   ``never`` -- only load valid libraries that exist (else XLA).
 - ``native_cache`` (``FDL_NATIVE_CACHE``): that cache directory (default
   ``$XDG_CACHE_HOME/fdl/native`` or ``~/.cache/fdl/native``).
+- ``data_dir`` (``FDL_DATA``): where the dataset readers look by default, one sub-folder per
+  dataset (default ``~/.cache/fdl/data``).
 
 ``fdl.kernels()`` reports what these choose on this machine.
 """
@@ -77,6 +79,10 @@ def _default_cache() -> str:
     return os.path.join(base, "fdl", "native")
 
 
+def _default_data() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "fdl", "data")
+
+
 _BACKENDS = ("auto", "native", "xla")
 OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("conv_backend", "FDL_CONV_BACKEND", "auto", _BACKENDS,
@@ -88,6 +94,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "build missing/stale native libraries on first use (auto) or never"),
     Option("native_cache", "FDL_NATIVE_CACHE", _default_cache, None,
            "where first-use builds of the native libraries go"),
+    Option("data_dir", "FDL_DATA", _default_data, None,
+           "where the dataset readers look by default (one sub-folder per dataset)"),
 )}
 
 _set: dict[str, str] = {}

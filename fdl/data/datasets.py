@@ -55,9 +55,10 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 def default_data_dir() -> str:
-    """``$FDL_DATA`` or ``~/.cache/fdl/data``."""
-    home = os.path.join(os.path.expanduser("~"), ".cache", "fdl", "data")
-    return os.environ.get("FDL_DATA", home)
+    """``fdl.config.get("data_dir")``: ``$FDL_DATA`` or ``~/.cache/fdl/data`` by default."""
+    from fdl import config
+
+    return config.get("data_dir")
 
 
 def train_test_split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0):

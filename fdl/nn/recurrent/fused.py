@@ -34,7 +34,7 @@ __all__ = ["fused_direction"]
 # the hand-written backward loop: forward mode (jvp, jacfwd) evaluates the XLA loop's JVP,
 # reverse mode runs the backward below, derivatives of order two and up differentiate the XLA
 # loops. What it does differently from differentiating ``scan_cell`` (see
-# docs/results/sequence_lm.md, "Step time (2026-11-29)", for what each part gained):
+# docs/results/sequence_lm.md, section "Step time", for what each part gained):
 #
 # - forward: the projection ``x @ w_ih + b`` for all steps is one matmul; the scan carries that
 #   (T, B, G*H) buffer and overwrites step t with the activated gates in place (no second
