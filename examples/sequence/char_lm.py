@@ -26,7 +26,7 @@ import jax
 from fdl.data.text import load_data_time_machine
 from fdl.models.sequence.rnn_lm import predict, rnn_lm
 from fdl.optim import chain, clip_by_global_norm, sgd
-from fdl.train import fit
+from fdl.train import fit, print_every
 
 
 def save_curve(perplexities: list[float], path: str, title: str) -> None:
@@ -71,19 +71,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def every(n: int):
-    """A ``print_fn`` for fit printing the rows of epoch 1 and every ``n``-th epoch."""
-    seen = [0]
-
-    def say(line: str) -> None:
-        if line.startswith("epoch "):
-            seen[0] += 1
-            if seen[0] != 1 and seen[0] % n:
-                return
-        print(line, flush=True)
-
-    return say
-
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -105,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = fit(model, params, state, chain(clip_by_global_norm(args.clip), sgd(args.lr)), loader,
               epochs=args.epochs, key=k_train, loss="cross_entropy", perplexity=True,
               reset_state=None if args.random_iter else ("rnn",), progress=False,
-              print_fn=every(args.log_every))
+              print_fn=print_every(args.log_every))
     wall = time.perf_counter() - t0
     ppl = res.history["train_perplexity"]
     # fit counts the loss per token: its "examples" per second are tokens per second

@@ -79,26 +79,13 @@ def parse_args(argv):
     return args
 
 
-def every(n: int):
-    """A ``print_fn`` for fit printing the rows of epoch 1 and every ``n``-th epoch."""
-    seen = [0]
-
-    def say(line: str) -> None:
-        if line.startswith("epoch "):
-            seen[0] += 1
-            if seen[0] != 1 and seen[0] % n:
-                return
-        print(line, flush=True)
-
-    return say
-
 
 def main(argv=None) -> dict:
     from fdl.data import ArrayLoader
     from fdl.data.translation import load_data_nmt
     from fdl.models.sequence.bleu import bleu
     from fdl.models.sequence.seq2seq import predict_seq2seq, seq2seq, teacher_forcing_inputs
-    from fdl.train import fit
+    from fdl.train import fit, print_every
 
     args = parse_args(argv)
     t_wall = time.perf_counter()
@@ -120,7 +107,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     res = fit(model, params, state, make_optimizer(args.lr, args.clip), loader,
               epochs=args.epochs, key=jax.random.fold_in(key, 1), loss=book_objective(),
-              progress=False, print_fn=every(args.log_every))
+              progress=False, print_fn=print_every(args.log_every))
     train_s = time.perf_counter() - t0
     params = res.params
     losses = res.history["train_loss"]

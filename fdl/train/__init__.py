@@ -16,7 +16,7 @@ from fdl.train.callbacks import (
 )
 from fdl.train.checkpoint import CheckpointError, CheckpointManager, latest, load, save
 from fdl.train.data import IterableBatches
-from fdl.train.history import History
+from fdl.train.history import History, print_every
 from fdl.train.loop import FitResult, evaluate, fit
 from fdl.train.metrics import Objective, accuracy, batch_metrics, summarize, top_k_accuracy
 from fdl.train.plots import plot_history
@@ -36,6 +36,7 @@ __all__ = [
     "Callback", "Checkpoint", "EarlyStopping", "EvalHook", "JsonLog", "PlotCurves",
     "PrintEpochs", "ProgressBar", "ResetState", "StepCallback",
     "FitResult", "History", "IterableBatches", "Trainer", "evaluate", "fit", "plot_history",
+    "print_every",
     "Objective", "accuracy", "batch_metrics", "summarize", "top_k_accuracy",
     "EvalStep", "TrainStep", "make_eval_step", "make_predict_fn", "make_train_step",
     "unpack_batch",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["History", "format_row"]
+__all__ = ["History", "format_row", "print_every"]
 
 
 @dataclasses.dataclass
@@ -55,3 +56,17 @@ def format_row(row: dict[str, Any]) -> str:
     if "time" in row:
         parts.append(f"{row['time']:.1f} s")
     return ", ".join(parts)
+
+
+def print_every(n: int) -> Callable[[str], None]:
+    """A ``print_fn`` for ``fit`` printing the rows of epoch 1 and every ``n``-th epoch."""
+    seen = [0]
+
+    def say(line: str) -> None:
+        if line.startswith("epoch "):
+            seen[0] += 1
+            if seen[0] != 1 and seen[0] % n:
+                return
+        print(line, flush=True)
+
+    return say
