@@ -705,9 +705,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from fdl.runtime import tune_allocator
-
-    tune_allocator()  # process tuning for this command's process (see fdl.runtime)
     try:
         if args.command == "train":
             _check_train_args(args)  # before JAX is imported: errors come at once
@@ -720,6 +717,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               cpu_devices=args.devices,
                               timeouts={"heartbeat": args.heartbeat_timeout,
                                         "init": args.init_timeout})
+        from fdl.runtime import tune_allocator
+
+        tune_allocator()  # process tuning for this command's process (see fdl.runtime)
         return _finish(args.func(args))
     except CLIError as e:
         print(f"fdl: error: {e}", file=sys.stderr)

@@ -2,10 +2,10 @@
 
 - :func:`kernels` -- for the 2-D convolution, the LSTM and the GRU: ``native`` (fdl's C++
   kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
-- :func:`tune_allocator` -- glibc settings that keep XLA's per-step temporaries resident. A
-  process-wide, irreversible change, so fdl never makes it by itself (``import fdl`` changes
-  nothing): applications call it for their own process (the ``fdl`` command and the examples
-  do).
+- :func:`tune_allocator` -- glibc settings (and JAX's dispatch on the calling thread) that keep
+  XLA's per-step temporaries resident. A process-wide, irreversible change, so fdl never makes
+  it by itself (``import fdl`` changes nothing): applications call it for their own process
+  (the ``fdl`` command and the examples do).
 """
 
 from __future__ import annotations
@@ -70,24 +70,43 @@ def kernels_table() -> str:
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _tuned = False
 
 
+def _run_inline() -> bool:
+    """Have JAX run single-device CPU computations on the calling thread
+    (``jax_cpu_enable_async_dispatch = False``); ``False`` if JAX's backends already exist
+    (the option is read when the CPU backend is created)."""
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return not jax.config.read("jax_cpu_enable_async_dispatch")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
 def tune_allocator() -> bool:
-    """Keep XLA's large per-execution temporaries resident (Linux/glibc only; a no-op
-    elsewhere). Returns ``True`` if the settings are in effect.
+    """Keep XLA's large per-execution temporaries resident (Linux/glibc only). Returns
+    ``True`` if the settings are in effect: ``False`` elsewhere, and if JAX's CPU backend
+    already existed (then only the glibc part is made).
 
     Why: XLA's CPU runtime allocates each execution's temporaries as one block (e.g. ~160 MB
     for a ResNet-18 CIFAR training step at batch 32) and frees it when the execution ends.
     glibc serves blocks that large with a fresh ``mmap`` and returns them with ``munmap``, so
     every step the kernel maps and zero-fills the whole block again (page faults worth ~10% of
-    that step; docs/performance.md). This sets ``mallopt(M_ARENA_MAX, 1)``,
-    ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``: the block is
-    reused from the heap. Effects on the whole process: one malloc arena for all threads, and
-    freed memory is kept (peak usage is not returned to the OS); some memory-bound code in the
-    same process was measured slower with it. Call it early (threads keep the arena they
-    started with), before the first jitted call.
+    that step; docs/performance.md). This sets ``mallopt(M_MMAP_MAX, 0)`` and
+    ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` (the block comes from the heap and stays there),
+    and has JAX run single-device computations on the calling thread
+    (``jax_cpu_enable_async_dispatch = False``): the block is then allocated from glibc's main
+    arena, the only one that can hold it without ``mmap`` (a thread arena maps any request
+    over 64 MB whatever ``M_MMAP_MAX`` says). No single-arena setting: it made every thread
+    wait on one malloc lock (optimizer updates ~10% slower, the char-LM LSTM step ~25%).
+
+    Effects on the whole process: freed memory is kept (peak usage is not returned to the
+    OS), and a jitted call returns when its computation is done (multi-device computations
+    stay asynchronous). Call it early, before JAX's CPU backend exists (the first jitted call
+    or array).
     """
     global _tuned
     if _tuned:
@@ -102,9 +121,6 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _tuned = bool(
-        mallopt(_M_ARENA_MAX, 1)
-        and mallopt(_M_MMAP_MAX, 0)
-        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    )
+    glibc = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _tuned = glibc and _run_inline()
     return _tuned

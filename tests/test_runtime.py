@@ -26,8 +26,17 @@ print(libc.mallinfo2().hblks - before)
 """
 
 
-def _mmapped_blocks(setup: str) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(setup=setup)], capture_output=True,
+# The same malloc from a new thread: glibc gives the thread an arena of its own (no single-arena
+# setting), and a thread arena maps a block that large whatever M_MMAP_MAX says.
+IN_THREAD = PROBE.replace("p = libc.malloc(256 << 20)\n", """import threading
+t = threading.Thread(target=lambda: libc.malloc(256 << 20))
+t.start()
+t.join()
+""")
+
+
+def _mmapped_blocks(setup: str, probe: str = PROBE) -> str:
+    out = subprocess.run([sys.executable, "-c", probe.format(setup=setup)], capture_output=True,
                          text=True, check=True)
     return out.stdout.strip()
 
@@ -36,6 +45,29 @@ def _mmapped_blocks(setup: str) -> str:
 def test_import_leaves_the_allocator_alone_and_tune_allocator_changes_it():
     assert _mmapped_blocks("import fdl, fdl.nn, fdl.optim, fdl.train, fdl.runtime") == "1"
     assert _mmapped_blocks("import fdl.runtime; assert fdl.runtime.tune_allocator()") == "0"
+    # no single arena (it made every thread wait on one malloc lock)
+    assert _mmapped_blocks("import fdl.runtime; assert fdl.runtime.tune_allocator()",
+                           IN_THREAD) == "1"
+
+
+def _async_dispatch(code: str) -> str:
+    code += "\nimport jax\nprint(jax.config.read('jax_cpu_enable_async_dispatch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tune_allocator_runs_computations_on_the_calling_thread():
+    # the main thread allocates from glibc's main arena, the one that keeps large blocks
+    assert _async_dispatch("import fdl, fdl.runtime") == "True"
+    assert _async_dispatch("import fdl.runtime; assert fdl.runtime.tune_allocator()") == "False"
+    # too late (the CPU backend exists): says so, dispatch unchanged
+    late = "import jax.numpy as jnp, fdl.runtime; jnp.ones(2)\nprint(fdl.runtime.tune_allocator())"
+    assert _async_dispatch(late) == "True"
+    out = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False"]
 
 
 def test_kernels_report():

@@ -338,8 +338,9 @@ def render(results: Sequence[WorkloadResult], info: _machine.MachineInfo, *, com
     out.append("* versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
     out.append("* fdl kernels (`fdl.kernels()`; rows named `fdl (xla)` force XLA's): "
                + _machine.fdl_kernels())
-    out.append("* fdl rows run after `fdl.runtime.tune_allocator()`, as the `fdl` command "
-               "does; references with glibc's defaults")
+    out.append("* fdl rows run after `fdl.runtime.tune_allocator()` (glibc: no `mmap`, no heap "
+               "trim; JAX's `jax_cpu_enable_async_dispatch` off), as the `fdl` command does; "
+               "references with glibc's and JAX's defaults")
     out.append("* threads and load: "
                + "; ".join(f"{k}: {v}" for k, v in info.thread_settings.items()))
     out += ["", "# Machine limits (measured in this run)", "",

@@ -2,7 +2,8 @@
 
 Why: process-wide settings differ per library. fdl's rows run as the ``fdl`` command runs them,
 after ``fdl.runtime.tune_allocator()`` (glibc keeps XLA's large per-step temporaries resident;
-one malloc arena for the whole process), which a PyTorch, Flax or Equinox user would not have:
+single-device computations run on the calling thread), which a PyTorch, Flax or Equinox user
+would not have (the 2026-11-30 figures below were taken with its earlier single-arena form):
 measured 2026-11-30, ResNet-18 CIFAR under ``torch.compile`` 307 ms per step with that setting
 vs 282 ms with glibc's defaults, the char-LM LSTM in PyTorch ~10% slower. PyTorch's bundled
 ``libgomp`` is also the one fdl's oneDNN binds to when both are loaded. So each implementation
