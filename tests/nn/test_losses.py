@@ -224,6 +224,37 @@ def test_softmax_cross_entropy_gradients(logits, labels, smoothing):
                                                       weights=w), (logits,), order=2)
 
 
+@settings(max_examples=5, deadline=None)
+@given(shape=st.sampled_from([(5,), (2, 3), (2, 3, 4)]), axis=st.integers(-1, 0),
+       seed=st.integers(0, 2**16))
+def test_label_nll_matches_log_softmax_to_second_order(shape, axis, seed):
+    """label_nll's closed-form derivative (softmax - onehot, a custom JVP) equals autodiff of
+    ``-take(log_softmax)``: values, gradients, jvp and a Hessian-vector product (float64)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        z = jnp.asarray(rng.normal(scale=3.0, size=shape))
+        ax = axis % len(shape)
+        labels = jnp.asarray(rng.integers(0, shape[ax], size=shape[:ax] + shape[ax + 1:]))
+        w = jnp.asarray(rng.normal(size=labels.shape))
+
+        def ref(x):
+            logp = jax.nn.log_softmax(x, axis=ax)
+            picked = jnp.take_along_axis(logp, jnp.expand_dims(labels, ax), axis=ax)
+            return jnp.sum(-jnp.squeeze(picked, ax) * w)
+
+        def new(x):
+            return jnp.sum(L.label_nll(x, labels, ax) * w)
+
+        v = jnp.asarray(rng.normal(size=shape))
+        np.testing.assert_allclose(new(z), ref(z), rtol=1e-12)
+        np.testing.assert_allclose(jax.grad(new)(z), jax.grad(ref)(z), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(jax.jvp(new, (z,), (v,))[1], jax.jvp(ref, (z,), (v,))[1],
+                                   rtol=1e-10, atol=1e-12)
+        hvp = jax.jvp(jax.grad(new), (z,), (v,))[1]
+        np.testing.assert_allclose(hvp, jax.jvp(jax.grad(ref), (z,), (v,))[1], rtol=1e-9,
+                                   atol=1e-12)
+
+
 @settings(max_examples=3)
 @given(logits=arrays(SHAPE), other=arrays(SHAPE))
 def test_softmax_cross_entropy_probability_gradients(logits, other):

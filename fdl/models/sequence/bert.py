@@ -45,6 +45,7 @@ from fdl.nn.core import (
 )
 from fdl.nn.embedding import attend_embedding, embedding
 from fdl.nn.linear import dense
+from fdl.nn.losses import softmax_cross_entropy
 from fdl.nn.norm import layer_norm
 from fdl.nn.transformer import ACTIVATIONS, _dropout, block_stack, encoder_block
 
@@ -327,15 +328,14 @@ def pretraining_loss(out: BertOutput, mlm_labels: jax.Array, mlm_weights: jax.Ar
     """d2l's ``_get_batch_loss_bert``: MLM cross-entropy averaged over the real (weight 1)
     predicted positions, plus the mean NSP cross-entropy. ``mask (B,)`` (optional, 1 = a real
     example) drops padding rows from both means. Returns ``(mlm + nsp, (mlm, nsp))``."""
-    logp = jax.nn.log_softmax(out.mlm_logits.astype(jnp.float32), axis=-1)
-    ce = -jnp.take_along_axis(logp, mlm_labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    w = mlm_weights.astype(jnp.float32)
     rows = jnp.ones(nsp_labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    w = w * rows[:, None]
-    mlm = jnp.sum(ce * w) / (jnp.sum(w) + 1e-8)
-    nlogp = jax.nn.log_softmax(out.nsp_logits.astype(jnp.float32), axis=-1)
-    nce = -jnp.take_along_axis(nlogp, nsp_labels[:, None].astype(jnp.int32), 1)[:, 0]
-    nsp = jnp.sum(nce * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+    w = mlm_weights.astype(jnp.float32) * rows[:, None]
+    ce = softmax_cross_entropy(out.mlm_logits.astype(jnp.float32),
+                               mlm_labels.astype(jnp.int32), weights=w, reduction="none")
+    mlm = jnp.sum(ce) / (jnp.sum(w) + 1e-8)
+    nce = softmax_cross_entropy(out.nsp_logits.astype(jnp.float32),
+                                nsp_labels.astype(jnp.int32), weights=rows, reduction="none")
+    nsp = jnp.sum(nce) / jnp.maximum(jnp.sum(rows), 1.0)
     return mlm + nsp, (mlm, nsp)
 
 
