@@ -20,6 +20,8 @@ Options (``OPTIONS`` has the same as data):
 - ``conv_backend`` (``FDL_CONV_BACKEND``): ``auto`` -- oneDNN's convolution on CPU when the
   native library loads, XLA otherwise (and on GPU/TPU); ``native`` -- the same, but an
   unavailable native library is an error instead of a warning; ``xla`` -- always XLA.
+- ``dense_backend`` (``FDL_DENSE_BACKEND``): the float32 matrix products of dense layers
+  (``fdl.nn.matmul``: forward and both gradients), oneDNN's sgemm on CPU; same values.
 - ``rnn_backend`` (``FDL_RNN_BACKEND``): the LSTM/GRU time loops, same values.
 - ``native_build`` (``FDL_NATIVE_BUILD``): ``auto`` -- when the installed native libraries are
   missing or stale, build them on first use into ``native_cache`` (once, under a file lock);
@@ -87,6 +89,9 @@ _BACKENDS = ("auto", "native", "xla")
 OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("conv_backend", "FDL_CONV_BACKEND", "auto", _BACKENDS,
            "2-D convolutions: oneDNN on CPU when available (auto), required (native), or XLA"),
+    Option("dense_backend", "FDL_DENSE_BACKEND", "auto", _BACKENDS,
+           "dense layers' float32 matrix products: oneDNN's sgemm on CPU when available "
+           "(auto), required (native), or XLA's dot"),
     Option("rnn_backend", "FDL_RNN_BACKEND", "auto", _BACKENDS,
            "LSTM/GRU time loops: native C++ loop on CPU when available (auto), required "
            "(native), or XLA's lax.scan"),

@@ -1,6 +1,6 @@
 """Process-level facts and tuning: which kernels run here, and the explicit allocator setting.
 
-- :func:`kernels` -- for the 2-D convolution, the LSTM and the GRU: ``native`` (fdl's C++
+- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM and the GRU: ``native`` (fdl's C++
   kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
 - :func:`tune_allocator` -- glibc settings (and JAX's dispatch on the calling thread) that keep
   XLA's per-step temporaries resident. A process-wide, irreversible change, so fdl never makes
@@ -21,7 +21,7 @@ __all__ = ["Kernel", "kernels", "kernels_table", "tune_allocator"]
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """What computes ``op`` (``conv``, ``lstm``, ``gru``) in this process: ``backend`` is
+    """What computes ``op`` (``conv``, ``dense``, ``lstm``, ``gru``) in this process: ``backend`` is
     ``"native"`` or ``"xla"``; ``why`` says why (or which library and oneDNN)."""
 
     op: str
@@ -32,14 +32,14 @@ class Kernel:
         return f"{self.op}: {self.backend} ({self.why})"
 
 
-_OPS = {"conv": ("conv_backend", "conv"), "lstm": ("rnn_backend", "rnn"),
-        "gru": ("rnn_backend", "rnn")}
+_OPS = {"conv": ("conv_backend", "conv"), "dense": ("dense_backend", "dense"),
+        "lstm": ("rnn_backend", "rnn"), "gru": ("rnn_backend", "rnn")}
 
 
 def kernels() -> dict[str, Kernel]:
-    """``{"conv": Kernel, "lstm": Kernel, "gru": Kernel}`` for float32 on the default JAX
-    platform (other dtypes always use XLA). Loads (and if needed builds) the native libraries,
-    as the first convolution or recurrent layer would."""
+    """``{"conv": Kernel, "dense": Kernel, "lstm": Kernel, "gru": Kernel}`` for float32 on the
+    default JAX platform (other dtypes always use XLA). Loads (and if needed builds) the native
+    libraries, as the first convolution, dense or recurrent layer would."""
     import jax
 
     from fdl._ext import loader

@@ -1,7 +1,8 @@
 """Compile fdl's native CPU kernels (XLA FFI handlers linked to oneDNN 3 from pip).
 
-Two libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions) and
-``rnn`` (``rnn_cpu.cc``: the LSTM/GRU time loops). ``pip install`` builds them (``setup.py``
+Three libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions),
+``dense`` (``dense_onednn.cc``: the matrix products of dense layers, oneDNN's sgemm) and ``rnn``
+(``rnn_cpu.cc``: the LSTM/GRU time loops). ``pip install`` builds them (``setup.py``
 calls :func:`compile_library` from its ``build_ext``); :mod:`fdl._ext.loader` loads them, or
 builds them on first use into a cache when the installed copy is missing or stale (a source
 checkout on ``PYTHONPATH``, a failed install-time build, a changed compiler or oneDNN).
@@ -68,6 +69,7 @@ LIBRARIES: dict[str, Library] = {
         "fdl_conv_bwd_data": "FdlConvBwdData",
         "fdl_conv_bwd_weights": "FdlConvBwdWeights",
     }),
+    "dense": Library("dense", "dense_onednn.cc", {"fdl_matmul": "FdlMatmul"}),
     "rnn": Library("rnn", "rnn_cpu.cc", {
         "fdl_lstm_fwd": "FdlLstmFwd",
         "fdl_lstm_bwd_dw": "FdlLstmBwdDw",

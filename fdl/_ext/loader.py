@@ -180,7 +180,7 @@ def _load(name: str, force: bool) -> Status:
 
 
 def load(name: str, *, force: bool = False) -> Status:
-    """Load native library ``name`` (``"conv"`` or ``"rnn"``) once per process (``force``:
+    """Load native library ``name`` (``"conv"``, ``"dense"`` or ``"rnn"``) once per process (``force``:
     rebuild it into the cache and reload); warn once if it is unavailable."""
     with _lock:
         st = _status.get(name)
@@ -188,11 +188,12 @@ def load(name: str, *, force: bool = False) -> Status:
             st = _status[name] = _load(name, force)
     if not st.loaded and st.reason not in _warned:
         _warned.add(st.reason)
-        what = {"conv": "convolutions", "rnn": "LSTM/GRU loops"}[name]
+        what = {"conv": "convolutions", "dense": "dense layers' matrix products",
+                "rnn": "LSTM/GRU loops"}[name]
         warnings.warn(
             f"fdl: the native CPU kernels for {what} are unavailable ({st.reason}); "
             f"using XLA's, which are slower on CPU. Fix: {st.fix or 'see the reason'}. "
-            f"(fdl.kernels() shows what runs; fdl.config.update('conv_backend'/'rnn_backend', "
+            f"(fdl.kernels() shows what runs; fdl.config.update('<op>_backend', "
             f"'xla') chooses XLA without this warning.)", NativeKernelWarning, stacklevel=3)
     return st
 

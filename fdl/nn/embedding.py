@@ -8,6 +8,7 @@ import numpy as np
 
 from fdl.nn import initializers as inits
 from fdl.nn.core import Layer, ShapeError, check_positive_int
+from fdl.nn.matmul import matmul
 
 __all__ = ["embedding", "attend_embedding"]
 
@@ -83,6 +84,6 @@ def attend_embedding() -> Layer:
         if x.shape[-1] != table.shape[1]:
             raise ShapeError("attend_embedding",
                              f"expected input (..., {table.shape[1]}), got shape {x.shape}")
-        return x @ table.T.astype(x.dtype), state
+        return matmul(x, table.astype(x.dtype), transpose_w=True), state
 
     return Layer(init, apply, name="attend_embedding")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from fdl.nn import initializers as inits
 from fdl.nn.core import Layer, ShapeError, check_positive_int
+from fdl.nn.matmul import matmul
 
 __all__ = ["dense", "flatten"]
 
@@ -46,7 +47,7 @@ def dense(
             raise ShapeError(
                 "dense", f"expected input (..., {w.shape[0]}), got shape {tuple(x.shape)}"
             )
-        y = x @ w
+        y = matmul(x, w)
         if use_bias:
             y = y + params["b"]
         return y, state

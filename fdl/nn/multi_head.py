@@ -41,6 +41,7 @@ from fdl.nn.attention import (
     unpack_qkv,
 )
 from fdl.nn.core import Layer, ShapeError, check_positive_int
+from fdl.nn.matmul import matmul
 
 __all__ = [
     "multi_head_attention",
@@ -78,7 +79,7 @@ def heads_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array
 
 
 def _proj(p, x):
-    y = x @ p["w"]
+    y = matmul(x, p["w"])
     return y + p["b"] if "b" in p else y
 
 

@@ -77,7 +77,8 @@ WORKLOADS = [
             "masked positions per sequence (MLM head on the gathered positions), dropout 0, Adam "
             "lr 1e-3. PyTorch: `nn.TransformerEncoder`."
         ),
-        impls={"fdl": fdl_bert_step, "PyTorch eager": _torch(False),
+        impls={"fdl": fdl_bert_step, "fdl (xla)": common.xla_kernels(fdl_bert_step),
+               "PyTorch eager": _torch(False),
                "torch.compile": _torch(True)},
         flops=common.bert_flops(**common.BERT),
         flops_note="analytic matmul count, forward x 3",

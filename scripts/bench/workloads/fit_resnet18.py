@@ -50,10 +50,10 @@ def _setup():
 
 @contextlib.contextmanager
 def _xla_kernels():
-    """Trace with XLA's convolutions (the extension's kernels off)."""
+    """Trace with XLA's convolutions and dense products (the native kernels off)."""
     from fdl import config
 
-    with config.override(conv_backend="xla"):
+    with config.override(conv_backend="xla", dense_backend="xla"):
         yield
 
 
