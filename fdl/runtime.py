@@ -1,7 +1,7 @@
 """Process-level facts and tuning: which kernels run here, and the explicit allocator setting.
 
-- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM and the GRU: ``native`` (fdl's C++
-  kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
+- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM and the GRU: ``native``
+  (fdl's C++ kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
 - :func:`tune_allocator` -- glibc settings (and JAX's dispatch on the calling thread) that keep
   XLA's per-step temporaries resident. A process-wide, irreversible change, so fdl never makes
   it by itself (``import fdl`` changes nothing): applications call it for their own process

@@ -180,8 +180,8 @@ def _load(name: str, force: bool) -> Status:
 
 
 def load(name: str, *, force: bool = False) -> Status:
-    """Load native library ``name`` (``"conv"``, ``"dense"`` or ``"rnn"``) once per process (``force``:
-    rebuild it into the cache and reload); warn once if it is unavailable."""
+    """Load native library ``name`` (``"conv"``, ``"dense"`` or ``"rnn"``) once per process
+    (``force``: rebuild it into the cache and reload); warn once if it is unavailable."""
     with _lock:
         st = _status.get(name)
         if st is None or force:
