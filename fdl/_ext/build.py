@@ -69,7 +69,8 @@ LIBRARIES: dict[str, Library] = {
         "fdl_conv_bwd_data": "FdlConvBwdData",
         "fdl_conv_bwd_weights": "FdlConvBwdWeights",
     }),
-    "dense": Library("dense", "dense_onednn.cc", {"fdl_matmul": "FdlMatmul"}),
+    "dense": Library("dense", "dense_onednn.cc", {"fdl_matmul": "FdlMatmul",
+                                                  "fdl_heads_matmul": "FdlHeadsMatmul"}),
     "rnn": Library("rnn", "rnn_cpu.cc", {
         "fdl_lstm_fwd": "FdlLstmFwd",
         "fdl_lstm_bwd_dw": "FdlLstmBwdDw",

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fdl.nn import heads_matmul
 from fdl.nn import initializers as inits
 from fdl.nn.attention import (
     _dropout,
@@ -71,10 +72,10 @@ def heads_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array
     :func:`~fdl.nn.attention.dot_product_attention` without transposing to heads-first.
     """
     scale = jnp.asarray(1.0 / math.sqrt(qh.shape[-1]), qh.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", qh * scale, kh)
-    weights = _softmax_where(scores, mask)
+    s = heads_matmul.scores(qh * scale, kh)
+    weights = _softmax_where(s, mask)
     w = _dropout(weights, dropout_rate, key, train, name)
-    out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(vh.dtype), vh)
+    out = heads_matmul.apply_weights(w.astype(vh.dtype), vh)
     return out, weights
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fdl import config, nn
+from fdl.nn import heads_matmul as hm
 from fdl.nn import matmul as mm
 from fdl.testing import check_lowers_on_all_platforms
 
@@ -140,3 +141,73 @@ def test_sharded_jit_uses_xla_dot_and_equals_single_device():
     (l1, g1), (l2, g2) = step(ws, xs), jax.value_and_grad(loss)(w, x)
     _close(l1, l2)
     _close(g1, g2)
+
+
+# ----------------------------------------------------------------------------- heads products
+
+B, H, TQ, TK, D = 3, 4, 10, 12, 16
+
+
+def _xla_heads(kind):
+    return lambda a, b: jnp.einsum(hm._EINSUM[kind], a, b)
+
+
+@pytest.mark.parametrize("kind", [hm.SCORES, hm.APPLY, hm.APPLY_T])
+def test_heads_kinds_equal_einsum_with_gradients(kind):
+    shapes = {hm.SCORES: ((B, TQ, H, D), (B, TK, H, D)),
+              hm.APPLY: ((B, H, TQ, TK), (B, TK, H, D)),
+              hm.APPLY_T: ((B, H, TQ, TK), (B, TQ, H, D))}[kind]
+    a, b = _rand(shapes[0], 0), _rand(shapes[1], 1)
+    f = jax.jit(lambda a, b: hm._hm(kind, a, b))
+    assert "fdl_heads_matmul" in f.lower(a, b).as_text()
+    want = _xla_heads(kind)(a, b)
+    _close(f(a, b), want)
+    ct = _rand(want.shape, 2)
+    g = jax.grad(lambda a, b: jnp.vdot(hm._hm(kind, a, b), ct), (0, 1))(a, b)
+    r = jax.grad(lambda a, b: jnp.vdot(_xla_heads(kind)(a, b), ct), (0, 1))(a, b)
+    for x, y in zip(g, r, strict=True):
+        _close(x, y)
+
+
+def _attention(scores_fn, apply_fn):
+    def fn(q, k, v):
+        w = jax.nn.softmax(scores_fn(q, k), axis=-1)
+        return jnp.sum(jnp.tanh(apply_fn(w, v)) ** 2)
+
+    return fn
+
+
+def test_heads_attention_second_order_and_vmap_equal_xla():
+    q, k, v = _rand((B, TQ, H, D), 0), _rand((B, TK, H, D), 1), _rand((B, TK, H, D), 2)
+    dq = _rand(q.shape, 3)
+    nat = _attention(hm.scores, hm.apply_weights)
+    ref = _attention(_xla_heads(hm.SCORES), _xla_heads(hm.APPLY))
+    assert "fdl_heads_matmul" in jax.jit(jax.grad(nat)).lower(q, k, v).as_text()
+    for got, want in zip(jax.grad(nat, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v),
+                         strict=True):
+        _close(got, want)
+    hvp = jax.jvp(jax.grad(nat), (q, k, v), (dq, dq[:, :1].repeat(TK, 1) * 0, v * 0))[1]
+    want = jax.jvp(jax.grad(ref), (q, k, v), (dq, dq[:, :1].repeat(TK, 1) * 0, v * 0))[1]
+    _close(hvp, want)
+    qs = jnp.stack([q, q * 2])
+    _close(jax.vmap(nat, (0, None, None))(qs, k, v), jax.vmap(ref, (0, None, None))(qs, k, v))
+
+
+def test_heads_products_lower_for_gpu_and_tpu_and_fall_back():
+    q, k, v = _rand((B, TQ, H, D), 0), _rand((B, TK, H, D), 1), _rand((B, TK, H, D), 2)
+    texts = check_lowers_on_all_platforms(jax.grad(_attention(hm.scores, hm.apply_weights)),
+                                          q, k, v)
+    assert "fdl_heads_matmul" in texts["all"]
+    with config.override(dense_backend="xla"):
+        assert "fdl_heads" not in jax.jit(lambda q, k: hm.scores(q, k)).lower(q, k).as_text()
+    with jax.enable_x64(True):
+        q64 = q.astype(jnp.float64)
+        assert "fdl_heads" not in jax.jit(lambda q: hm.scores(q, q)).lower(q64).as_text()
+
+
+def test_self_attention_layer_uses_heads_products():
+    layer = nn.self_attention(H, H * D)
+    _, params, _ = layer.init(jax.random.key(0), (B, TQ, H * D))
+    x = _rand((B, TQ, H * D), 4)
+    assert "fdl_heads_matmul" in jax.jit(
+        lambda p, x: layer.apply(p, {}, x)[0][0]).lower(params, x).as_text()
