@@ -6,9 +6,8 @@ the two products of multi-head attention, with the heads left in place (no trans
 heads-first and back).
 
 Native lowering (CPU, float32, ``fdl.config.dense_backend`` not ``xla``, the native ``dense``
-library loaded): one oneDNN batched matmul over ``(B, H)`` on strided views of the operands.
-Measured alone (B 32, H 4, T 64, D 64; docs/performance.md): 0.26-0.32 ms per product
-against 0.65-1.03 ms for XLA:CPU's batched dot, which also needs the transposes. Everywhere
+library loaded): one oneDNN batched matmul over ``(B, H)`` on strided views of the operands
+(docs/performance.md compares it with XLA:CPU's batched dot and its transposes). Everywhere
 else -- other platforms, other dtypes, a sharded ``jit`` over several devices -- the same
 ``jnp.einsum`` as before.
 
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from fdl import config
+from fdl.nn.matmul import dense_library_enabled, native_or_xla_lowering
 
 __all__ = ["scores", "apply_weights"]
 
@@ -60,15 +59,6 @@ def _xla_impl(a, b, *, kind):
 def _native_impl(a, b, *, kind):
     out = jax.ShapeDtypeStruct(_out_shape(kind, a.shape, b.shape), jnp.float32)
     return jax.ffi.ffi_call("fdl_heads_matmul", out)(a, b, kind=kind)
-
-
-def _cpu_lowering(ctx, a, b, *, kind):
-    from jax._src import sharding_impls
-
-    axis_ctx = ctx.module_context.axis_context
-    sharded = isinstance(axis_ctx, sharding_impls.ShardingContext) and axis_ctx.num_devices > 1
-    fn = _xla_impl if sharded else _native_impl
-    return mlir.lower_fun(functools.partial(fn, kind=kind), multiple_results=False)(ctx, a, b)
 
 
 # scores S = Q K^T:      dQ = apply(dS, K)        dK = apply_T(dS, Q)
@@ -107,20 +97,17 @@ def _register() -> None:
     ad.defbilinear(_heads_p, _transpose_a, _transpose_b)
     batching.primitive_batchers[_heads_p] = _batch
     mlir.register_lowering(_heads_p, mlir.lower_fun(_xla_impl, multiple_results=False))
-    mlir.register_lowering(_heads_p, _cpu_lowering, platform="cpu")
+    mlir.register_lowering(_heads_p, native_or_xla_lowering(_native_impl, _xla_impl),
+                           platform="cpu")
 
 
 _register()
 
 
 def _use_native(a: jax.Array, b: jax.Array) -> bool:
-    if config.get("dense_backend") == "xla" or a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
         return False
-    if a.ndim != 4 or b.ndim != 4 or not a.size or not b.size:
-        return False
-    from fdl._ext import loader
-
-    return loader.load("dense").loaded
+    return a.ndim == b.ndim == 4 and bool(a.size) and bool(b.size) and dense_library_enabled()
 
 
 def scores(q: jax.Array, k: jax.Array) -> jax.Array:

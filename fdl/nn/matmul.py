@@ -7,8 +7,8 @@ Lowerings (measurements in ``docs/performance.md``):
 
 - native: oneDNN's ``sgemm`` called as an XLA FFI custom call from fdl's ``dense`` library
   (:mod:`fdl._ext`, built when fdl is installed), when lowering for the CPU, for float32
-  products of at least :data:`NATIVE_MIN_FLOPS`. On the machines measured it ran the BERT-sized
-  products about 1.5-2x faster than XLA:CPU's own dot.
+  products of at least :data:`NATIVE_MIN_FLOPS` (docs/performance.md has the comparison with
+  XLA:CPU's own dot).
 - ``xla``: ``lax.dot_general``. Used when lowering for any other platform (GPU/TPU), for other
   dtypes, small products, under a sharded ``jit`` over several devices (XLA partitions its dot
   itself), and whenever the native library is unavailable (with a one-time warning).
@@ -85,14 +85,20 @@ def _native_impl(a, b, *, ta, tb):
     return jax.ffi.ffi_call("fdl_matmul", out)(a, b, ta=int(ta), tb=int(tb))
 
 
-def _cpu_lowering(ctx, a, b, *, ta, tb):
-    from jax._src import sharding_impls
+def native_or_xla_lowering(native_impl, xla_impl):
+    """A CPU lowering rule ``(ctx, a, b, **params)``: ``native_impl`` (the custom call), or
+    ``xla_impl`` when the module is partitioned over several devices (XLA splits its own dots;
+    the custom call would be all-gathered)."""
+    def rule(ctx, a, b, **params):
+        from jax._src import sharding_impls
 
-    axis_ctx = ctx.module_context.axis_context
-    sharded = isinstance(axis_ctx, sharding_impls.ShardingContext) and axis_ctx.num_devices > 1
-    fn = _xla_impl if sharded else _native_impl
-    return mlir.lower_fun(functools.partial(fn, ta=ta, tb=tb), multiple_results=False)(
-        ctx, a, b)
+        axis_ctx = ctx.module_context.axis_context
+        sharded = (isinstance(axis_ctx, sharding_impls.ShardingContext)
+                   and axis_ctx.num_devices > 1)
+        fn = functools.partial(xla_impl if sharded else native_impl, **params)
+        return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b)
+
+    return rule
 
 
 # C = op(A) op(B). Cotangents (G = dC):
@@ -130,7 +136,8 @@ def _register() -> None:
     ad.defbilinear(_matmul_p, _transpose_a, _transpose_b)
     batching.primitive_batchers[_matmul_p] = _batch
     mlir.register_lowering(_matmul_p, mlir.lower_fun(_xla_impl, multiple_results=False))
-    mlir.register_lowering(_matmul_p, _cpu_lowering, platform="cpu")
+    mlir.register_lowering(_matmul_p, native_or_xla_lowering(_native_impl, _xla_impl),
+                           platform="cpu")
 
 
 _register()
@@ -139,19 +146,27 @@ _register()
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _use_native(x: jax.Array, w: jax.Array) -> bool:
+def dense_library_enabled() -> bool:
+    """Whether ``fdl.config.dense_backend`` allows the native ``dense`` library and it loads
+    (``native``: an unavailable library is an error). Read when a function is traced."""
     backend = config.get("dense_backend")
-    if backend == "xla" or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        return False
-    if math.prod(x.shape[:-1]) * w.shape[0] * w.shape[1] < NATIVE_MIN_FLOPS:
+    if backend == "xla":
         return False
     from fdl._ext import loader
 
     st = loader.load("dense")
     if not st.loaded and backend == "native":
-        raise RuntimeError(f"fdl.config.dense_backend is 'native' but the native matmul is "
-                           f"unavailable: {st.reason}. Fix: {st.fix}")
+        raise RuntimeError(f"fdl.config.dense_backend is 'native' but the native dense "
+                           f"products are unavailable: {st.reason}. Fix: {st.fix}")
     return st.loaded
+
+
+def _use_native(x: jax.Array, w: jax.Array) -> bool:
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return False
+    if math.prod(x.shape[:-1]) * w.shape[0] * w.shape[1] < NATIVE_MIN_FLOPS:
+        return False
+    return dense_library_enabled()
 
 
 def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Array:
