@@ -17,10 +17,15 @@
 // Everything else: oneDNN's default (for stride-1 backward-data that is itself a forward
 // brgconv kernel on the flipped weights, "brg_fwd").
 //
-// Serialisation: XLA's thunk executor runs independent custom calls concurrently (e.g.
-// backward-data and backward-weights of one layer); each oneDNN call already uses every core
-// through OpenMP, so concurrent calls would oversubscribe the cores (two OpenMP teams spinning
-// against each other). A process-wide mutex runs one convolution at a time.
+// Threads and serialisation (attribute `threads`):
+// - 0 (one device): XLA's thunk executor runs independent custom calls concurrently (e.g.
+//   backward-data and backward-weights of one layer); each oneDNN call already uses every core
+//   through OpenMP, so concurrent calls would oversubscribe the cores (two OpenMP teams spinning
+//   against each other). A process-wide mutex runs one convolution at a time.
+// - k > 0 (a shard of a sharded jit: the devices' shards run at the same time on their own
+//   threads): the call uses k OpenMP threads (this thread's omp_set_num_threads, restored
+//   after) and takes no lock, so the shards share the cores instead of queueing for all of them.
+//   Primitives are cached per thread count (oneDNN sizes its work split when it creates them).
 
 #include <cstdint>
 #include <cstdio>
@@ -36,6 +41,10 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+// From libgomp, which libdnnl links.
+extern "C" int omp_get_max_threads(void);
+extern "C" void omp_set_num_threads(int);
 
 // The build record (fdl/_ext/build.py): read from the file's bytes before it is ever loaded.
 #ifndef FDL_BUILD_INFO
@@ -59,8 +68,10 @@ enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Geom {
   int64_t n, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, g;
+  int64_t threads = 0;  // OpenMP threads the primitive was created for (0: the default)
   auto key() const {
-    return std::make_tuple(n, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, g);
+    return std::make_tuple(n, ih, iw, ic, oh, ow, oc, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, g,
+                           threads);
   }
 };
 
@@ -288,7 +299,8 @@ int64_t tail(const Dims& d, int i) {  // i in 0..3 of the last four dims
 
 ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-               int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups) {
+               int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t groups,
+               int64_t threads) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
   auto od = out->dimensions();
@@ -299,6 +311,7 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   Geom g{};
   g.sh = sh; g.sw = sw; g.pt = pt; g.pb = pb; g.pl = pl; g.pr = pr; g.dh = dh; g.dw = dw;
   g.g = groups;
+  g.threads = threads > 0 ? threads : 0;
   auto set_x = [&](auto& d) { g.n = tail(d, 0); g.ih = tail(d, 1); g.iw = tail(d, 2); g.ic = tail(d, 3); };
   auto set_y = [&](auto& d) { g.oh = tail(d, 1); g.ow = tail(d, 2); g.oc = tail(d, 3); };
   auto set_w = [&](auto& d) { g.kh = tail(d, 0); g.kw = tail(d, 1); };
@@ -319,7 +332,17 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   const float* bp = b.typed_data();
   float* op = out->typed_data();
   static std::mutex serial_mu;
-  std::lock_guard<std::mutex> serial(serial_mu);
+  std::unique_lock<std::mutex> serial(serial_mu, std::defer_lock);
+  struct OmpThreads {  // this thread's OpenMP team size for the call, restored on exit
+    int saved = -1;
+    ~OmpThreads() { if (saved > 0) omp_set_num_threads(saved); }
+  } omp;
+  if (g.threads > 0) {
+    omp.saved = omp_get_max_threads();
+    omp_set_num_threads(static_cast<int>(g.threads));
+  } else {
+    serial.lock();
+  }
   try {
     const int64_t nb = prod(lo);
     if (nb == 1) {
@@ -363,22 +386,26 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       .Attr<int64_t>("pt").Attr<int64_t>("pb")                                   \
       .Attr<int64_t>("pl").Attr<int64_t>("pr")                                   \
       .Attr<int64_t>("dh").Attr<int64_t>("dw")                                   \
-      .Attr<int64_t>("groups")
+      .Attr<int64_t>("groups")                                                   \
+      .Attr<int64_t>("threads")
 
 ffi::Error FwdImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                    ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
-  return run(kFwd, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
+                   int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g,
+                   int64_t threads) {
+  return run(kFwd, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g, threads);
 }
 ffi::Error BwdDataImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                        ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
-                       int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
-  return run(kBwdData, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
+                       int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g,
+                       int64_t threads) {
+  return run(kBwdData, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g, threads);
 }
 ffi::Error BwdWeightsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                           ffi::ResultBuffer<ffi::F32> o, int64_t sh, int64_t sw, int64_t pt,
-                          int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g) {
-  return run(kBwdWeights, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g);
+                          int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t g,
+                          int64_t threads) {
+  return run(kBwdWeights, a, b, o, sh, sw, pt, pb, pl, pr, dh, dw, g, threads);
 }
 
 }  // namespace

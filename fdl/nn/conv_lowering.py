@@ -122,9 +122,28 @@ def _xla_impl(a, b, *, kind, geom, hw):
     return jax.linear_transpose(lambda w: conv(a, w), out)(b)[0]
 
 
-def _native_impl(a, b, *, kind, geom, hw):
+def _native_impl(a, b, *, kind, geom, hw, threads: int = 0):
+    """The custom call. ``threads``: 0 runs it on every core, one convolution at a time in the
+    process; ``k > 0`` on ``k`` OpenMP threads alongside other calls (one device's shard of a
+    sharded ``jit``, see :func:`_shard_threads`)."""
     out = jax.ShapeDtypeStruct(_out_shape(kind, a.shape, b.shape, geom, hw), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS[kind], out)(a, b, **_attrs(geom))
+    return jax.ffi.ffi_call(_TARGETS[kind], out)(a, b, **_attrs(geom), threads=threads)
+
+
+def _shard_threads(mesh) -> int:
+    """OpenMP threads for one device's shard: the process's cores split between its devices in
+    ``mesh`` (which run their shards at the same time), or 0 (every core, the single-device
+    setting) when there is one such device."""
+    import os
+
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if local <= 1:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // local)
 
 
 def _batch_spec(sharding) -> object:
@@ -143,20 +162,25 @@ def _partitioned(kind: str, geom: _Geom, hw) -> custom_partitioning:
 
     fn = custom_partitioning(impl)
 
+    def shard_impl(mesh):
+        threads = _shard_threads(mesh)
+        return lambda a, b: _native_impl(a, b, kind=kind, geom=geom, hw=hw, threads=threads)
+
     def infer(mesh, arg_shapes, result_shape):
         axes = _batch_spec(arg_shapes[0].sharding)
         return NamedSharding(mesh, P() if kind == "bwd_weights" else P(axes))
 
     def partition(mesh, arg_shapes, result_shape):
         axes = _batch_spec(arg_shapes[0].sharding)
+        local = shard_impl(mesh)
         if kind == "bwd_weights":
             def summed(a, b):
-                out = impl(a, b)
+                out = local(a, b)
                 return out if axes is None else lax.psum(out, axes)
 
             shard = NamedSharding(mesh, P(axes))
             return mesh, summed, NamedSharding(mesh, P()), (shard, shard)
-        return (mesh, impl, NamedSharding(mesh, P(axes)),
+        return (mesh, local, NamedSharding(mesh, P(axes)),
                 (NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())))
 
     rule = {"fwd": "b h w c, k l i o -> b p q o", "bwd_data": "b p q o, k l i o -> b h w c",

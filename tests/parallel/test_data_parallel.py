@@ -1,6 +1,8 @@
 """Sharded-jit and pmap data-parallel steps equal the single-device step on the global batch
 (8 simulated CPU devices), with and without BatchNorm."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +154,10 @@ def test_sharded_step_partitions_convolutions(devices_ok):
                if " convolution(" in line or "fdl_conv_fwd" in line]
     assert batched and all(f"f32[{16 // N_DEV}," in c for c in batched
                            if "custom-call(" in c or " convolution(" in c)
+    # the devices' shards run at the same time: each call gets its share of the cores, unlocked
+    threads = max(1, len(os.sched_getaffinity(0)) // N_DEV)
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="fdl_conv' in line]
+    assert all(f"threads = {threads} : i64" in c for c in calls), calls
     ev = make_sharded_eval_step(model, mesh=mesh)
     assert "all-gather" not in ev.lower(params, state, sb).compile().as_text()
     p1, s1, m1 = _single(model, params, state, opt, _data())
@@ -159,6 +165,18 @@ def test_sharded_step_partitions_convolutions(devices_ok):
     for i in range(2):
         p, s, o, m = step(p, s, o, sb, jax.random.key(i))
     _close((p, s, m), (p1, s1, m1), rtol=2e-4, atol=2e-5)
+
+
+def test_shard_threads_split_the_cores(devices_ok):
+    """One device: 0 (every core, calls serialised); k devices of this process: cores // k,
+    at least 1."""
+    from fdl.nn.conv_lowering import _shard_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert _shard_threads(jax.sharding.Mesh(jax.devices()[:1], ("data",))) == 0
+    for k in (2, N_DEV):
+        mesh = jax.sharding.Mesh(jax.devices()[:k], ("data",))
+        assert _shard_threads(mesh) == max(1, cores // k)
 
 
 @pytest.mark.parametrize("backend", ["auto", "xla"])
