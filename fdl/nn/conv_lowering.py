@@ -29,6 +29,7 @@ is traced; ``fdl.kernels()`` reports what ``auto`` gives on this machine.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -134,8 +135,6 @@ def _shard_threads(mesh) -> int:
     """OpenMP threads for one device's shard: the process's cores split between its devices in
     ``mesh`` (which run their shards at the same time), or 0 (every core, the single-device
     setting) when there is one such device."""
-    import os
-
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     if local <= 1:
         return 0
@@ -162,17 +161,14 @@ def _partitioned(kind: str, geom: _Geom, hw) -> custom_partitioning:
 
     fn = custom_partitioning(impl)
 
-    def shard_impl(mesh):
-        threads = _shard_threads(mesh)
-        return lambda a, b: _native_impl(a, b, kind=kind, geom=geom, hw=hw, threads=threads)
-
     def infer(mesh, arg_shapes, result_shape):
         axes = _batch_spec(arg_shapes[0].sharding)
         return NamedSharding(mesh, P() if kind == "bwd_weights" else P(axes))
 
     def partition(mesh, arg_shapes, result_shape):
         axes = _batch_spec(arg_shapes[0].sharding)
-        local = shard_impl(mesh)
+        local = functools.partial(_native_impl, kind=kind, geom=geom, hw=hw,
+                                  threads=_shard_threads(mesh))
         if kind == "bwd_weights":
             def summed(a, b):
                 out = local(a, b)
