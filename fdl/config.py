@@ -23,6 +23,9 @@ Options (``OPTIONS`` has the same as data):
 - ``dense_backend`` (``FDL_DENSE_BACKEND``): the float32 matrix products of dense layers
   (``fdl.nn.matmul``: forward and both gradients), oneDNN's sgemm on CPU; same values.
 - ``rnn_backend`` (``FDL_RNN_BACKEND``): the LSTM/GRU time loops, same values.
+- ``optim_backend`` (``FDL_OPTIM_BACKEND``): the fused optimizer steps
+  (``fdl.optim.apply_gradients`` of ``adam``, ``adamw``, ``sgd`` with momentum), one native
+  pass over all float32 leaves on CPU; same values.
 - ``native_build`` (``FDL_NATIVE_BUILD``): ``auto`` -- when the installed native libraries are
   missing or stale, build them on first use into ``native_cache`` (once, under a file lock);
   ``never`` -- only load valid libraries that exist (else XLA).
@@ -95,6 +98,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("rnn_backend", "FDL_RNN_BACKEND", "auto", _BACKENDS,
            "LSTM/GRU time loops: native C++ loop on CPU when available (auto), required "
            "(native), or XLA's lax.scan"),
+    Option("optim_backend", "FDL_OPTIM_BACKEND", "auto", _BACKENDS,
+           "fused optimizer steps (adam, adamw, sgd with momentum): a native one-pass loop on "
+           "CPU when available (auto), required (native), or XLA"),
     Option("native_build", "FDL_NATIVE_BUILD", "auto", ("auto", "never"),
            "build missing/stale native libraries on first use (auto) or never"),
     Option("native_cache", "FDL_NATIVE_CACHE", _default_cache, None,

@@ -1,6 +1,7 @@
 """Process-level facts and tuning: which kernels run here, and the explicit allocator setting.
 
-- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM and the GRU: ``native``
+- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM, the GRU and the fused
+  optimizer steps: ``native``
   (fdl's C++ kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
 - :func:`tune_allocator` -- glibc settings (and JAX's dispatch on the calling thread) that keep
   XLA's per-step temporaries resident. A process-wide, irreversible change, so fdl never makes
@@ -21,8 +22,8 @@ __all__ = ["Kernel", "kernels", "kernels_table", "tune_allocator"]
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """What computes ``op`` (``conv``, ``dense``, ``lstm``, ``gru``) in this process: ``backend`` is
-    ``"native"`` or ``"xla"``; ``why`` says why (or which library and oneDNN)."""
+    """What computes ``op`` (``conv``, ``dense``, ``lstm``, ``gru``, ``optim``) in this process:
+    ``backend`` is ``"native"`` or ``"xla"``; ``why`` says why (or which library and oneDNN)."""
 
     op: str
     backend: str
@@ -33,11 +34,13 @@ class Kernel:
 
 
 _OPS = {"conv": ("conv_backend", "conv"), "dense": ("dense_backend", "dense"),
-        "lstm": ("rnn_backend", "rnn"), "gru": ("rnn_backend", "rnn")}
+        "lstm": ("rnn_backend", "rnn"), "gru": ("rnn_backend", "rnn"),
+        "optim": ("optim_backend", "optim")}
 
 
 def kernels() -> dict[str, Kernel]:
-    """``{"conv": Kernel, "dense": Kernel, "lstm": Kernel, "gru": Kernel}`` for float32 on the
+    """``{"conv": Kernel, "dense": Kernel, "lstm": Kernel, "gru": Kernel, "optim": Kernel}``
+    for float32 on the
     default JAX platform (other dtypes always use XLA). Loads (and if needed builds) the native
     libraries, as the first convolution, dense or recurrent layer would."""
     import jax

@@ -1,8 +1,9 @@
 """Compile fdl's native CPU kernels (XLA FFI handlers linked to oneDNN 3 from pip).
 
-Three libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions),
-``dense`` (``dense_onednn.cc``: the matrix products of dense layers, oneDNN's sgemm) and ``rnn``
-(``rnn_cpu.cc``: the LSTM/GRU time loops). ``pip install`` builds them (``setup.py``
+Four libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions),
+``dense`` (``dense_onednn.cc``: the matrix products of dense layers, oneDNN's sgemm), ``rnn``
+(``rnn_cpu.cc``: the LSTM/GRU time loops) and ``optim`` (``optim_cpu.cc``: fused optimizer
+steps, OpenMP only). ``pip install`` builds them (``setup.py``
 calls :func:`compile_library` from its ``build_ext``); :mod:`fdl._ext.loader` loads them, or
 builds them on first use into a cache when the installed copy is missing or stale (a source
 checkout on ``PYTHONPATH``, a failed install-time build, a changed compiler or oneDNN).
@@ -57,6 +58,7 @@ class Library:
     name: str
     source: str
     targets: dict[str, str]
+    flags: tuple[str, ...] = ()
 
     @property
     def source_path(self) -> Path:
@@ -77,6 +79,11 @@ LIBRARIES: dict[str, Library] = {
         "fdl_gru_fwd": "FdlGruFwd",
         "fdl_gru_bwd_dw": "FdlGruBwdDw",
     }),
+    "optim": Library("optim", "optim_cpu.cc", {"fdl_adam_step": "FdlAdamStep",
+                                               "fdl_momentum_step": "FdlMomentumStep"},
+                     # FMA contraction as XLA:CPU's loops (the same values bit for bit where
+                     # the CPU has FMA), sqrt without errno (vectorised)
+                     flags=("-fopenmp", "-ffp-contract=fast", "-fno-math-errno")),
 }
 
 
@@ -247,7 +254,7 @@ def compile_library(lib: Library, out: Path, *, rpaths: tuple[str, ...] | None =
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     libdir = onednn.library.parent  # type: ignore[union-attr]
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", *lib.flags,
            f"-DFDL_BUILD_INFO=\"{_encode(record)}\"",
            f"-I{ffi_dir}", f"-I{onednn.include}", str(lib.source_path), "-o", tmp,
            str(onednn.library)]

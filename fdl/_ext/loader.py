@@ -189,7 +189,7 @@ def load(name: str, *, force: bool = False) -> Status:
     if not st.loaded and st.reason not in _warned:
         _warned.add(st.reason)
         what = {"conv": "convolutions", "dense": "dense layers' matrix products",
-                "rnn": "LSTM/GRU loops"}[name]
+                "rnn": "LSTM/GRU loops", "optim": "fused optimizer steps"}[name]
         warnings.warn(
             f"fdl: the native CPU kernels for {what} are unavailable ({st.reason}); "
             f"using XLA's, which are slower on CPU. Fix: {st.fix or 'see the reason'}. "

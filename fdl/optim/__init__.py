@@ -4,11 +4,14 @@
 ``updates, state = opt.update(grads, state, params)``;
 ``params = fdl.optim.apply_updates(params, updates)``;
 ``fdl.optim.current_lr(state)`` reads the learning rate last applied.
+``params, state = fdl.optim.apply_gradients(opt, grads, state, params)`` does both in one
+step, fused into one pass over the leaves for ``adam``, ``adamw`` and ``sgd`` with momentum.
 
 Modules (one concern each): ``base`` (protocol, ``chain``), ``scaling``, ``momentum``,
 ``adaptive``, ``clipping``, ``masking`` (masks, freezing, per-path factors, weight decay),
 ``wrappers`` (accumulation, non-finite skipping), ``inject`` (hyperparameters in the state),
-``averaging`` (EMA of the params), ``loss_scale`` (float16), ``schedules``, ``aliases``.
+``averaging`` (EMA of the params), ``loss_scale`` (float16), ``schedules``, ``aliases``,
+``fused`` (one-pass steps).
 """
 
 from fdl.optim.aliases import adadelta, adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd
@@ -24,6 +27,7 @@ from fdl.optim.base import (
     current_lr,
     identity,
 )
+from fdl.optim.fused import apply_gradients
 from fdl.optim.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from fdl.optim.momentum import DampedTraceState
 from fdl.optim.schedules import (
@@ -74,7 +78,8 @@ from fdl.optim.transforms import (
 
 __all__ = [
     # base
-    "GradientTransformation", "EmptyState", "MaskedNode", "Schedule", "apply_updates", "chain",
+    "GradientTransformation", "EmptyState", "MaskedNode", "Schedule", "apply_updates",
+    "apply_gradients", "chain",
     "identity", "check_same_structure", "current_lr",
     # aliases
     "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw",

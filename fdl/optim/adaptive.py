@@ -24,6 +24,9 @@ __all__ = [
     "scale_by_rms",
     "scale_by_adagrad",
     "scale_by_adadelta",
+    "bias_corrections",
+    "adam_moments",
+    "adam_direction",
 ]
 
 
@@ -39,6 +42,28 @@ class ScaleByAdamState(NamedTuple):
 def _check_betas(where: str, **betas) -> None:
     for name, b in betas.items():
         check_range(name, b, 0.0, 1.0, hi_open=True, where=where)
+
+
+def bias_corrections(count, b1, b2) -> tuple[jax.Array, jax.Array]:
+    """Adam's ``(1 / (1 - b1^t), 1 / sqrt(1 - b2^t))`` at step ``t = count`` (default float)."""
+    t = count.astype(float)
+    bc1 = 1.0 - jnp.asarray(b1, float) ** t
+    bc2 = 1.0 - jnp.asarray(b2, float) ** t
+    return 1.0 / bc1, 1.0 / jnp.sqrt(bc2)
+
+
+def adam_moments(g, m, v, b1, b2):
+    """The new moments ``(b1 m + (1 - b1) g, b2 v + (1 - b2) g^2)``, as PyTorch computes them
+    (the first as a lerp)."""
+    dt = g.dtype
+    m = m + (1 - hyper(b1, dt)) * (g - m)
+    v = hyper(b2, dt) * v + (1 - hyper(b2, dt)) * (g * g)
+    return m, v
+
+
+def adam_direction(m, v, inv_bc1, inv_sqrt_bc2, eps):
+    """Adam's update direction ``(m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+    return (m * inv_bc1) / (jnp.sqrt(v) * inv_sqrt_bc2 + hyper(eps, m.dtype))
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
@@ -65,22 +90,16 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         del params
         check_same_structure(grads, state.mu, "grads", "optimizer state")
         count = safe_increment(state.count)
-        t = count.astype(float)
-        bc1 = 1.0 - jnp.asarray(b1, float) ** t
-        bc2 = 1.0 - jnp.asarray(b2, float) ** t
-        inv_bc1 = 1.0 / bc1
-        inv_sqrt_bc2 = 1.0 / jnp.sqrt(bc2)
+        inv_bc1, inv_sqrt_bc2 = bias_corrections(count, b1, b2)
 
         def leaf(g, m, v, vmax=None):
             dt = g.dtype
-            m = m + (1 - hyper(b1, dt)) * (g - m)  # = b1 m + (1 - b1) g, as PyTorch's lerp
-            v = hyper(b2, dt) * v + (1 - hyper(b2, dt)) * (g * g)
+            m, v = adam_moments(g, m, v, b1, b2)
             vv = v
             if vmax is not None:
                 vmax = jnp.maximum(vmax, v)
                 vv = vmax
-            u = (m * inv_bc1.astype(dt)) / (jnp.sqrt(vv) * inv_sqrt_bc2.astype(dt)
-                                            + hyper(eps, dt))
+            u = adam_direction(m, vv, inv_bc1.astype(dt), inv_sqrt_bc2.astype(dt), eps)
             return (u, m, v, vmax) if vmax is not None else (u, m, v)
 
         if amsgrad:

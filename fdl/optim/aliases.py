@@ -1,5 +1,9 @@
 """One-line optimizers built from the building blocks (:mod:`fdl.optim.transforms`).
 
+``adam``, ``adamw`` and ``sgd`` with momentum also carry a fused ``step`` (one pass per
+element; :mod:`fdl.optim.fused`), which :func:`fdl.optim.apply_gradients` and
+``fdl.train.make_train_step`` use.
+
 Defaults and arithmetic follow ``torch.optim`` (tested to 1e-6 over 100 steps in float64);
 each docstring gives the update and names where other conventions differ. ``lr`` may be a
 number or a schedule ``step -> value``; :func:`fdl.optim.current_lr` reads the rate last
@@ -12,6 +16,7 @@ from typing import Any
 
 from fdl.optim.adaptive import scale_by_adadelta, scale_by_adagrad, scale_by_adam, scale_by_rms
 from fdl.optim.base import GradientTransformation, Schedule, chain, check_lr, check_range
+from fdl.optim.fused import adam_step, momentum_step
 from fdl.optim.masking import add_decayed_weights
 from fdl.optim.momentum import trace
 from fdl.optim.scaling import scale_by_learning_rate
@@ -19,6 +24,15 @@ from fdl.optim.scaling import scale_by_learning_rate
 __all__ = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"]
 
 LR = float | Schedule
+
+
+def _numbers(*values) -> bool:
+    """Whether every value is a Python number (a fused step needs static hyperparameters)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _lr_fusable(lr) -> bool:
+    return callable(lr) or _numbers(lr)
 
 
 def _wd(weight_decay, where):
@@ -72,7 +86,11 @@ def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
         parts.append(scale_by_learning_rate(lr))
         if use_mom:
             parts.append(trace(momentum, nesterov))
-    return chain(*parts)
+    opt = chain(*parts)
+    if (momentum_form == "pytorch" and use_mom and not damped and _lr_fusable(lr)
+            and _numbers(momentum, weight_decay)):
+        opt = opt._replace(step=momentum_step(lr, momentum, weight_decay, nesterov))
+    return opt
 
 
 def momentum(lr: LR, momentum: float = 0.9, weight_decay: float = 0.0, *,
@@ -156,8 +174,11 @@ def adam(lr: LR = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     """
     where = "adam"
     check_lr(lr, where)
-    return chain(_wd(weight_decay, where), scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-                 scale_by_learning_rate(lr))
+    opt = chain(_wd(weight_decay, where), scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+                scale_by_learning_rate(lr))
+    if not amsgrad and _lr_fusable(lr) and _numbers(b1, b2, eps, weight_decay):
+        opt = opt._replace(step=adam_step(lr, b1, b2, eps, weight_decay, decoupled=False))
+    return opt
 
 
 def adamw(lr: LR = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -176,5 +197,9 @@ def adamw(lr: LR = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     where = "adamw"
     check_lr(lr, where)
     check_range("weight_decay", weight_decay, 0.0, where=where)
-    return chain(scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-                 add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))
+    opt = chain(scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+                add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))
+    if (not amsgrad and mask is None and _lr_fusable(lr)
+            and _numbers(b1, b2, eps, weight_decay)):
+        opt = opt._replace(step=adam_step(lr, b1, b2, eps, weight_decay, decoupled=True))
+    return opt

@@ -41,10 +41,17 @@ Schedule = Callable[[Any], Any]
 
 
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``."""
+    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``.
+
+    ``step(grads, state, params) -> (params, state)``, when not ``None``, is a fused form of
+    ``update`` followed by :func:`apply_updates` with the same results (see
+    :mod:`fdl.optim.fused`); :func:`fdl.optim.apply_gradients` uses it. Transformations built
+    around this one (``chain``, wrappers) do not inherit it.
+    """
 
     init: Callable[[Params], OptState]
     update: Callable[..., tuple[Updates, OptState]]
+    step: Callable[..., tuple[Params, OptState]] | None = None
 
 
 class EmptyState(NamedTuple):

@@ -181,7 +181,7 @@ def make_train_step(
     apply = apply_fn(model)
     objective = make_objective(loss, metrics=metrics, top_k=top_k)
 
-    from fdl.optim import apply_updates
+    from fdl.optim import apply_gradients
 
     def train_step(params, state, opt_state, batch, key):
         scale = _loss_scale(opt_state)
@@ -207,8 +207,7 @@ def make_train_step(
                 lambda s: lax.pmean(s, axis_name)
                 if jnp.issubdtype(s.dtype, jnp.floating) else s, new_state
             )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = apply_updates(params, updates)
+        params, opt_state = apply_gradients(optimizer, grads, opt_state, params)
         return params, new_state, opt_state, m
 
     if not jit:

@@ -126,20 +126,24 @@ def fdl_classifier_step(net, params, state, opt, x, y) -> Callable[[], Any]:
     return step
 
 
+_XLA = {"conv_backend": "xla", "dense_backend": "xla", "rnn_backend": "xla",
+        "optim_backend": "xla"}
+
+
 def xla_kernels(builder: Callable[[], Callable[[], Any]]) -> Callable[[], Callable[[], Any]]:
     """The ``fdl (xla)`` row of a workload: ``builder``'s step traced with XLA's kernels
-    (``fdl.config`` conv/dense/rnn backends ``xla``), i.e. what an install without the native
+    (``fdl.config`` conv/dense/rnn/optim backends ``xla``), i.e. what an install without the native
     kernels runs. The step is traced on its first call, so every call runs under the override
     (a context-variable set, negligible next to a step)."""
 
     def build():
         from fdl import config
 
-        with config.override(conv_backend="xla", dense_backend="xla", rnn_backend="xla"):
+        with config.override(**_XLA):
             step = builder()
 
         def step_xla():
-            with config.override(conv_backend="xla", dense_backend="xla", rnn_backend="xla"):
+            with config.override(**_XLA):
                 return step()
 
         return step_xla

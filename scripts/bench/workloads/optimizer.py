@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from scripts.bench import common
 from scripts.bench.api import Workload
 
 
@@ -63,7 +64,7 @@ N_LEAVES = len(resnet50_shapes())
 def _opt_builder(make_opt, lib: str):
     def build():
         if lib == "fdl":
-            from fdl.optim import apply_updates
+            from fdl.optim import apply_gradients
         else:
             import optax
 
@@ -75,6 +76,8 @@ def _opt_builder(make_opt, lib: str):
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
         def step(params, state, grads):
+            if lib == "fdl":  # the step make_train_step takes (fused where the optimizer is)
+                return apply_gradients(opt, grads, state, params)
             updates, state = opt.update(grads, state, params)
             return apply_updates(params, updates), state
 
@@ -114,18 +117,24 @@ def _copy_builder(n_state: int):
 
 
 def _workload(title: str, fdl_opt, optax_opt, n_state: int, desc: str) -> Workload:
-    traffic = (2 + n_state) + (1 + n_state)  # arrays read + arrays written
+    traffic = (2 + n_state) + (1 + n_state)  # arrays read + arrays written, once each
     return Workload(
         name=f"optimizer update: {title} (25M params)",
         description=(
-            f"{desc}. Jitted `update` + `apply_updates` on {N_PARAMS / 1e6:.1f} M float32 "
+            f"{desc}. One jitted optimizer step on {N_PARAMS / 1e6:.1f} M float32 "
             f"parameters in {N_LEAVES} leaves shaped like ResNet-50's; params and optimizer "
-            "state donated. Memory traffic per step: "
-            f"{traffic} x params x 4 bytes (read params, grads, {n_state} state tree(s); "
-            "write params and state). `x + y copy` moves the same bytes with plain additions "
-            "(the floor, not a reference); `x fastest` of the fdl row is fdl/optax."),
+            "state donated. fdl: `fdl.optim.apply_gradients` (the step `make_train_step` "
+            "takes: the optimizer's fused one-pass step); `fdl (xla)`: the same with "
+            "`fdl.config.optim_backend = 'xla'` (the arithmetic of `update` + `apply_updates` "
+            "in XLA); optax: `update` + `optax.apply_updates`. The least memory traffic per "
+            f"step, the GB/s column's bytes: {traffic} x params x 4 bytes (read params, grads, "
+            f"{n_state} state tree(s) once; write params and state once). XLA's elementwise "
+            "loops do not share reads between outputs: `x + y copy` (params + grads and each "
+            "state tree + grads, one loop per output) reads the grads once per output; "
+            "`x fastest` of the fdl rows is against optax."),
         impls={
             "fdl": _opt_builder(fdl_opt, "fdl"),
+            "fdl (xla)": common.xla_kernels(_opt_builder(fdl_opt, "fdl")),
             "optax": _opt_builder(optax_opt, "optax"),
             "bound: x + y copy": _copy_builder(n_state),
         },
