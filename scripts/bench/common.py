@@ -99,7 +99,8 @@ def rnn_flops(kind: str, batch: int, steps: int, vocab: int, hidden: int) -> flo
 
 def fdl_classifier_step(net, params, state, opt, x, y) -> Callable[[], Any]:
     """A jitted (donated) fdl training step on a fixed batch: forward with ``train=True``,
-    softmax cross-entropy, ``value_and_grad``, optimizer update. Returns the blocking
+    softmax cross-entropy, ``value_and_grad``, optimizer step (``fdl.optim.apply_gradients``,
+    as ``make_train_step``: fused where the optimizer has a fused step). Returns the blocking
     zero-argument ``step`` the harness wants."""
     import jax
 
@@ -113,8 +114,8 @@ def fdl_classifier_step(net, params, state, opt, x, y) -> Callable[[], Any]:
             return fnn.losses.softmax_cross_entropy(logits, y), new_state
 
         (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), new_state, opt_state, loss
+        params, opt_state = optim.apply_gradients(opt, grads, opt_state, params)
+        return params, new_state, opt_state, loss
 
     carry = [params, state, opt.init(params)]
 

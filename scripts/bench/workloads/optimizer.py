@@ -1,11 +1,13 @@
 """Optimizer update benchmarks: fdl.optim against optax on a ResNet-50-shaped parameter tree.
 
-One step = the jitted ``update`` + ``apply_updates`` on ~25.6 M float32 parameters in 161
-leaves (ResNet-50's conv kernels, BatchNorm scales/offsets and the classifier), params and
-optimizer state donated, gradients fixed. The update is memory-bound: ``bytes`` is the memory
-traffic it must move (read params, grads, each state tree; write params and state), so the
-``GB/s`` column is comparable across rows. The ``x + y copy`` row moves exactly the same bytes
-with plain additions (same trees read, same trees written): the physical floor.
+One step = one jitted optimizer step on ~25.6 M float32 parameters in 161 leaves (ResNet-50's
+conv kernels, BatchNorm scales/offsets and the classifier), params and optimizer state donated,
+gradients fixed: ``fdl.optim.apply_gradients`` for fdl (the fused step where the optimizer has
+one, as ``make_train_step``), ``update`` + ``apply_updates`` for optax. The step is
+memory-bound: ``bytes`` is the least memory traffic it must move (read params, grads, each state
+tree once; write params and state once), so the ``GB/s`` column is comparable across rows.
+The ``x + y copy`` row adds the grads into params and into each state tree with XLA: what XLA's
+one-output loops cost for these trees (they read the grads once per output tree).
 
 Run alone: ``python -m scripts.bench.workloads.optimizer`` prints fdl/optax ratios.
 """
