@@ -46,8 +46,8 @@ def fdl_bert_step(scan_layers: bool = False):
             return pretraining_loss(out, mlm_y, weights, nsp_y)[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), opt_state, loss
+        params, opt_state = optim.apply_gradients(opt, grads, opt_state, params)
+        return params, opt_state, loss
 
     carry = [params, opt.init(params)]
 
