@@ -30,7 +30,7 @@ from pathlib import Path
 from fdl import config
 from fdl._ext import build
 
-__all__ = ["NativeKernelWarning", "Status", "load", "library", "status"]
+__all__ = ["NativeKernelWarning", "Status", "enabled", "load", "library", "status"]
 
 
 class NativeKernelWarning(RuntimeWarning):
@@ -50,6 +50,8 @@ class Status:
     fix: str = ""
 
 
+_WHAT = {"conv": "convolutions", "dense": "dense layers' matrix products",
+         "rnn": "LSTM/GRU loops", "optim": "fused optimizer steps"}
 _lock = threading.Lock()
 _status: dict[str, Status] = {}
 _dlls: dict[str, ctypes.CDLL] = {}
@@ -188,14 +190,27 @@ def load(name: str, *, force: bool = False) -> Status:
             st = _status[name] = _load(name, force)
     if not st.loaded and st.reason not in _warned:
         _warned.add(st.reason)
-        what = {"conv": "convolutions", "dense": "dense layers' matrix products",
-                "rnn": "LSTM/GRU loops", "optim": "fused optimizer steps"}[name]
+        what = _WHAT[name]
         warnings.warn(
             f"fdl: the native CPU kernels for {what} are unavailable ({st.reason}); "
             f"using XLA's, which are slower on CPU. Fix: {st.fix or 'see the reason'}. "
             f"(fdl.kernels() shows what runs; fdl.config.update('<op>_backend', "
             f"'xla') chooses XLA without this warning.)", NativeKernelWarning, stacklevel=3)
     return st
+
+
+def enabled(name: str, option: str) -> bool:
+    """Whether ``fdl.config.<option>`` (``auto``/``native``/``xla``) allows native library
+    ``name`` and it loads; with ``native`` an unavailable library is an error. Read when a
+    function is traced."""
+    backend = config.get(option)
+    if backend == "xla":
+        return False
+    st = load(name)
+    if not st.loaded and backend == "native":
+        raise RuntimeError(f"fdl.config.{option} is 'native' but the native {_WHAT[name]} are "
+                           f"unavailable: {st.reason}. Fix: {st.fix}")
+    return st.loaded
 
 
 def status(name: str) -> Status | None:

@@ -279,16 +279,11 @@ def _exact_geometry(x: jax.Array, kh: int, kw: int, geom: _Geom) -> _Geom:
 
 
 def _use_native(x: jax.Array, w: jax.Array, geom: _Geom) -> bool:
-    backend = config.get("conv_backend")
-    if backend == "xla" or _native_eligible(x, w, geom):
+    if config.get("conv_backend") == "xla" or _native_eligible(x, w, geom):
         return False
     from fdl._ext import loader
 
-    st = loader.load("conv")
-    if not st.loaded and backend == "native":
-        raise RuntimeError(f"fdl.config.conv_backend is 'native' but the native convolution is "
-                           f"unavailable: {st.reason}. Fix: {st.fix}")
-    return st.loaded
+    return loader.enabled("conv", "conv_backend")
 
 
 def conv2d_nhwc(

@@ -35,8 +35,6 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from fdl import config
-
 __all__ = ["matmul", "native_available", "NATIVE_MIN_FLOPS"]
 
 #: products smaller than this many multiply-adds (M*N*K) stay on XLA's dot, which fuses them
@@ -149,16 +147,9 @@ _register()
 def dense_library_enabled() -> bool:
     """Whether ``fdl.config.dense_backend`` allows the native ``dense`` library and it loads
     (``native``: an unavailable library is an error). Read when a function is traced."""
-    backend = config.get("dense_backend")
-    if backend == "xla":
-        return False
     from fdl._ext import loader
 
-    st = loader.load("dense")
-    if not st.loaded and backend == "native":
-        raise RuntimeError(f"fdl.config.dense_backend is 'native' but the native dense "
-                           f"products are unavailable: {st.reason}. Fix: {st.fix}")
-    return st.loaded
+    return loader.enabled("dense", "dense_backend")
 
 
 def _use_native(x: jax.Array, w: jax.Array) -> bool:

@@ -31,7 +31,6 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from fdl import config
 from fdl.optim.adaptive import ScaleByAdamState, adam_direction, adam_moments, bias_corrections
 from fdl.optim.base import (
     GradientTransformation,
@@ -62,16 +61,9 @@ def apply_gradients(optimizer: GradientTransformation, grads: Any, opt_state: An
 def native_available() -> bool:
     """Whether ``fdl.config.optim_backend`` allows the native step and its library loads
     (``native``: an unavailable library is an error). Read when a step is traced."""
-    backend = config.get("optim_backend")
-    if backend == "xla":
-        return False
     from fdl._ext import loader
 
-    st = loader.load("optim")
-    if not st.loaded and backend == "native":
-        raise RuntimeError(f"fdl.config.optim_backend is 'native' but the native optimizer "
-                           f"steps are unavailable: {st.reason}. Fix: {st.fix}")
-    return st.loaded
+    return loader.enabled("optim", "optim_backend")
 
 
 # ----------------------------------------------------------------------------- the arithmetic

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fdl import config
-
 __all__ = ["gru_native_backward", "gru_native_forward", "lstm_native_backward",
            "lstm_native_forward", "use_native"]
 
@@ -23,16 +21,11 @@ def use_native(kind: str, dtype) -> bool:
     ``fdl.config.rnn_backend`` (``auto``: when the native library loads; ``native``: an
     unavailable library is an error; ``xla``: never). The tanh RNN and float64 always use the
     XLA loop. Read when a function is traced."""
-    backend = config.get("rnn_backend")
-    if backend == "xla" or kind not in ("lstm", "gru") or jnp.dtype(dtype) != jnp.float32:
+    if kind not in ("lstm", "gru") or jnp.dtype(dtype) != jnp.float32:
         return False
     from fdl._ext import loader
 
-    st = loader.load("rnn")
-    if not st.loaded and backend == "native":
-        raise RuntimeError(f"fdl.config.rnn_backend is 'native' but the native LSTM/GRU loops "
-                           f"are unavailable: {st.reason}. Fix: {st.fix}")
-    return st.loaded
+    return loader.enabled("rnn", "rnn_backend")
 
 
 # Batch axes of each call's operands and results (None: none; for a result, a sum over the
