@@ -26,6 +26,9 @@ Options (``OPTIONS`` has the same as data):
 - ``optim_backend`` (``FDL_OPTIM_BACKEND``): the fused optimizer steps
   (``fdl.optim.apply_gradients`` of ``adam``, ``adamw``, ``sgd`` with momentum), one native
   pass over all float32 leaves on CPU; same values.
+- ``norm_backend`` (``FDL_NORM_BACKEND``): training-mode ``batch_norm`` on float32 (and the
+  ReLU after it, ``batch_norm(relu=True)``), two native passes forward and two backward on
+  CPU; same values.
 - ``native_build`` (``FDL_NATIVE_BUILD``): ``auto`` -- when the installed native libraries are
   missing or stale, build them on first use into ``native_cache`` (once, under a file lock);
   ``never`` -- only load valid libraries that exist (else XLA).
@@ -101,6 +104,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("optim_backend", "FDL_OPTIM_BACKEND", "auto", _BACKENDS,
            "fused optimizer steps (adam, adamw, sgd with momentum): a native one-pass loop on "
            "CPU when available (auto), required (native), or XLA"),
+    Option("norm_backend", "FDL_NORM_BACKEND", "auto", _BACKENDS,
+           "training-mode batch norm (with a ReLU after it when fused): a native two-pass "
+           "loop on CPU when available (auto), required (native), or XLA"),
     Option("native_build", "FDL_NATIVE_BUILD", "auto", ("auto", "never"),
            "build missing/stale native libraries on first use (auto) or never"),
     Option("native_cache", "FDL_NATIVE_CACHE", _default_cache, None,

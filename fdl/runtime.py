@@ -1,8 +1,8 @@
 """Process-level facts and tuning: which kernels run here, and the explicit allocator setting.
 
-- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM, the GRU and the fused
-  optimizer steps: ``native``
-  (fdl's C++ kernels on oneDNN) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
+- :func:`kernels` -- for the 2-D convolution, dense layers, the LSTM, the GRU, the fused
+  optimizer steps and training-mode batch norm: ``native`` (fdl's C++ kernels, on oneDNN for
+  the first four) or ``xla``, and why. ``fdl list`` and the benchmark header print it.
 - :func:`tune_allocator` -- glibc settings (and JAX's dispatch on the calling thread) that keep
   XLA's per-step temporaries resident. A process-wide, irreversible change, so fdl never makes
   it by itself (``import fdl`` changes nothing): applications call it for their own process
@@ -22,7 +22,7 @@ __all__ = ["Kernel", "kernels", "kernels_table", "tune_allocator"]
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """What computes ``op`` (``conv``, ``dense``, ``lstm``, ``gru``, ``optim``) in this process:
+    """What computes ``op`` (``conv``, ``dense``, ``lstm``, ``gru``, ``optim``, ``bn``) here:
     ``backend`` is ``"native"`` or ``"xla"``; ``why`` says why (or which library and oneDNN)."""
 
     op: str
@@ -35,14 +35,16 @@ class Kernel:
 
 _OPS = {"conv": ("conv_backend", "conv"), "dense": ("dense_backend", "dense"),
         "lstm": ("rnn_backend", "rnn"), "gru": ("rnn_backend", "rnn"),
-        "optim": ("optim_backend", "optim")}
+        "optim": ("optim_backend", "optim"), "bn": ("norm_backend", "norm")}
+# libraries that are fdl's own loops (OpenMP), not calls into oneDNN
+_OWN_LOOPS = {"optim", "norm"}
 
 
 def kernels() -> dict[str, Kernel]:
-    """``{"conv": Kernel, "dense": Kernel, "lstm": Kernel, "gru": Kernel, "optim": Kernel}``
-    for float32 on the
-    default JAX platform (other dtypes always use XLA). Loads (and if needed builds) the native
-    libraries, as the first convolution, dense or recurrent layer would."""
+    """``{"conv": Kernel, "dense": Kernel, "lstm": Kernel, "gru": Kernel, "optim": Kernel,
+    "bn": Kernel}`` for float32 on the default JAX platform (other dtypes always use XLA).
+    Loads (and if needed builds) the native libraries, as the first layer that uses one
+    would."""
     import jax
 
     from fdl._ext import loader
@@ -58,7 +60,8 @@ def kernels() -> dict[str, Kernel]:
         else:
             st = loader.load(lib)
             if st.loaded:
-                k = Kernel(op, "native", f"oneDNN {st.onednn}, {st.path}")
+                what = "fdl's C++ loop" if lib in _OWN_LOOPS else f"oneDNN {st.onednn}"
+                k = Kernel(op, "native", f"{what}, {st.path}")
             else:
                 k = Kernel(op, "xla", f"{st.reason}; fix: {st.fix}" if st.fix else st.reason)
         out[op] = k

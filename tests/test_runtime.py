@@ -72,13 +72,13 @@ def test_tune_allocator_runs_computations_on_the_calling_thread():
 
 def test_kernels_report():
     ks = fdl.kernels()
-    assert list(ks) == ["conv", "dense", "lstm", "gru", "optim"]
+    assert list(ks) == ["conv", "dense", "lstm", "gru", "optim", "bn"]
     for k in ks.values():
         assert k.backend in ("native", "xla") and k.why
         if k.backend == "native":
-            assert "oneDNN 3." in k.why
+            assert ("fdl's C++ loop" if k.op in ("optim", "bn") else "oneDNN 3.") in k.why
     with config.override(conv_backend="xla", dense_backend="xla", rnn_backend="xla",
-                         optim_backend="xla"):
+                         optim_backend="xla", norm_backend="xla"):
         assert {k.backend for k in fdl.kernels().values()} == {"xla"}
         assert "conv_backend = 'xla'" in fdl.kernels()["conv"].why
     assert "conv " in fdl.runtime.kernels_table()

@@ -1,9 +1,10 @@
 """Compile fdl's native CPU kernels (XLA FFI handlers linked to oneDNN 3 from pip).
 
-Four libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions),
+Five libraries, each one C++ source: ``conv`` (``conv_onednn.cc``: oneDNN's convolutions),
 ``dense`` (``dense_onednn.cc``: the matrix products of dense layers, oneDNN's sgemm), ``rnn``
-(``rnn_cpu.cc``: the LSTM/GRU time loops) and ``optim`` (``optim_cpu.cc``: fused optimizer
-steps, OpenMP only). ``pip install`` builds them (``setup.py``
+(``rnn_cpu.cc``: the LSTM/GRU time loops), ``optim`` (``optim_cpu.cc``: fused optimizer
+steps, OpenMP only) and ``norm`` (``norm_cpu.cc``: training-mode batch norm, on XLA's own
+thread pool). ``pip install`` builds them (``setup.py``
 calls :func:`compile_library` from its ``build_ext``); :mod:`fdl._ext.loader` loads them, or
 builds them on first use into a cache when the installed copy is missing or stale (a source
 checkout on ``PYTHONPATH``, a failed install-time build, a changed compiler or oneDNN).
@@ -84,6 +85,9 @@ LIBRARIES: dict[str, Library] = {
                      # FMA contraction as XLA:CPU's loops (the same values bit for bit where
                      # the CPU has FMA), sqrt without errno (vectorised)
                      flags=("-fopenmp", "-ffp-contract=fast", "-fno-math-errno")),
+    "norm": Library("norm", "norm_cpu.cc", {"fdl_batch_norm_fwd": "FdlBatchNormFwd",
+                                            "fdl_batch_norm_bwd": "FdlBatchNormBwd"},
+                    flags=("-ffp-contract=fast", "-fno-math-errno")),
 }
 
 

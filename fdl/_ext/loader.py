@@ -51,7 +51,8 @@ class Status:
 
 
 _WHAT = {"conv": "convolutions", "dense": "dense layers' matrix products",
-         "rnn": "LSTM/GRU loops", "optim": "fused optimizer steps"}
+         "rnn": "LSTM/GRU loops", "optim": "fused optimizer steps",
+         "norm": "batch norms"}
 _lock = threading.Lock()
 _status: dict[str, Status] = {}
 _dlls: dict[str, ctypes.CDLL] = {}

@@ -226,7 +226,7 @@ def test_resnet_trunk_names_and_stride():
     jax.eval_shape(run, jax.random.key(0))
     assert tuple(holder["out"]) == (1, 4, 4, 256)
     names = [n for n, _ in trunk.children]
-    assert names[:4] == ["conv1", "bn1", "relu", "maxpool"] and names[-1] == "layer3"
+    assert names[:3] == ["conv1", "bn1", "maxpool"] and names[-1] == "layer3"
 
 
 def test_bad_shapes_are_refused():

@@ -181,24 +181,24 @@ def basic_block(
     ``conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut``. The projection shortcut
     (``downsample``: 1x1 conv stride ``stride`` [+ BN in v1]) is used when ``downsample`` is
     True, or, when None, exactly when the stride or channel count changes.
-    Params ``{conv1, bn1, conv2, bn2, [se,] [downsample]}``.
+    Params ``{conv1, bn1, conv2, bn2, [se,] [downsample]}``. Each ``relu`` that follows a batch
+    norm is that layer's (``batch_norm(relu=True)``: computed in its passes).
     """
     _check_version(version)
 
     def build(ds):
         if version == 1:
-            body = [("conv1", _conv(out_channels, 3, stride)), ("bn1", nn.batch_norm()),
-                    ("act1", nn.relu()), ("conv2", _conv(out_channels, 3)),
-                    ("bn2", nn.batch_norm())]
+            body = [("conv1", _conv(out_channels, 3, stride)), ("bn1", nn.batch_norm(relu=True)),
+                    ("conv2", _conv(out_channels, 3)), ("bn2", nn.batch_norm())]
             if se_reduction:
                 body.append(("se", se_block(se_reduction)))
             parts = [nn.serial(*body)]
         else:
-            rest = [("conv1", _conv(out_channels, 3, stride)), ("bn2", nn.batch_norm()),
-                    ("act2", nn.relu()), ("conv2", _conv(out_channels, 3))]
+            rest = [("conv1", _conv(out_channels, 3, stride)), ("bn2", nn.batch_norm(relu=True)),
+                    ("conv2", _conv(out_channels, 3))]
             if se_reduction:
                 rest.append(("se", se_block(se_reduction)))
-            parts = [nn.serial(("bn1", nn.batch_norm()), ("act1", nn.relu())), nn.serial(*rest)]
+            parts = [nn.serial(("bn1", nn.batch_norm(relu=True))), nn.serial(*rest)]
         sc = _shortcut(out_channels, stride, version) if ds else None
         return _merged("basic_block", parts, sc, version)
 
@@ -232,19 +232,19 @@ def bottleneck_block(
 
     def build(ds):
         if version == 1:
-            body = [("conv1", _conv(width, 1)), ("bn1", nn.batch_norm()), ("act1", nn.relu()),
-                    ("conv2", _conv(width, 3, stride, groups)), ("bn2", nn.batch_norm()),
-                    ("act2", nn.relu()), ("conv3", _conv(out, 1)), ("bn3", nn.batch_norm())]
+            body = [("conv1", _conv(width, 1)), ("bn1", nn.batch_norm(relu=True)),
+                    ("conv2", _conv(width, 3, stride, groups)), ("bn2", nn.batch_norm(relu=True)),
+                    ("conv3", _conv(out, 1)), ("bn3", nn.batch_norm())]
             if se_reduction:
                 body.append(("se", se_block(se_reduction)))
             parts = [nn.serial(*body)]
         else:
-            rest = [("conv1", _conv(width, 1)), ("bn2", nn.batch_norm()), ("act2", nn.relu()),
-                    ("conv2", _conv(width, 3, stride, groups)), ("bn3", nn.batch_norm()),
-                    ("act3", nn.relu()), ("conv3", _conv(out, 1))]
+            rest = [("conv1", _conv(width, 1)), ("bn2", nn.batch_norm(relu=True)),
+                    ("conv2", _conv(width, 3, stride, groups)), ("bn3", nn.batch_norm(relu=True)),
+                    ("conv3", _conv(out, 1))]
             if se_reduction:
                 rest.append(("se", se_block(se_reduction)))
-            parts = [nn.serial(("bn1", nn.batch_norm()), ("act1", nn.relu())), nn.serial(*rest)]
+            parts = [nn.serial(("bn1", nn.batch_norm(relu=True))), nn.serial(*rest)]
         sc = _shortcut(out, stride, version) if ds else None
         return _merged("bottleneck_block", parts, sc, version)
 
@@ -268,11 +268,11 @@ def resnet(
 ) -> Layer:
     """ResNet: ``(N, 224, 224, C)`` (``small_input``: ``(N, 32, 32, C)``) -> logits.
 
-    Features: stem ``conv1`` (7x7/2, ``base_channels``) -> ``bn1`` -> relu -> ``maxpool``
+    Features: stem ``conv1`` (7x7/2, ``base_channels``) -> ``bn1`` (with its relu) -> ``maxpool``
     3x3/2 (``small_input=True``: 3x3/1 conv, no max-pool: the CIFAR stem), then stages
     ``layer1..layer4`` of ``layers[i]`` blocks (``"basic"`` or ``"bottleneck"``), widths
     ``base_channels * (1, 2, 4, 8)``, the first block of stages 2-4 with stride 2; v2 adds a
-    final ``bn_final -> relu``; then global average pooling: ``(N, 8 * base_channels *
+    final ``bn_final`` (with its relu); then global average pooling: ``(N, 8 * base_channels *
     expansion)``. Head: ``dense(num_classes)`` (torchvision's ``fc``). ``groups`` /
     ``width_per_group`` give ResNeXt; ``se_reduction`` adds an SE block to every block.
     """
@@ -280,11 +280,10 @@ def resnet(
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"resnet: block must be 'basic' or 'bottleneck', got {block!r}")
     if small_input:
-        stem = [("conv1", _conv(base_channels, 3)), ("bn1", nn.batch_norm()),
-                ("relu", nn.relu())]
+        stem = [("conv1", _conv(base_channels, 3)), ("bn1", nn.batch_norm(relu=True))]
     else:
         stem = [("conv1", nn.conv2d(base_channels, 7, stride=2, padding=3, use_bias=False)),
-                ("bn1", nn.batch_norm()), ("relu", nn.relu()),
+                ("bn1", nn.batch_norm(relu=True)),
                 ("maxpool", nn.max_pool2d(3, stride=2, padding=1))]
     stages = []
     for i, n in enumerate(layers):
@@ -301,7 +300,7 @@ def resnet(
         stages.append((f"layer{i + 1}", nn.serial(*blocks)))
     tail = []
     if version == 2:
-        tail = [("bn_final", nn.batch_norm()), ("relu_final", nn.relu())]
+        tail = [("bn_final", nn.batch_norm(relu=True))]
     feats = nn.serial(*stem, *stages, *tail, ("avgpool", nn.global_avg_pool2d()))
     return classifier(
         "resnet", feats, nn.dense(num_classes), in_channels=in_channels,
