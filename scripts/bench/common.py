@@ -133,9 +133,9 @@ _XLA = {"conv_backend": "xla", "dense_backend": "xla", "rnn_backend": "xla",
 
 def xla_kernels(builder: Callable[[], Callable[[], Any]]) -> Callable[[], Callable[[], Any]]:
     """The ``fdl (xla)`` row of a workload: ``builder``'s step traced with XLA's kernels
-    (``fdl.config`` conv/dense/rnn/optim/norm backends ``xla``), i.e. what an install without the native
-    kernels runs. The step is traced on its first call, so every call runs under the override
-    (a context-variable set, negligible next to a step)."""
+    (``fdl.config`` conv/dense/rnn/optim/norm backends ``xla``), i.e. what an install without
+    the native kernels runs. The step is traced on its first call, so every call runs under the
+    override (a context-variable set, negligible next to a step)."""
 
     def build():
         from fdl import config
