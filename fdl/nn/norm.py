@@ -60,6 +60,32 @@ def _moments(x: jax.Array, axes: tuple[int, ...], axis_name) -> tuple[jax.Array,
     return mean, var
 
 
+def _check_count(n: int, shape) -> None:
+    if n < 2:
+        raise ShapeError(
+            "batch_norm", f"training needs more than 1 value per channel, got input shape {shape}"
+        )
+
+
+def _running(state, mean, var, n, decay: float) -> dict:
+    """The new running statistics from the batch's ``mean`` and biased ``var`` over ``n``."""
+    old_mean, old_var = state["mean"], state["var"]
+    unbiased = var * (n / (n - 1))
+    return {
+        "mean": (decay * old_mean + (1.0 - decay) * mean).astype(old_mean.dtype),
+        "var": (decay * old_var + (1.0 - decay) * unbiased).astype(old_var.dtype),
+    }
+
+
+def _native_train(scale, offset, state, x, *, eps: float, decay: float, relu: bool):
+    """Training-mode batch norm of float32 ``x`` (N, ..., C) on the native kernels
+    (:func:`fdl.nn.norm_lowering.batch_norm_train`): ``(y, new_state)``."""
+    c, n = x.shape[-1], math.prod(x.shape[:-1])
+    _check_count(n, x.shape)
+    y, mean, var = norm_lowering.batch_norm_train(x.reshape(n, c), scale, offset, eps, relu)
+    return y.reshape(x.shape), _running(state, mean, var, n, decay)
+
+
 def batch_norm(
     *,
     decay: float = 0.9,
@@ -132,24 +158,18 @@ def batch_norm(
         sdt = _stat_dtype(x.dtype)
         xs = x.astype(sdt)
         if train and axis_name is None and norm_lowering.use_native(x.dtype, x.shape):
-            return _native_train(params, state, x)
+            scale = params["scale"] if use_scale else jnp.ones((c,), jnp.float32)
+            offset = params["offset"] if use_offset else jnp.zeros((c,), jnp.float32)
+            return _native_train(scale, offset, state, x, eps=eps, decay=decay, relu=relu)
         if train:
             axes = tuple(range(x.ndim - 1))
             n = math.prod(x.shape[:-1])
             if axis_name is not None:
                 n = n * lax.psum(1, axis_name)
-            if isinstance(n, int) and n < 2:
-                raise ShapeError(
-                    "batch_norm",
-                    f"training needs more than 1 value per channel, got input shape {x.shape}",
-                )
+            if isinstance(n, int):
+                _check_count(n, x.shape)
             mean, var = _moments(xs, axes, axis_name)
-            old_mean, old_var = state["mean"], state["var"]
-            unbiased = var * (n / (n - 1))
-            new_state = {
-                "mean": (decay * old_mean + (1.0 - decay) * mean).astype(old_mean.dtype),
-                "var": (decay * old_var + (1.0 - decay) * unbiased).astype(old_var.dtype),
-            }
+            new_state = _running(state, mean, var, n, decay)
         else:
             mean, var = state["mean"].astype(sdt), state["var"].astype(sdt)
             new_state = state
@@ -165,24 +185,6 @@ def batch_norm(
         if relu:
             y = jnp.maximum(y, 0)
         return y.astype(x.dtype), new_state
-
-    def _native_train(params, state, x):
-        c, n = x.shape[-1], math.prod(x.shape[:-1])
-        if n < 2:
-            raise ShapeError(
-                "batch_norm",
-                f"training needs more than 1 value per channel, got input shape {x.shape}",
-            )
-        scale = params["scale"] if use_scale else jnp.ones((c,), jnp.float32)
-        offset = params["offset"] if use_offset else jnp.zeros((c,), jnp.float32)
-        y, mean, var = norm_lowering.batch_norm_train(x.reshape(n, c), scale, offset, eps, relu)
-        old_mean, old_var = state["mean"], state["var"]
-        new_state = {
-            "mean": (decay * old_mean + (1.0 - decay) * mean).astype(old_mean.dtype),
-            "var": (decay * old_var + (1.0 - decay) * (var * (n / (n - 1)))).astype(
-                old_var.dtype),
-        }
-        return y.reshape(x.shape), new_state
 
     return Layer(
         init,

@@ -152,18 +152,18 @@ def _forward_jvp(primals, tangents, *, eps, relu):
     return [y, mean, var], [dy, dmean, dvar]
 
 
-def _zeros_for(ct, aval):
-    return jnp.zeros(aval.shape, aval.dtype) if type(ct) is ad.Zero else ct
+def _instantiated(cts, x) -> list:
+    """The cotangents of an ``(x-shaped, (C,), (C,))`` triple, symbolic zeros made arrays."""
+    shapes = (x.shape, (x.shape[1],), (x.shape[1],))
+    return [jnp.zeros(shape, x.dtype) if type(ct) is ad.Zero else ct
+            for ct, shape in zip(cts, shapes, strict=True)]
 
 
 def _jvp_transpose(cts, x, mean, var, scale, offset, dx, dscale, doffset, *, eps, relu):
     """The backward: cotangents of ``dx``, ``dscale``, ``doffset`` (the linear operands)."""
     if any(ad.is_undefined_primal(a) for a in (x, mean, var, scale, offset)):
         raise NotImplementedError("batch_norm_train_jvp is linear in its tangents only")
-    c_aval = jax.core.ShapedArray((x.shape[1],), x.dtype)
-    dy, dmean, dvar = (_zeros_for(ct, a) for ct, a in
-                       zip(cts, (jax.core.ShapedArray(x.shape, x.dtype), c_aval, c_aval),
-                           strict=True))
+    dy, dmean, dvar = _instantiated(cts, x)
     gx, gscale, goffset = _bwd_p.bind(dy, x, mean, var, scale, offset, dmean, dvar,
                                       eps=eps, relu=relu)
     return [None] * 5 + [gx if ad.is_undefined_primal(dx) else None,
@@ -175,10 +175,7 @@ def _bwd_transpose(cts, dy, x, mean, var, scale, offset, dmean, dvar, *, eps, re
     """The backward's transpose (in its cotangent operands): the JVP map."""
     if any(ad.is_undefined_primal(a) for a in (x, mean, var, scale, offset)):
         raise NotImplementedError("batch_norm_train_transpose is linear in its cotangents only")
-    c_aval = jax.core.ShapedArray((x.shape[1],), x.dtype)
-    gx, gscale, goffset = (_zeros_for(ct, a) for ct, a in
-                           zip(cts, (jax.core.ShapedArray(x.shape, x.dtype), c_aval, c_aval),
-                               strict=True))
+    gx, gscale, goffset = _instantiated(cts, x)
     out = _jvp_p.bind(x, mean, var, scale, offset, gx, gscale, goffset, eps=eps, relu=relu)
     gdy, gdmean, gdvar = (o if ad.is_undefined_primal(a) else None
                           for o, a in zip(out, (dy, dmean, dvar), strict=True))
