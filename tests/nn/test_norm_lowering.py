@@ -79,14 +79,15 @@ def test_native_equals_xla_layer(native, rows, channels, relu, loc, seed):
     out = {}
     for backend in ("native", "xla"):
         with config.override(norm_backend=backend):
-            f = jax.jit(lambda p, s, xx, c: _layer_step(layer, p, s, xx, c))
-            out[backend] = f(params, state, x, ct)
-            text = _hlo(lambda p, s, xx, c: _layer_step(layer, p, s, xx, c), params, state, x, ct)
-        assert _calls(text) == ({"fdl_batch_norm_fwd", "fdl_batch_norm_bwd"}
-                                if backend == "native" else set())
+            lowered = jax.jit(lambda p, s, xx, c: _layer_step(layer, p, s, xx, c)).lower(
+                params, state, x, ct)
+            out[backend] = lowered.compile()(params, state, x, ct)
+        assert _calls(lowered.as_text()) == ({"fdl_batch_norm_fwd", "fdl_batch_norm_bwd"}
+                                             if backend == "native" else set())
     with jax.enable_x64(True):
         f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
-        want = _layer_step(layer, f64(params), f64(state), f64(x), f64(ct))
+        want = jax.jit(lambda p, s, xx, c: _layer_step(layer, p, s, xx, c))(
+            f64(params), f64(state), f64(x), f64(ct))
     # (two rows a mean 15 std apart make the input gradient ill-conditioned in float32: ~1e-4)
     _close(out["native"], want, tol=2e-4)
     _close(out["native"], out["xla"], tol=4e-4)
