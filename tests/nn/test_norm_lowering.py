@@ -79,6 +79,8 @@ def test_native_equals_xla_layer(native, rows, channels, relu, loc, seed):
     out = {}
     for backend in ("native", "xla"):
         with config.override(norm_backend=backend):
+            # a fresh function per backend: jit's trace cache is keyed on the function, not on
+            # fdl.config, so one shared jitted function would reuse the first backend's trace
             lowered = jax.jit(lambda p, s, xx, c: _layer_step(layer, p, s, xx, c)).lower(
                 params, state, x, ct)
             out[backend] = lowered.compile()(params, state, x, ct)
